@@ -187,7 +187,8 @@ def p_mean_variance(schedule: Schedule, model_output, x_t, t, *, mean_type: str,
 def normal_kl(mean1, logvar1, mean2, logvar2):
     """KL(N(mean1, e^logvar1) ‖ N(mean2, e^logvar2)) elementwise, in nats (broadcasting):
     0.5(−1 + lv2 − lv1 + e^{lv1−lv2} + (m1−m2)² e^{−lv2})."""
-    return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2)
+    # −1 + e^d written as expm1(d): exactly 0 for equal variances (float32 would leave ~1e-7).
+    return 0.5 * ((logvar2 - logvar1) + jnp.expm1(logvar1 - logvar2)
                   + jnp.square(mean1 - mean2) * jnp.exp(-logvar2))
 
 
