@@ -10,6 +10,9 @@ it never deletes anything.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import time
 from typing import Any, Optional, Tuple
 
 import jax
@@ -29,6 +32,8 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, keep_every: Optional[int] = None, max_to_keep: int = 2,
                  async_save: bool = True):
+        if "://" not in str(directory):
+            directory = os.path.abspath(directory)   # Orbax needs absolute paths
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, keep_period=keep_every, create=True,
             enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
@@ -65,18 +70,36 @@ class Checkpointer:
     def restore_latest(self, abstract_state: Any) -> Optional[Tuple[Any, dict, int]]:
         """The newest checkpoint that restores cleanly as ``(state, config_dict, step)``, or None.
 
-        A checkpoint that fails to restore is reported and skipped (never deleted), so a run
-        resumes from the newest good one.
+        A checkpoint that fails to restore (truncated, corrupt) is reported and moved aside to
+        ``<directory>_corrupt/`` (never deleted, and never counted by the rotation that prunes
+        old checkpoints), so the run resumes from the newest good one. Unfinished saves are not
+        listed at all: Orbax only renames a step directory into place once it is complete.
         """
         for step in reversed(self.all_steps()):
             try:
                 state, config = self.restore(step, abstract_state)
                 return state, config, step
             except Exception as e:  # noqa: BLE001 - any failure means: not usable, try older
-                logging.error("Checkpoint at step %d in %s could not be restored (%s: %s); "
-                              "trying an older one. It is left on disk for inspection.",
-                              step, self.directory, type(e).__name__, str(e)[:500])
+                where = self._quarantine(step)
+                logging.error("Checkpoint at step %d in %s could not be restored (%s: %s); moved "
+                              "it to %s and trying an older one.", step, self.directory,
+                              type(e).__name__, str(e)[:300], where)
         return None
+
+    def _quarantine(self, step: int) -> str:
+        """Moves the step directory to ``<directory>_corrupt/<step>-<time>`` (process 0 moves,
+        all processes wait), then re-reads the manager's view of the directory."""
+        import jax
+        from jax.experimental import multihost_utils
+        src = os.path.join(self.directory, str(step))
+        dst = os.path.join(self.directory.rstrip("/") + "_corrupt", f"{step}-{int(time.time())}")
+        if jax.process_index() == 0 and os.path.exists(src):
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            shutil.move(src, dst)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"quarantine_{step}")
+        self.manager.reload()
+        return dst
 
     def wait(self) -> None:
         """Blocks until asynchronous saves have finished."""

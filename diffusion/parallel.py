@@ -21,14 +21,21 @@ __all__ = ["maybe_initialize_distributed", "make_mesh", "replicated_sharding", "
 def maybe_initialize_distributed(*, coordinator_address: Optional[str] = None,
                                  num_processes: Optional[int] = None,
                                  process_id: Optional[int] = None,
-                                 initialization_timeout: int = 300) -> bool:
+                                 initialization_timeout: int = 300,
+                                 heartbeat_timeout_seconds: Optional[int] = None) -> bool:
     """Initialises ``jax.distributed`` when this is a multi-process run; returns whether it did.
 
     Explicit arguments (or the env vars DDPM_COORDINATOR, DDPM_NUM_PROCESSES, DDPM_PROCESS_ID)
     start a multi-process run anywhere (several GPU hosts, or CPU processes on one machine with
     gloo collectives). On a Cloud TPU pod slice (TPU_WORKER_HOSTNAMES lists >1 host) JAX finds
     everything itself. Otherwise nothing happens (single process).
+
+    If a process dies, the others notice through the coordination service's missed heartbeats
+    and terminate after ``heartbeat_timeout_seconds`` (env DDPM_HEARTBEAT_TIMEOUT; JAX's default
+    is 100 s) instead of hanging in a collective; relaunching all processes resumes the run.
     """
+    if heartbeat_timeout_seconds is None:
+        heartbeat_timeout_seconds = int(os.environ.get("DDPM_HEARTBEAT_TIMEOUT", "100"))
     coordinator_address = coordinator_address or os.environ.get("DDPM_COORDINATOR")
     if num_processes is None and os.environ.get("DDPM_NUM_PROCESSES"):
         num_processes = int(os.environ["DDPM_NUM_PROCESSES"])
@@ -44,11 +51,12 @@ def maybe_initialize_distributed(*, coordinator_address: Optional[str] = None,
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=coordinator_address,
                                    num_processes=num_processes, process_id=process_id,
-                                   initialization_timeout=initialization_timeout)
+                                   initialization_timeout=initialization_timeout,
+                                   heartbeat_timeout_seconds=heartbeat_timeout_seconds)
         return True
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
     if len([h for h in hosts.split(",") if h]) > 1:
-        jax.distributed.initialize()
+        jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_seconds)
         return True
     return False
 

@@ -262,11 +262,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     from diffusion.data import create_input_pipeline
 
     # --- validate, mesh
+    if "://" not in workdir:
+        workdir = os.path.abspath(workdir)   # Orbax needs absolute paths
     mesh = parallel.make_mesh()
     validate_config(config, num_devices=mesh.devices.size, process_count=jax.process_count())
     _check_workdir(workdir)
     main = parallel.is_main_process()
     tr = config.training
+    # --- input first: a missing data set fails in seconds, before any compilation
+    pipeline = create_input_pipeline(config)
 
     # --- model, schedule, optimizer, step
     model = create_model(config)
@@ -301,7 +305,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             json.dump(_config_dict(config), f, indent=2, sort_keys=True)
 
     # --- input, logging
-    pipeline = create_input_pipeline(config)
     batches = pipeline.iterator(start)
     writer = metric_writers.create_default_writer(workdir, just_logging=not main)
     if start == 0:
@@ -333,8 +336,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     def save(step):
         nonlocal last_saved
-        flush(step)
-        ckpt.save(step, state, _config_dict(config))
+        flush(step)   # never save a state that went non-finite
+        try:
+            ckpt.save(step, state, _config_dict(config))
+        except OSError as e:
+            raise OSError(f"Could not save the checkpoint at step {step} in {ckpt.directory} "
+                          f"({e}). The last good checkpoint, step {last_saved}, is untouched; free "
+                          "space or fix the workdir, then relaunch to resume from it.") from e
         last_saved = step
 
     with _Preemption() as preempt:

@@ -42,22 +42,44 @@ def main():
     ap.add_argument("--num_processes", type=int, default=None)
     ap.add_argument("--coordinator", default=None)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--checkpoint_every", type=int, default=None)
+    ap.add_argument("--heartbeat", type=int, default=None, help="jax.distributed heartbeat timeout (s)")
+    ap.add_argument("--step_delay", type=float, default=0.0,
+                    help="sleep this long after each step (gives fault-injection tests time to act)")
     args = ap.parse_args()
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import jax
+    # (tests/conftest.py sets JAX_COMPILATION_CACHE_DIR, which this process inherits)
     import numpy as np
     from diffusion import parallel, train
     if args.coordinator:
         parallel.maybe_initialize_distributed(coordinator_address=args.coordinator,
                                               num_processes=args.num_processes,
                                               process_id=args.process_id,
-                                              initialization_timeout=120)
+                                              initialization_timeout=120,
+                                              heartbeat_timeout_seconds=args.heartbeat)
     config = small_config(args.data_dir, args.steps)
+    if args.checkpoint_every:
+        config.training.checkpoint_every = args.checkpoint_every
+    if args.step_delay:
+        import time
+        make_step = train.make_train_step
+
+        def slow_make_train_step(*a, **k):
+            step = make_step(*a, **k)
+
+            def slow_step(*args_, **kw):
+                out = step(*args_, **kw)
+                jax.block_until_ready(out)
+                time.sleep(args.step_delay)
+                return out
+            return slow_step
+        train.make_train_step = slow_make_train_step
     state = train.train_and_evaluate(config, args.workdir)
     local = lambda x: np.asarray(x.addressable_data(0))
-    leaves = [local(x) for x in jax.tree.leaves((state.params, state.ema_params))]
+    leaves = [local(x) for x in jax.tree.leaves((state.params, state.ema_params, state.opt_state))]
     out = {f"leaf_{i:04d}": v for i, v in enumerate(leaves)}
     out["step"] = local(state.step)
     out["devices"] = np.array(jax.device_count())

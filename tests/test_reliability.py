@@ -1,0 +1,276 @@
+"""Reliability: preemption, exact resume after SIGKILL, corrupt checkpoints, non-finite
+losses, full disks, bad workdirs and data, and a dying process in a multi-process run."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffusion import train
+from diffusion.checkpoint import Checkpointer, abstract_like
+from train_worker import small_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, "tests", "train_worker.py")
+
+
+def _start(workdir, data_dir, out, steps, *extra, devices=1):
+    cmd = [sys.executable, WORKER, "--workdir", workdir, "--data_dir", data_dir, "--steps", str(steps),
+           "--devices", str(devices), "--out", out, *map(str, extra)]
+    return subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _last_logged_step(workdir):
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
+def _wait_for_step(workdir, step, procs, timeout=300):
+    t0 = time.time()
+    while _last_logged_step(workdir) < step:
+        for p in procs:
+            if p.poll() is not None:
+                raise AssertionError(f"worker exited early ({p.returncode}):\n{p.stdout.read()[-3000:]}")
+        if time.time() - t0 > timeout:
+            raise TimeoutError(f"step {step} not reached in {timeout}s")
+        time.sleep(0.2)
+
+
+def _finish(p, timeout=300):
+    out, _ = p.communicate(timeout=timeout)
+    return p.returncode, out
+
+
+def _leaves(npz):
+    d = dict(np.load(npz))
+    return [d[k] for k in sorted(d) if k.startswith("leaf_")], d
+
+
+# ----------------------------------------------------------------------------- preemption
+def test_sigterm_saves_current_step_and_exits_cleanly_then_resumes(tmp_path, data_dir):
+    wd, out = str(tmp_path / "run"), str(tmp_path / "a.npz")
+    p = _start(wd, data_dir, out, 500, "--checkpoint_every", 1000, "--step_delay", 0.3)
+    _wait_for_step(wd, 3, [p])
+    p.send_signal(signal.SIGTERM)
+    rc, log = _finish(p)
+    assert rc == 0, log[-3000:]
+    assert "Preempted: checkpoint saved at step" in log
+    steps = Checkpointer(os.path.join(wd, "checkpoints")).all_steps()
+    assert len(steps) == 1 and steps[0] >= 3
+    saved = steps[0]
+    assert _last_logged_step(wd) == saved     # saved at the step it had reached
+    # The next launch resumes from there.
+    p = _start(wd, data_dir, out, saved + 2)
+    rc, log = _finish(p)
+    assert rc == 0, log[-3000:]
+    with open(os.path.join(wd, "metrics.jsonl")) as f:
+        logged = [json.loads(line)["step"] for line in f]
+    assert logged[-2:] == [saved + 1, saved + 2] and logged.count(saved + 1) == 1
+
+
+# ----------------------------------------------------------------------------- exact resume
+@pytest.mark.slow
+def test_sigkill_at_random_steps_then_resume_is_bitwise_identical(tmp_path, data_dir):
+    """Kill -9 the run three times at random steps; the relaunched run ends bitwise equal to an
+    uninterrupted one (params, EMA and Adam state)."""
+    n = 12
+    ref_out = str(tmp_path / "ref.npz")
+    rc, log = _finish(_start(str(tmp_path / "ref"), data_dir, ref_out, n, "--checkpoint_every", 2))
+    assert rc == 0, log[-3000:]
+    ref, ref_d = _leaves(ref_out)
+
+    rng = np.random.default_rng(int(time.time()))
+    kills = sorted(rng.choice(np.arange(2, n), size=3, replace=False).tolist())
+    print("killing at steps", kills)
+    wd, out = str(tmp_path / "killed"), str(tmp_path / "killed.npz")
+    for k in kills:
+        p = _start(wd, data_dir, out, n, "--checkpoint_every", 2, "--step_delay", 0.25)
+        if _last_logged_step(wd) >= k:
+            k = _last_logged_step(wd) + 1
+        _wait_for_step(wd, k, [p])
+        p.kill()                      # SIGKILL: no handler, no final save
+        p.wait()
+    rc, log = _finish(_start(wd, data_dir, out, n, "--checkpoint_every", 2))
+    assert rc == 0, log[-3000:]
+    got, got_d = _leaves(out)
+    assert int(got_d["step"]) == int(ref_d["step"]) == n
+    assert len(got) == len(ref)
+    for a, b in zip(got, ref):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _toy_state(seed, tx):
+    rng = np.random.default_rng(seed)
+    params = {"w": jnp.asarray(rng.standard_normal((64, 64)), jnp.float32),
+              "b": jnp.asarray(rng.standard_normal(64), jnp.float32)}
+    return train.TrainState(step=jnp.array(seed, jnp.int32), params=params, ema_params=params,
+                            opt_state=tx.init(params))
+
+
+def test_corrupt_or_unfinished_latest_checkpoint_is_skipped_and_kept(tmp_path):
+    c = small_config("unused", 1)
+    tx = train.make_optimizer(c)
+    d = str(tmp_path / "checkpoints")
+    ck = Checkpointer(d, max_to_keep=2)
+    for s in (1, 2):
+        ck.save(s, _toy_state(s, tx), {"step": s})
+    ck.wait()
+    # Corrupt step 2: truncate every data file of its state.
+    for root, _, files in os.walk(os.path.join(d, "2", "state")):
+        for f in files:
+            path = os.path.join(root, f)
+            with open(path, "r+b") as fh:
+                fh.truncate(max(0, os.path.getsize(path) // 3))
+    # And an unfinished save of step 3 (what a kill during a save leaves behind).
+    os.makedirs(os.path.join(d, "3.orbax-checkpoint-tmp-1234", "state"))
+    ck.close()
+
+    ck = Checkpointer(d, max_to_keep=2)
+    abstract = abstract_like(jax.eval_shape(lambda: _toy_state(1, tx)))
+    state, cfg, step = ck.restore_latest(abstract)
+    assert step == 1 and cfg == {"step": 1}
+    np.testing.assert_array_equal(state.params["w"], _toy_state(1, tx).params["w"])
+    quarantined = os.listdir(d + "_corrupt")
+    assert len(quarantined) == 1 and quarantined[0].startswith("2-")   # kept, not deleted
+    # Training goes on: new saves rotate normally and never touch the good step 1 too early.
+    ck.save(2, _toy_state(2, tx), {"step": 2})
+    ck.wait()
+    assert ck.all_steps() == [1, 2]
+    ck.close()
+
+
+@pytest.fixture()
+def tiny_config(data_dir):
+    c = small_config(data_dir, 10)
+    c.training.checkpoint_every = 5
+    c.training.keep_every = 5
+    return c
+
+
+def _nan_at(step_index, create):
+    def wrapped(config, **kw):
+        pipe = create(config, **kw)
+        orig = pipe.iterator
+
+        def iterator(start_step=0):
+            it = orig(start_step)
+            s = start_step
+            for batch in it:
+                if s == step_index:
+                    batch = {"image": np.full_like(batch["image"], np.nan)}
+                s += 1
+                yield batch
+        pipe.iterator = iterator
+        return pipe
+    return wrapped
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(
+        tmp_path, tiny_config, monkeypatch):
+    import diffusion.data
+    monkeypatch.setattr(diffusion.data, "create_input_pipeline",
+                        _nan_at(6, diffusion.data.create_input_pipeline))
+    wd = str(tmp_path / "nan")
+    with pytest.raises(train.NonFiniteError, match=r"Non-finite loss at step 7 .*last good checkpoint is step 5"):
+        train.train_and_evaluate(tiny_config, wd)
+    assert Checkpointer(os.path.join(wd, "checkpoints")).all_steps() == [5]
+
+
+def test_nonfinite_skip_policy_skips_the_step(tmp_path, tiny_config, monkeypatch):
+    import diffusion.data
+    monkeypatch.setattr(diffusion.data, "create_input_pipeline",
+                        _nan_at(6, diffusion.data.create_input_pipeline))
+    tiny_config.training.nonfinite = "skip"
+    wd = str(tmp_path / "skip")
+    state = train.train_and_evaluate(tiny_config, wd)
+    assert int(state.step) == 10
+    assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(state.params))
+    with open(os.path.join(wd, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert sum(r["skipped_steps"] for r in rows) == 1 and rows[6]["finite"] == 0
+
+
+def test_full_disk_while_saving_keeps_the_last_good_checkpoint(tmp_path, tiny_config, monkeypatch):
+    real_save = Checkpointer.save
+
+    def save(self, step, *a, **k):
+        if step == 10:
+            raise OSError(28, "No space left on device")
+        return real_save(self, step, *a, **k)
+    monkeypatch.setattr(Checkpointer, "save", save)
+    wd = str(tmp_path / "full")
+    with pytest.raises(OSError, match=r"step 10 .*No space left.*step 5, is untouched"):
+        train.train_and_evaluate(tiny_config, wd)
+    ck = Checkpointer(os.path.join(wd, "checkpoints"))
+    assert ck.all_steps() == [5]
+    assert ck.restore_config(5)["training"]["num_train_steps"] == 10
+
+
+def test_unwritable_workdir_and_missing_dataset_fail_fast_and_clearly(tmp_path, tiny_config):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(OSError, match="is not writable"):
+        train.train_and_evaluate(tiny_config, str(blocker / "workdir"))
+    from diffusion.data import DatasetNotAvailableError
+    tiny_config.data.dataset = "cifar10"
+    tiny_config.data.channels = 3
+    tiny_config.data.data_dir = str(tmp_path / "empty_tfds")
+    t0 = time.time()
+    with pytest.raises(DatasetNotAvailableError, match="tfds build"):
+        train.train_and_evaluate(tiny_config, str(tmp_path / "wd"))
+    assert time.time() - t0 < 30     # before any compilation
+
+
+# ----------------------------------------------------------------------------- multi-host
+@pytest.mark.slow
+def test_a_dead_process_stops_the_others_and_the_run_resumes(tmp_path, data_dir):
+    """Process 1 is killed; process 0 must not hang: it exits within the heartbeat timeout
+    (10 s here) plus a margin. Relaunching both resumes from the last checkpoint."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    wd = str(tmp_path / "mh")
+
+    def launch(steps, port, delay):
+        procs = []
+        for pid in range(2):
+            procs.append(_start(wd, data_dir, str(tmp_path / "mh.npz"), steps, "--checkpoint_every", 2,
+                                "--coordinator", f"127.0.0.1:{port}", "--num_processes", 2,
+                                "--process_id", pid, "--heartbeat", 10, "--step_delay", delay,
+                                devices=2))
+        return procs
+
+    procs = launch(8, port, 0.5)
+    _wait_for_step(wd, 3, procs)
+    procs[1].kill()
+    t0 = time.time()
+    try:
+        procs[0].communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        procs[0].kill()
+        pytest.fail("process 0 hung for 120 s after process 1 died")
+    waited = time.time() - t0
+    print(f"process 0 exited {waited:.1f}s after process 1 was killed (rc {procs[0].returncode})")
+    saved = Checkpointer(os.path.join(wd, "checkpoints")).all_steps()
+    assert saved and max(saved) >= 2
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = launch(8, port, 0.0)
+    for p in procs:
+        rc, log = _finish(p)
+        assert rc == 0, log[-3000:]
+    assert int(np.load(str(tmp_path / "mh_p0.npz"))["step"]) == 8
