@@ -33,6 +33,6 @@ def get_config():
     config.eval.num_samples = 512
     config.eval.batch_size = 128
     config.eval.sample_steps = 100           # respaced: 1000-step chains x 500 samples is hours on a CPU
-    config.eval.fid_split = "train"
+    config.eval.fid_split = "train[:1000]"   # N_ref = 1000 (class-balanced prefix): Inception is ~5 img/s here
     config.eval.bpd_num_examples = 32        # the full bound is T=1000 network calls per example
     return config

@@ -383,7 +383,7 @@ def _mnist_32x32x3(n_total):
 @pytest.mark.slow
 @needs_weights
 def test_fid_end_to_end_mnist(feature_fn):
-    n = 200
+    n = 100   # 300 Inception passes: ~1 min on 2 cores
     imgs = _mnist_32x32x3(2 * n)
     noise = np.random.default_rng(9).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
     t0 = time.perf_counter()
@@ -393,13 +393,13 @@ def test_fid_end_to_end_mnist(feature_fn):
     t_feat = time.perf_counter() - t0
     fid_real = fidlib.frechet_distance_from_features(fa, fb)
     fid_noise = fidlib.frechet_distance_from_features(fa, fn_)
-    kid_real = fidlib.kernel_inception_distance(fa, fb, num_subsets=50, subset_size=100, seed=0)
-    kid_noise = fidlib.kernel_inception_distance(fa, fn_, num_subsets=50, subset_size=100, seed=0)
+    kid_real = fidlib.kernel_inception_distance(fa, fb, num_subsets=50, subset_size=50, seed=0)
+    kid_noise = fidlib.kernel_inception_distance(fa, fn_, num_subsets=50, subset_size=50, seed=0)
     print(f"N={n}: FID(real A, real B)={fid_real:.2f} FID(real, uniform noise)={fid_noise:.2f} "
           f"KID real={kid_real[0]:.5f}+-{kid_real[1]:.5f} noise={kid_noise[0]:.4f}+-{kid_noise[1]:.4f} "
           f"({3 * n} images in {t_feat:.1f} s)")
     # Measured at N=200: 22.46 real-vs-real (FID is biased upward at small N), 428.8 vs noise;
-    # KID 0.00064 +- 0.00014 vs 0.657 +- 0.001.
-    assert 5.0 < fid_real < 60.0
+    # at N=100: 39.96 vs 425.7 (the bias grows like 1/N; compare FIDs only at equal N).
+    assert 5.0 < fid_real < 90.0
     assert fid_noise > 200.0 and fid_noise > 8 * fid_real
     assert abs(kid_real[0]) < 0.01 and kid_noise[0] > 0.3 and kid_noise[0] > 20 * kid_noise[1]
