@@ -227,3 +227,16 @@ def test_two_processes_with_gloo_equal_one_device(single_device_run, tmp_path, d
     for k in res1:   # process 1 holds the same replicated parameters
         if k.startswith("leaf_"):
             np.testing.assert_array_equal(res[k], res1[k])
+
+
+def test_every_experiment_config_is_valid_and_documents_its_command():
+    import importlib
+    import pkgutil
+    import experiments
+    names = [m.name for m in pkgutil.iter_modules(experiments.__path__)]
+    assert {"default", "cifar10", "celebahq256", "lsun_bedroom", "lsun_church", "lsun_cat",
+            "mnist5k", "emoji32", "tiny"} <= set(names)
+    for name in names:
+        module = importlib.import_module(f"experiments.{name}")
+        assert "launch.py --config experiments/" in module.__doc__, name
+        assert config_problems(module.get_config(), num_devices=1, process_count=1) == [], name
