@@ -559,8 +559,8 @@ class _Evaluator:
         _save_npz_atomic(path, images=images, step=np.asarray(step), seed=np.asarray(c.seed),
                          chain=np.asarray(_chain_tag(c)))
         if self.main:
-            from diffusion.train import _save_grid
-            _save_grid(images[:GRID_SIZE], self._file("samples", step, ".png"))
+            from diffusion.train import save_image_grid
+            save_image_grid(images[:GRID_SIZE], self._file("samples", step, ".png"))
             self.writer.write_images(step, {f"eval_samples_{_chain_tag(c)}": images[:16]})
         return images
 
@@ -650,10 +650,10 @@ class _Evaluator:
         images = generate_samples(c, self.model, params, n, mesh=self.mesh)
         png = os.path.join(self.eval_dir, f"samples_step_{step:08d}.png")
         if self.main:
-            from diffusion.train import _save_grid
+            from diffusion.train import save_image_grid
             _save_npz_atomic(png[:-4] + ".npz", images=images, step=np.asarray(step),
                              seed=np.asarray(c.seed), chain=np.asarray(_chain_tag(c)))
-            _save_grid(images, png)
+            save_image_grid(images, png)
             self.writer.write_images(step, {f"samples_{_chain_tag(c)}": images[:16]})
             logging.info("Step %d: wrote %s", step, png)
         return png

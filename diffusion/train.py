@@ -7,13 +7,11 @@ draws exactly what an uninterrupted one would.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import signal
-import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict
 
 import flax.struct
 import jax
@@ -29,7 +27,7 @@ from diffusion.schedules import Schedule, make_schedule
 
 __all__ = ["TrainState", "NonFiniteError", "create_model", "schedule_from_config",
            "make_optimizer", "learning_rate_fn", "init_state", "make_train_step",
-           "make_denoise_fn", "train_and_evaluate"]
+           "make_denoise_fn", "train_and_evaluate", "config_to_dict", "save_image_grid"]
 
 
 # ----------------------------------------------------------------------------- model, schedule
@@ -202,12 +200,13 @@ class _Preemption:
             signal.signal(sig, old)
 
 
-def _config_dict(config) -> dict:
+def config_to_dict(config) -> dict:
+    """A config as a plain JSON-able dict (tuples become lists), as saved with checkpoints."""
     return json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") \
         else dict(config)
 
 
-def _save_grid(images: np.ndarray, path: str) -> None:
+def save_image_grid(images: np.ndarray, path: str) -> None:
     """Tiles uint8 images ``[N, H, W, C]`` into a square PNG grid."""
     from PIL import Image
     n, h, w, c = images.shape
@@ -220,7 +219,7 @@ def _save_grid(images: np.ndarray, path: str) -> None:
     Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
 
 
-def _grid_sampler(config, model, schedule, mesh) -> Callable:
+def _grid_sampler(config, model, schedule) -> Callable:
     """``(ema_params, key) -> uint8 [N, H, W, C]``: a respaced chain for the training-time grid."""
     from diffusion import sampling
     d, tr = config.diffusion, config.training
@@ -302,13 +301,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     start = int(jax.device_get(state.step))
     if main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(_config_dict(config), f, indent=2, sort_keys=True)
+            json.dump(config_to_dict(config), f, indent=2, sort_keys=True)
 
     # --- input, logging
     batches = pipeline.iterator(start)
     writer = metric_writers.create_default_writer(workdir, just_logging=not main)
     if start == 0:
-        writer.write_hparams({k: v for k, v in _flatten(_config_dict(config)).items()})
+        writer.write_hparams({k: v for k, v in _flatten(config_to_dict(config)).items()})
     report = periodic_actions.ReportProgress(num_train_steps=tr.num_train_steps, writer=writer,
                                              every_steps=tr.log_every)
     grid_sampler = None
@@ -338,7 +337,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         nonlocal last_saved
         flush(step)   # never save a state that went non-finite
         try:
-            ckpt.save(step, state, _config_dict(config))
+            ckpt.save(step, state, config_to_dict(config))
         except OSError as e:
             raise OSError(f"Could not save the checkpoint at step {step} in {ckpt.directory} "
                           f"({e}). The last good checkpoint, step {last_saved}, is untouched; free "
@@ -368,11 +367,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     save(step)
                 if step % tr.sample_every == 0 or step == tr.num_train_steps:
                     flush(step)
-                    grid_sampler = grid_sampler or _grid_sampler(config, model, schedule, mesh)
+                    grid_sampler = grid_sampler or _grid_sampler(config, model, schedule)
                     images = grid_sampler(state.ema_params, grid_key)   # same noise every time
                     if main:
                         os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-                        _save_grid(images, os.path.join(workdir, "samples", f"step_{step:08d}.png"))
+                        save_image_grid(images, os.path.join(workdir, "samples", f"step_{step:08d}.png"))
                         writer.write_images(step, {"ema_samples": images[:16]})
                 if preempted:
                     logging.warning("Preempted: checkpoint saved at step %d; relaunch the same "

@@ -53,7 +53,7 @@ def _make_checkpoints(path, config, steps):
         ema = jax.tree.map(lambda p: np.asarray(p) + 0.05 * rng.standard_normal(p.shape).astype(
             np.float32), state.params)
         ckpt.save(s, state.replace(step=jnp.asarray(s, jnp.int32), ema_params=ema),
-                  train._config_dict(config))
+                  train.config_to_dict(config))
     ckpt.close()
     return str(path)
 

@@ -47,7 +47,6 @@ def test_vb_term_zero_for_true_posterior_and_positive_otherwise():
 
 def test_decoder_term_at_t0_matches_exact_gaussian_bin_probability():
     x0, eps, t, xt = _batch()
-    true_mean = G.q_posterior_mean_variance(SCHED, x0, xt, t)[0]
     # With a sharp decoder centred on x0 the NLL → 0; with σ = 1/255 it is −log2 P(bin), P computed
     # with the exact erf (independent of the tanh approximation, which agrees to ~1e-3).
     sharp = jnp.concatenate([x0, jnp.full(SHAPE, 2 * math.log(1e-4))], axis=-1)
