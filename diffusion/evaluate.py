@@ -332,7 +332,8 @@ def compute_bpd(config, model, params, images: np.ndarray, *, mesh) -> Dict[str,
     Returns means over the M examples: ``total`` (± ``total_se``), ``prior``, ``rate`` (prior +
     Σ_{t>0} terms) and ``distortion`` (the decoder term, t = 0) — paper Table 4 — and the lists
     ``terms_bpd[t]`` (column t of `likelihood.bits_per_dim`: L_{t−1} in the paper's numbering,
-    [0] the decoder NLL) and ``mse[t]`` (mean squared error of x̂_0 from x_t, [−1, 1] scale)."""
+    [0] the decoder NLL), ``mse[t]`` (mean squared error of x̂_0 from x_t, [−1, 1] scale) and
+    ``mse_clipped[t]`` (the same with x̂_0 clipped to [−1, 1])."""
     from diffusion import train
     from diffusion.data import normalize_images
     d = config.diffusion
@@ -350,7 +351,8 @@ def compute_bpd(config, model, params, images: np.ndarray, *, mesh) -> Dict[str,
         return {"total": jnp.sum(m * out["total_bpd"]),
                 "total_sq": jnp.sum(m * jnp.square(out["total_bpd"])),
                 "prior": jnp.sum(m * out["prior_bpd"]),
-                "terms": m @ out["terms_bpd"], "mse": m @ out["mse"]}
+                "terms": m @ out["terms_bpd"], "mse": m @ out["mse"],
+                "mse_clipped": m @ out["mse_clipped"]}
 
     step = jax.jit(fn, in_shardings=(rep, data, data, rep), out_shardings=rep)
     sums, t0 = None, time.time()
@@ -374,7 +376,8 @@ def compute_bpd(config, model, params, images: np.ndarray, *, mesh) -> Dict[str,
     return {"total": float(mean["total"]), "total_se": float(math.sqrt(var / M)),
             "prior": float(mean["prior"]), "rate": float(mean["prior"] + terms[1:].sum()),
             "distortion": float(terms[0]), "terms_bpd": [float(v) for v in terms],
-            "mse": [float(v) for v in mean["mse"]], "num_examples": int(M)}
+            "mse": [float(v) for v in mean["mse"]],
+            "mse_clipped": [float(v) for v in mean["mse_clipped"]], "num_examples": int(M)}
 
 
 # ----------------------------------------------------------------------------- files

@@ -41,7 +41,9 @@ def bits_per_dim(schedule: Schedule, denoise_fn: Callable, x0, key, *, mean_type
     Returns:
       dict with ``total_bpd`` ``[B]`` (= Σ_t terms + prior), ``terms_bpd`` ``[B, T]`` (column t is
       L_{t−1} in the paper's numbering; column 0 is the decoder NLL), ``prior_bpd`` ``[B]`` and
-      ``mse`` ``[B, T]`` (mean over pixels of (x̂_0(x_t, t) − x_0)², the distortion at step t).
+      ``mse`` ``[B, T]`` (mean over pixels of (x̂_0(x_t, t) − x_0)², the distortion at step t) and
+      ``mse_clipped`` ``[B, T]`` (the same with x̂_0 clipped to [−1, 1], the receiver's image
+      estimate of Fig. 5; unclipped x̂_0 from ε at t ≈ T is ε̂'s error amplified by 1/√ᾱ_t).
     """
     gaussian.check_types(mean_type, var_type)
     x0 = jnp.asarray(x0, jnp.float32)
@@ -54,14 +56,15 @@ def bits_per_dim(schedule: Schedule, denoise_fn: Callable, x0, key, *, mean_type
         terms, pred_xstart = vb_terms_bpd(schedule, denoise_fn(x_t, t_b), x0, x_t, t_b,
                                           mean_type=mean_type, var_type=var_type,
                                           clip_denoised=clip_denoised)
-        return carry, (terms, mean_flat(jnp.square(pred_xstart - x0)))
+        return carry, (terms, mean_flat(jnp.square(pred_xstart - x0)),
+                       mean_flat(jnp.square(jnp.clip(pred_xstart, -1.0, 1.0) - x0)))
 
-    _, (terms_tb, mse_tb) = jax.lax.scan(body, None, jnp.arange(T - 1, -1, -1, dtype=jnp.int32))
+    _, (terms_tb, mse_tb, msec_tb) = jax.lax.scan(body, None,
+                                                  jnp.arange(T - 1, -1, -1, dtype=jnp.int32))
     terms_bt = terms_tb[::-1].T     # scan ran t = T−1..0; column t is step t
-    mse_bt = mse_tb[::-1].T
     prior = prior_bpd(schedule, x0)
     return {"total_bpd": jnp.sum(terms_bt, axis=1) + prior, "terms_bpd": terms_bt,
-            "prior_bpd": prior, "mse": mse_bt}
+            "prior_bpd": prior, "mse": mse_tb[::-1].T, "mse_clipped": msec_tb[::-1].T}
 
 
 def rate_distortion(bpd: Dict[str, jnp.ndarray]) -> Dict[str, jnp.ndarray]:

@@ -220,16 +220,23 @@ def save_image_grid(images: np.ndarray, path: str) -> None:
 
 
 def _grid_sampler(config, model, schedule) -> Callable:
-    """``(ema_params, key) -> uint8 [N, H, W, C]``: a respaced chain for the training-time grid."""
+    """``(ema_params, key) -> uint8 [N, H, W, C]``: a respaced chain of
+    ``training.grid_sample_steps`` steps for the training-time grid, or the full T-step chain
+    for ``var_type='learned'`` (its log σ² belongs to the one-step kernel and does not respace)."""
     from diffusion import sampling
     d, tr = config.diffusion, config.training
     shape = (tr.num_grid_samples, config.data.image_size, config.data.image_size, config.data.channels)
 
     @jax.jit
     def sample(params, key):
-        x = sampling.respaced_sample(schedule, make_denoise_fn(model, params), shape, key,
-                                     num_steps=tr.grid_sample_steps, mean_type=d.mean_type,
-                                     var_type=d.var_type, clip_denoised=True)
+        denoise_fn = make_denoise_fn(model, params)
+        if d.var_type == "learned":
+            x = sampling.ancestral_sample(schedule, denoise_fn, shape, key, mean_type=d.mean_type,
+                                          var_type=d.var_type, clip_denoised=True)
+        else:
+            x = sampling.respaced_sample(schedule, denoise_fn, shape, key,
+                                         num_steps=tr.grid_sample_steps, mean_type=d.mean_type,
+                                         var_type=d.var_type, clip_denoised=True)
         return sampling.to_uint8(x)
 
     return lambda params, key: np.asarray(jax.device_get(sample(params, key)))

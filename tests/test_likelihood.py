@@ -183,3 +183,26 @@ def test_different_keys_give_different_noise_same_key_same_result():
     a, b, c = f(x0, jax.random.key(1)), f(x0, jax.random.key(1)), f(x0, jax.random.key(2))
     np.testing.assert_array_equal(a["terms_bpd"], b["terms_bpd"])
     assert not np.allclose(a["terms_bpd"][:, 1:], c["terms_bpd"][:, 1:])
+
+
+def test_mse_clipped_is_the_distortion_of_the_clipped_estimate():
+    """Without clipping in the bound, ``mse`` is of the raw x̂_0 (huge near t = T for an imperfect
+    ε network: its error is amplified by 1/√ᾱ_t) and ``mse_clipped`` of x̂_0 clipped to [−1, 1]."""
+    sched = make_schedule("linear", beta_start=1e-3, beta_end=0.2, num_timesteps=100)
+    x0 = _eight_bit((3, 4, 4, 2), 2)
+    fn = gaussian_denoiser(sched, 0.0, 0.6, "eps")
+    bad_fn = lambda x, t: fn(x, t) * 0.8   # noqa: E731  (a deliberately imperfect network)
+    kw = dict(mean_type="eps", var_type="fixedlarge", clip_denoised=False)
+    out = jax.jit(functools.partial(LK.bits_per_dim, sched, bad_fn, **kw))(x0, key=KEY)
+    for t in (0, 50, 99):
+        tb = jnp.full((3,), t, jnp.int32)
+        noise = jax.random.normal(jax.random.fold_in(KEY, t), x0.shape)
+        x_t = G.q_sample(sched, x0, tb, noise)
+        ab = float(sched.alphas_cumprod[t])
+        x0_hat = (np.asarray(x_t) - math.sqrt(1 - ab) * np.asarray(bad_fn(x_t, tb))) / math.sqrt(ab)
+        want = ((x0_hat - np.asarray(x0)) ** 2).reshape(3, -1).mean(1)
+        want_c = ((np.clip(x0_hat, -1, 1) - np.asarray(x0)) ** 2).reshape(3, -1).mean(1)
+        np.testing.assert_allclose(out["mse"][:, t], want, rtol=1e-4)
+        np.testing.assert_allclose(out["mse_clipped"][:, t], want_c, rtol=1e-4)
+    assert float(out["mse"][:, 99].mean()) > 10 * float(out["mse_clipped"][:, 99].mean())
+    assert np.all(np.asarray(out["mse_clipped"]) <= 4.0 + 1e-6)
