@@ -24,17 +24,9 @@ _PID = flags.DEFINE_integer("process_id", None, "This process's index (multi-pro
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietLibraries(logging.Filter):
-    """Drops INFO chatter of Orbax/TensorStore so that our own progress lines stay readable."""
-
-    def filter(self, record):
-        return record.levelno >= logging.WARNING or not any(
-            s in record.pathname for s in ("/orbax/", "/tensorstore/", "/etils/"))
-
-
 def main(argv):
-    for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
-        handler.addFilter(_QuietLibraries())
+    from diffusion import quiet_logs
+    quiet_logs.install()
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

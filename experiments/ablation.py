@@ -6,7 +6,7 @@
 ``row`` picks the parameterisation / objective / variance; ``scale`` is ``paper`` (the CIFAR10
 model and settings of experiments/cifar10.py, 800k steps) or ``offline`` (`offline_config`: the
 5,000 offline MNIST digits of experiments/mnist5k.py at 16×16, a 1.1M-parameter U-Net, a fixed
-budget of 1,500 steps, evaluated with the paper's full 1000-step chain; about 8 min per row on
+budget of 1,500 steps, evaluated with the paper's full 1000-step chain; about 9 min per row on
 2 CPU cores). ``experiments/reproduce.py`` runs and evaluates rows at the offline scale.
 A bare row name (``ablation.py:eps_simple``) means the paper scale.
 
@@ -72,7 +72,7 @@ def offline_config():
 
     16×16×1 digits (the stored 32×32 padded MNIST area-resized), U-Net ch 32, ch_mult (1, 2, 2),
     one res block, attention at 8×8 (1,112,801 params with fixed Σ), batch 32, lr 1e-3, EMA 0.995,
-    1,500 steps (≈4.5 min at ≈5.8 steps/s here). Evaluation: FID/KID of N = 256 samples from the
+    1,500 steps (≈4.5 min at ≈5.8 steps/s here). Evaluation: FID/KID of N = 128 samples from the
     full T = 1000 ancestral chain (as in the paper; no respacing, so the learned-Σ rows are
     sampled the same way as the fixed ones) against 1,000 training digits, and the full bound in
     bits/dim on 32 test digits.
@@ -88,8 +88,9 @@ def offline_config():
     t.keep_every = OFFLINE_TRAIN_STEPS
     t.sample_every = OFFLINE_TRAIN_STEPS
     t.grid_sample_steps = 100
+    t.num_grid_samples = 16       # learned-Σ rows draw the grid with the full 1000-step chain
     e = config.eval
-    e.num_samples = 256
+    e.num_samples = 128
     e.batch_size = 128
     e.sample_steps = 0
     e.fid_split = "train[:1000]"
