@@ -25,8 +25,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-    from diffusion import quiet_logs
+    from diffusion import cpu_runtime, quiet_logs
     quiet_logs.install()
+    cpu_runtime.apply_xla_cpu_flags()   # before JAX starts its backend
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

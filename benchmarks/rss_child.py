@@ -30,6 +30,8 @@ def main(argv=None) -> int:
     threads = set_threads(args.threads)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if args.side == "ours":
+        from diffusion import cpu_runtime
+        cpu_runtime.apply_xla_cpu_flags()   # as launch.py does (inherited from run.py anyway)
         from benchmarks import ours_jax
         result = ours_jax.memory_child(args.batch, args.steps)
     else:

@@ -332,6 +332,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     threads = set_threads(args.threads)   # before JAX starts its thread pool
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from diffusion import cpu_runtime
+    cpu_runtime.apply_xla_cpu_flags()   # as launch.py does; an XLA_FLAGS value given wins
     import jax
 
     res: Dict[str, Any] = {
@@ -340,12 +342,14 @@ def main(argv=None) -> int:
         "machine": machine_info(), "versions": versions(), "threads": threads,
         "jax_backend": jax.default_backend(), "jax_devices": [str(d) for d in jax.devices()],
         "args": {k: v for k, v in vars(args).items()}, "quick": args.quick,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "targets": TARGETS,
     }
     print(f"command: {res['command']}")
     print(f"machine: {res['machine']['cpu_model']}, {res['machine']['cpu_count']} logical CPUs, "
           f"{threads} used by both sides; backend {res['jax_backend']}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()))
+    print(f"XLA_FLAGS: {res['xla_flags'] or '(none)'}")
 
     load = res["machine"].get("loadavg_at_start")
     if load and load[0] > 0.5:

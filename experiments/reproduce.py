@@ -393,8 +393,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--no_figures", action="store_true")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    from diffusion import quiet_logs
+    from diffusion import cpu_runtime, quiet_logs
     quiet_logs.install()
+    cpu_runtime.apply_xla_cpu_flags()   # before JAX starts its backend
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
     tf.config.set_visible_devices([], "GPU")
