@@ -52,8 +52,9 @@ class TrainBench:
     analysis of the compiled step), ``n_params``.
     """
 
-    def __init__(self, batch_size: int, seed: int = 0):
+    def __init__(self, batch_size: int, seed: int = 0, dtype: str = "float32"):
         config = cifar10_config(batch_size)
+        config.model.dtype = dtype   # compute dtype; parameters stay float32
         self.batch_size = batch_size
         mesh = parallel.make_mesh()
         model = train.create_model(config)

@@ -68,6 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed steps after compile (default 2; 1 with --quick)")
     p.add_argument("--threads", type=int, default=None, help="CPUs for both sides (default all)")
+    p.add_argument("--model_dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="our train step's compute dtype (the targets are for float32)")
     full = dict(train_batches="8,32", sample_batch=8, sample_steps=20, memory_batch=32,
                 memory_steps=3, bpd_batch=4, bpd_steps=20, inception_batch=32,
                 matmul_sizes="1024,2048", repeats=5, warmup=2)
@@ -131,7 +133,7 @@ def section_train(args, peer, peak: float, res: Dict[str, Any]) -> None:
     out = res.setdefault("train", {"batches": {}})
     for B in args.train_batches:
         log(f"train: compiling our step at batch {B}")
-        ours = TrainBench(B)
+        ours = TrainBench(B, dtype=args.model_dtype)
         assert ours.n_params == CIFAR10_PARAMS, ours.n_params
         r = {"batch": B, "n_params": ours.n_params, "lower_s": ours.lower_s,
              "compile_s": ours.compile_s, "xla_flops_per_step": ours.flops}

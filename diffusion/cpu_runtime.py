@@ -7,6 +7,8 @@ Measured on 2 CPU cores, CIFAR10 U-Net train step at batch 32 (benchmarks/RESULT
   * ``--xla_cpu_enable_concurrency_optimized_scheduler=false``: XLA's temp buffer for the step
     2,386 → 1,953 MiB (the concurrency-optimised schedule keeps more activations alive at once to
     run independent ops in parallel; the U-Net's ops are each multi-threaded already).
+  * ``--xla_cpu_use_xnnpack=true``: XNNPACK kernels for convolutions/matmuls; the step at batch 8
+    went from 1.60 to 1.35 s (same loss to 6 digits).
   * ``malloc_trim(0)`` after compiling: glibc keeps ~1 GiB freed by the XLA compiler in its heap,
     which the step's buffers cannot reuse; trimming lowers the whole-process peak RSS by ~0.8 GiB.
 """
@@ -17,7 +19,8 @@ import os
 from typing import MutableMapping, Optional
 
 #: Appended to ``XLA_FLAGS`` by `apply_xla_cpu_flags` unless the user set the same flag.
-XLA_CPU_FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false",)
+XLA_CPU_FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false",
+                 "--xla_cpu_use_xnnpack=true")
 
 
 def accelerator_plugin_installed() -> bool:

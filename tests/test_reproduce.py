@@ -67,9 +67,9 @@ def test_figures_are_written(two_rows):
     # progressive: 8 chains × 10 x̂0 columns of 16×16 digits (3× upscaled, 2px borders)
     with Image.open(os.path.join(out, "progressive.png")) as im:
         assert im.size == (3 * (10 * 18 + 2), 3 * (8 * 18 + 2))
-    # interpolation: 6 pairs × (source, 9 λ, source)
+    # interpolation: 3 t values × 3 pairs, each row (source, 9 λ, source)
     with Image.open(os.path.join(out, "interpolation.png")) as im:
-        assert im.size == (3 * (11 * 18 + 2), 3 * (6 * 18 + 2))
+        assert im.size == (3 * (11 * 18 + 2), 3 * (9 * 18 + 2))
     rd = first["figures"]["rate_distortion"]
     assert rd["rate"] > 0 and rd["distortion"] > 0
 

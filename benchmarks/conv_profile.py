@@ -1,0 +1,108 @@
+"""Where the train step's time goes: the U-Net's dominant layer, a 3×3 conv, alone (a profile
+aid, not a test).
+
+For the CIFAR10 U-Net's conv shapes at a given batch, times under ``jax.jit`` (XLA CPU, with
+the XLA_FLAGS in effect) and in PyTorch (if installed, same thread count):
+  fwd   y = conv(x, w)
+  bwd   dL/dx and dL/dw of sum(y * g)  (the backward-input and backward-filter convolutions)
+and prints GFLOP/s (2·B·H·W·Cin·Cout·9 per conv; bwd counts 2 convs) next to a jitted fp32 matmul.
+
+    python -m benchmarks.conv_profile --batch 32 --repeats 5
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+SHAPES = ((32, 128, 128), (16, 256, 256), (8, 256, 256), (32, 256, 128))   # (H=W, Cin, Cout)
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def jax_times(B, H, cin, cout, repeats):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((B, H, H, cin), np.float32))
+    w = jnp.asarray(rng.standard_normal((3, 3, cin, cout), np.float32) * 0.05)
+    g = jnp.asarray(rng.standard_normal((B, H, H, cout), np.float32))
+
+    def conv(x, w):
+        return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    fwd = jax.jit(conv)
+    bwd = jax.jit(jax.grad(lambda x, w: jnp.sum(conv(x, w) * g), argnums=(0, 1)))
+    return (_median_time(lambda: fwd(x, w).block_until_ready(), repeats),
+            _median_time(lambda: jax.block_until_ready(bwd(x, w)), repeats))
+
+
+def torch_times(B, H, cin, cout, repeats):
+    import torch
+    x = torch.randn(B, cin, H, H)
+    w = (torch.randn(cout, cin, 3, 3) * 0.05)
+    g = torch.randn(B, cout, H, H)
+    conv = torch.nn.functional.conv2d
+
+    def fwd():
+        with torch.no_grad():
+            conv(x, w, padding=1)
+
+    xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+
+    def bwd():
+        y = conv(xr, wr, padding=1)
+        torch.autograd.grad((y * g).sum(), (xr, wr))
+
+    return _median_time(fwd, repeats), _median_time(bwd, repeats)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5)
+    a = p.parse_args(argv)
+    from diffusion import cpu_runtime
+    cpu_runtime.apply_xla_cpu_flags()
+    try:
+        import torch
+        torch.set_num_threads(os.cpu_count())
+        have_torch = True
+    except ImportError:
+        have_torch = False
+    from benchmarks.common import matmul_peak
+    peak = matmul_peak([1024, 2048], a.repeats)["peak_flops"]
+    print(f"XLA_FLAGS: {os.environ.get('XLA_FLAGS', '')}")
+    print(f"jitted fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s; batch {a.batch}")
+    print(f"{'H, Cin->Cout':>16} | {'jax fwd':>14} | {'torch fwd':>14} | {'jax fwd+bwd':>14} | "
+          f"{'torch bwd':>14}")
+    for H, cin, cout in SHAPES:
+        flops = 2.0 * a.batch * H * H * cin * cout * 9
+        jf, jb = jax_times(a.batch, H, cin, cout, a.repeats)
+        tf_, tb = torch_times(a.batch, H, cin, cout, a.repeats) if have_torch else (None, None)
+
+        def cell(t, n):
+            return f"{t * 1e3:6.1f} ms {n * flops / t / 1e9:4.0f}G" if t else f"{'n/a':>14}"
+        print(f"{H:>4}, {cin:>4}->{cout:<4} | {cell(jf, 1)} | {cell(tf_, 1)} | {cell(jb, 2)} | "
+              f"{cell(tb, 2)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
