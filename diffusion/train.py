@@ -357,8 +357,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         try:
             while step < tr.num_train_steps:
                 batch = parallel.global_batch_from_local(next(batches), mesh)
-                if compiled_step is None:
-                    compiled_step = train_step.lower(state, batch, base_key).compile()
+                if compiled_step is None:   # compile ahead (a wrapped step is used as is)
+                    compiled_step = (train_step.lower(state, batch, base_key).compile()
+                                     if hasattr(train_step, "lower") else train_step)
                     # The compiler's freed memory stays in glibc's heap, where the step's
                     # buffers cannot reuse it: give it back (~0.8 GiB for the CIFAR10 model).
                     cpu_runtime.release_free_heap()
