@@ -64,10 +64,9 @@ def jax_times(B, H, cin, cout, repeats):
     import jax
     import jax.numpy as jnp
     x, w, g = _jax_inputs(B, H, cin, cout)
-    conv = _conv
 
-    fwd = jax.jit(conv)
-    bwd = jax.jit(jax.grad(lambda x, w: jnp.sum(conv(x, w) * g), argnums=(0, 1)))
+    fwd = jax.jit(_conv)
+    bwd = jax.jit(jax.grad(lambda x, w: jnp.sum(_conv(x, w) * g), argnums=(0, 1)))
     return (_median_time(lambda: fwd(x, w).block_until_ready(), repeats),
             _median_time(lambda: jax.block_until_ready(bwd(x, w)), repeats))
 
@@ -98,7 +97,6 @@ def wgrad_times(B, H, cin, cout, repeats, have_torch):
     import jax.numpy as jnp
     import numpy as np
     x, w, g = _jax_inputs(B, H, cin, cout)
-    conv = _conv
 
     def shifted(x):
         xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
@@ -112,7 +110,7 @@ def wgrad_times(B, H, cin, cout, repeats, have_torch):
         patches = jnp.concatenate(shifted(x), axis=-1).reshape(-1, 9 * cin)
         return (patches.T @ g.reshape(-1, cout)).reshape(3, 3, cin, cout)
 
-    fns = {"xla": jax.jit(jax.grad(lambda w, x, g: jnp.sum(conv(x, w) * g))),
+    fns = {"xla": jax.jit(jax.grad(lambda w, x, g: jnp.sum(_conv(x, w) * g))),
            "taps": jax.jit(lambda w, x, g: taps(x, g)),
            "im2col": jax.jit(lambda w, x, g: im2col(x, g))}
     ref = np.asarray(fns["xla"](w, x, g))
