@@ -21,11 +21,14 @@ from diffusion import cpu_runtime, parallel, sampling, train
 CIFAR10_PARAMS = 35_746_307
 
 
-def cifar10_config(batch_size: int):
-    """``experiments/cifar10.py``'s config with the global batch set to ``batch_size``."""
+def cifar10_config(batch_size: int, conv_impl: Optional[str] = None):
+    """``experiments/cifar10.py``'s config with the global batch set to ``batch_size`` (and
+    ``model.conv_impl`` set to ``conv_impl`` unless None: the config's own value, 'auto')."""
     from experiments import cifar10
     config = cifar10.get_config()
     config.training.batch_size = batch_size
+    if conv_impl is not None:
+        config.model.conv_impl = conv_impl
     return config
 
 
@@ -52,8 +55,9 @@ class TrainBench:
     analysis of the compiled step), ``n_params``.
     """
 
-    def __init__(self, batch_size: int, seed: int = 0, dtype: str = "float32"):
-        config = cifar10_config(batch_size)
+    def __init__(self, batch_size: int, seed: int = 0, dtype: str = "float32",
+                 conv_impl: Optional[str] = None):
+        config = cifar10_config(batch_size, conv_impl)
         config.model.dtype = dtype   # compute dtype; parameters stay float32
         self.batch_size = batch_size
         mesh = parallel.make_mesh()
@@ -100,8 +104,9 @@ class SamplerBench:
     Parameters are passed as arguments (not closed over) to both programs.
     """
 
-    def __init__(self, batch_size: int, steps: int, seed: int = 0):
-        config = cifar10_config(batch_size)
+    def __init__(self, batch_size: int, steps: int, seed: int = 0,
+                 conv_impl: Optional[str] = None):
+        config = cifar10_config(batch_size, conv_impl)
         model = train.create_model(config)
         size, c = config.data.image_size, config.data.channels
         self.shape = (batch_size, size, size, c)
@@ -146,9 +151,10 @@ class BpdBench:
     vb term, so the time per image for T = 1000 is extrapolated as ``time · 1000 / steps / B``.
     """
 
-    def __init__(self, batch_size: int, steps: int, seed: int = 0):
+    def __init__(self, batch_size: int, steps: int, seed: int = 0,
+                 conv_impl: Optional[str] = None):
         from diffusion.likelihood import bits_per_dim
-        config = cifar10_config(batch_size)
+        config = cifar10_config(batch_size, conv_impl)
         model = train.create_model(config)
         size, c = config.data.image_size, config.data.channels
         self.batch_size, self.steps = batch_size, steps
@@ -195,7 +201,7 @@ class InceptionBench:
         return time_call(lambda: self.fn(self.x), jax_sync)
 
 
-def memory_child(batch_size: int, steps: int) -> dict:
+def memory_child(batch_size: int, steps: int, conv_impl: Optional[str] = None) -> dict:
     """Builds the CIFAR10 train step in this (fresh) process, runs ``steps`` steps, reports RSS
     (MiB): after imports, after compiling, the whole-process peak, and the peak of the step
     phase alone (high-water mark reset after the first step)."""
@@ -204,7 +210,7 @@ def memory_child(batch_size: int, steps: int) -> dict:
     out = {"baseline_rss_mb": rss_now_mb(), "baseline_peak_rss_mb": peak_rss_mb()}
     jax.devices()   # backend initialised
     out["after_backend_rss_mb"] = rss_now_mb()
-    bench = TrainBench(batch_size)
+    bench = TrainBench(batch_size, conv_impl=conv_impl)
     out["after_compile_peak_rss_mb"] = peak_rss_mb()
     bench.run()
     out["peak_rss_mb"] = peak_rss_mb()

@@ -1,6 +1,6 @@
 """Peak memory (RSS) of a training step, measured in a fresh process per side.
 
-    python -m benchmarks.rss_child ours --batch 32 --steps 3 [--threads N]
+    python -m benchmarks.rss_child ours --batch 32 --steps 3 [--threads N] [--conv_impl auto]
     python -m benchmarks.rss_child peer --batch 32 --steps 3 [--threads N]
 
 Imports only its own side's framework (JAX for ``ours``, torch + diffusers for ``peer``), records
@@ -24,6 +24,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--conv_impl", default=None, help="ours: config.model.conv_impl (default: config's)")
     args = p.parse_args(argv)
 
     from benchmarks.common import set_threads
@@ -33,7 +34,7 @@ def main(argv=None) -> int:
         from diffusion import cpu_runtime
         cpu_runtime.apply_xla_cpu_flags()   # as launch.py does (inherited from run.py anyway)
         from benchmarks import ours_jax
-        result = ours_jax.memory_child(args.batch, args.steps)
+        result = ours_jax.memory_child(args.batch, args.steps, args.conv_impl)
     else:
         from benchmarks import peer_diffusers
         result = peer_diffusers.memory_child(args.batch, args.steps, threads)

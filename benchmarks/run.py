@@ -45,7 +45,7 @@ from benchmarks.common import (fmt, format_table, machine_info, matmul_peak,  # 
                                set_threads, summarize, versions)
 
 SECTIONS = ("train", "peer", "sample", "memory", "eval")
-TARGETS = {"train_speedup": 1.25, "flops_fraction": 0.75, "sampler_overhead_pct": 2.0,
+TARGETS = {"train_speedup": 1.25, "sample_speedup": 1.25, "flops_fraction": 0.75, "sampler_overhead_pct": 2.0,
            "rss_ratio": 1.0}
 _SWITCH_PAUSE_S = 0.1   # between ours and peer runs (untimed): lets idle worker threads park
 
@@ -70,6 +70,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="CPUs for both sides (default all)")
     p.add_argument("--model_dtype", default="float32", choices=("float32", "bfloat16"),
                    help="our train step's compute dtype (the targets are for float32)")
+    p.add_argument("--conv_impl", default=None,
+                   help="our config.model.conv_impl for every section (auto | xla | winograd | "
+                        "winograd4 | mixed; default: the config's, i.e. auto)")
+    p.add_argument("--baseline_conv_impl", default=None,
+                   help="also time our train/sample steps with this conv_impl (e.g. xla) in the "
+                        "same alternating rounds: before/after ratios from one run")
     full = dict(train_batches="8,32", sample_batch=8, sample_steps=20, memory_batch=32,
                 memory_steps=3, bpd_batch=4, bpd_steps=20, inception_batch=32,
                 matmul_sizes="1024,2048", repeats=5, warmup=2)
@@ -133,12 +139,18 @@ def section_train(args, peer, peak: float, res: Dict[str, Any]) -> None:
     out = res.setdefault("train", {"batches": {}})
     for B in args.train_batches:
         log(f"train: compiling our step at batch {B}")
-        ours = TrainBench(B, dtype=args.model_dtype)
+        ours = TrainBench(B, dtype=args.model_dtype, conv_impl=args.conv_impl)
         assert ours.n_params == CIFAR10_PARAMS, ours.n_params
         r = {"batch": B, "n_params": ours.n_params, "lower_s": ours.lower_s,
              "compile_s": ours.compile_s, "xla_flops_per_step": ours.flops}
         log(f"train: lower {ours.lower_s:.1f} s + compile {ours.compile_s:.1f} s, "
             f"{ours.flops / 1e9:.1f} GFLOP/step")
+        base = None
+        if args.baseline_conv_impl and do_ours:
+            log(f"train: compiling our step with conv_impl={args.baseline_conv_impl} (baseline)")
+            base = TrainBench(B, dtype=args.model_dtype, conv_impl=args.baseline_conv_impl)
+            r["baseline"] = {"conv_impl": args.baseline_conv_impl, "lower_s": base.lower_s,
+                             "compile_s": base.compile_s}
         trainer = None
         if peer is not None:
             trainer = peer.PeerTrainer(B)
@@ -149,19 +161,30 @@ def section_train(args, peer, peak: float, res: Dict[str, Any]) -> None:
         for _ in range(args.warmup):
             if do_ours:
                 ours.run()
+            if base is not None:
+                base.run()
             if trainer is not None:
                 trainer.run()
-        t_ours, t_peer = [], []
-        for i in range(args.repeats):   # alternate: one ours step, then one peer step
+        t_ours, t_peer, t_base = [], [], []
+        for i in range(args.repeats):   # alternate: one ours step, (one baseline step,) one peer step
             if do_ours:
                 t_ours.append(ours.run())
+                time.sleep(_SWITCH_PAUSE_S)
+            if base is not None:
+                t_base.append(base.run())
                 time.sleep(_SWITCH_PAUSE_S)
             if trainer is not None:
                 t_peer.append(trainer.run())
                 time.sleep(_SWITCH_PAUSE_S)
             log(f"train b{B} round {i + 1}/{args.repeats}: ours "
-                f"{fmt(t_ours[-1] if t_ours else None)} s, peer {fmt(t_peer[-1] if t_peer else None)} s")
+                f"{fmt(t_ours[-1] if t_ours else None)} s, peer {fmt(t_peer[-1] if t_peer else None)} s"
+                + (f", baseline {fmt(t_base[-1])} s" if t_base else ""))
         so, sp = summarize(t_ours), summarize(t_peer)
+        if base is not None:
+            sb_ = summarize(t_base)
+            r["baseline"].update(step_s=sb_, images_per_s=B / sb_["median"],
+                                 final_loss=base.last_loss)
+            r["speedup_ours_over_baseline"] = sb_["median"] / so["median"]
         r["ours"] = {"step_s": so, "images_per_s": B / so["median"],
                      "flops_per_s": ours.flops / so["median"],
                      "fraction_of_peak": ours.flops / so["median"] / peak,
@@ -174,21 +197,28 @@ def section_train(args, peer, peak: float, res: Dict[str, Any]) -> None:
                          "flops_note": "our XLA flop count (same architecture) / peer median time"}
             r["speedup_ours_over_peer"] = _ratio(r["ours"]["images_per_s"], r["peer"]["images_per_s"])
         out["batches"][str(B)] = r
-        del ours, trainer
+        del ours, trainer, base
 
 
 def section_sample(args, peer, res: Dict[str, Any]) -> None:
     from benchmarks.ours_jax import SamplerBench
     B, K = args.sample_batch, args.sample_steps
     log(f"sample: compiling forward and {K}-step lax.scan sampler at batch {B}")
-    sb = SamplerBench(B, K)
+    sb = SamplerBench(B, K, conv_impl=args.conv_impl)
+    base = None
+    if args.baseline_conv_impl:
+        log(f"sample: compiling with conv_impl={args.baseline_conv_impl} (baseline)")
+        base = SamplerBench(B, K, conv_impl=args.baseline_conv_impl)
     ps = peer.PeerSampler(B, K) if peer is not None else None
-    f_ours, c_ours, f_peer, c_peer = [], [], [], []
+    f_ours, c_ours, f_peer, c_peer, c_base = [], [], [], [], []
     n_fwd = 4
     for i in range(args.repeats):
         f_ours += [sb.run_forward() for _ in range(n_fwd)]
         c_ours.append(sb.run_chain())
         time.sleep(_SWITCH_PAUSE_S)
+        if base is not None:
+            c_base.append(base.run_chain())
+            time.sleep(_SWITCH_PAUSE_S)
         if ps is not None:
             c_peer.append(ps.run_chain())
             f_peer += [ps.run_forward() for _ in range(n_fwd)]
@@ -206,12 +236,20 @@ def section_sample(args, peer, res: Dict[str, Any]) -> None:
                      "overhead_pct": 100.0 * (cp["median"] / ps.steps - fp["median"]) / fp["median"],
                      "what": "diffusers DDPMScheduler(fixed_large, clip) loop, torch.inference_mode"}
         r["speedup_ours_over_peer"] = _ratio(r["peer"]["per_step_s"], r["ours"]["per_step_s"])
+    if base is not None:
+        cb = summarize(c_base)
+        r["baseline"] = {"conv_impl": args.baseline_conv_impl, "chain_s": cb,
+                         "per_step_s": cb["median"] / K, "forward_compile_s": base.fwd_compile_s,
+                         "sampler_compile_s": base.sample_compile_s}
+        r["speedup_ours_over_baseline"] = cb["median"] / co["median"]
     res["sample"] = r
 
 
 def _rss_child(side: str, args, threads: int) -> Dict[str, Any]:
     cmd = [sys.executable, "-m", "benchmarks.rss_child", side, "--batch", str(args.memory_batch),
            "--steps", str(args.memory_steps), "--threads", str(threads)]
+    if side == "ours" and args.conv_impl:
+        cmd += ["--conv_impl", args.conv_impl]
     log(f"memory: {' '.join(cmd[1:])}")
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
@@ -241,7 +279,7 @@ def section_eval(args, res: Dict[str, Any]) -> None:
     r = {}
     B, K = args.bpd_batch, args.bpd_steps
     log(f"eval: compiling bits_per_dim (K={K} steps) at batch {B}")
-    bb = BpdBench(B, K)
+    bb = BpdBench(B, K, conv_impl=args.conv_impl)
     s = summarize([bb.run() for _ in range(args.repeats)])
     per_image_T1000 = s["median"] * (1000.0 / K) / B
     r["bpd"] = {"batch": B, "timed_steps": K, "compile_s": bb.compile_s, "time_s": s,
@@ -287,12 +325,28 @@ def build_table(res: Dict[str, Any]) -> List[List[str]]:
                          _met(o["fraction_of_peak"], TARGETS["flops_fraction"], float.__ge__)])
         elif p:
             rows.append([f"train b{B} images/s", "n/a", fmt(p["images_per_s"], ".2f"), "", "", ""])
+        bl = r.get("baseline")
+        if bl and "images_per_s" in bl:
+            rows.append([f"train b{B} images/s, ours with conv_impl={bl['conv_impl']}",
+                         fmt(bl["images_per_s"], ".2f"), "",
+                         f"{fmt(r['speedup_ours_over_baseline'], '.2f')} (ours/this)",
+                         f"compile {fmt(bl['compile_s'] + bl['lower_s'], '.1f')} s", ""])
     s = res.get("sample")
     if s:
         o, p = s["ours"], s.get("peer")
+        sp = s.get("speedup_ours_over_peer", math.nan)
         rows.append([f"sample b{s['batch']} per-step ms", fmt(o["per_step_s"] * 1e3, ".1f"),
-                     fmt(p["per_step_s"] * 1e3, ".1f") if p else "n/a",
-                     fmt(s.get("speedup_ours_over_peer", math.nan), ".2f"), "(peer/ours time)", ""])
+                     fmt(p["per_step_s"] * 1e3, ".1f") if p else "n/a", fmt(sp, ".2f"),
+                     f">= {TARGETS['sample_speedup']}x (peer/ours time)",
+                     _met(sp, TARGETS["sample_speedup"], float.__ge__) if p else "n/a"])
+        bl = s.get("baseline")
+        if bl:
+            rows.append([f"sample b{s['batch']} per-step ms, ours with conv_impl={bl['conv_impl']}",
+                         fmt(bl["per_step_s"] * 1e3, ".1f"), "",
+                         f"{fmt(s['speedup_ours_over_baseline'], '.2f')} (this/ours time)", "", ""])
+        rows.append([f"sample b{s['batch']} compile (s) forward / {s['steps']}-step chain",
+                     f"{fmt(s['forward_compile_s'], '.1f')} / {fmt(s['sampler_compile_s'], '.1f')}",
+                     "", "", "", ""])
         rows.append([f"sample b{s['batch']} forward ms", fmt(o["forward_s"]["median"] * 1e3, ".1f"),
                      fmt(p["forward_s"]["median"] * 1e3, ".1f") if p else "n/a", "", "", ""])
         rows.append([f"sampler overhead vs forward (%)", fmt(o["overhead_pct"], "+.1f"),
@@ -345,6 +399,7 @@ def main(argv=None) -> int:
         "jax_backend": jax.default_backend(), "jax_devices": [str(d) for d in jax.devices()],
         "args": {k: v for k, v in vars(args).items()}, "quick": args.quick,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "conv_impl": args.conv_impl or "auto (config default)",
         "targets": TARGETS,
     }
     print(f"command: {res['command']}")
@@ -352,6 +407,7 @@ def main(argv=None) -> int:
           f"{threads} used by both sides; backend {res['jax_backend']}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()))
     print(f"XLA_FLAGS: {res['xla_flags'] or '(none)'}")
+    print(f"our model.conv_impl: {res['conv_impl']}")
 
     load = res["machine"].get("loadavg_at_start")
     if load and load[0] > 0.5:

@@ -11,7 +11,7 @@ def get_config():
     config = ml_collections.ConfigDict()
     config.seed = 0
 
-    # The forward process and the objective (REFERENCE.md "The math").
+    # The forward process and the objective (docs/reference.md, "The process, losses and decoder").
     config.diffusion = d = ml_collections.ConfigDict()
     d.beta_schedule = "linear"      # linear | quad | const | jsd | warmup10 | warmup50 | cosine
     d.beta_start = 1e-4
@@ -22,7 +22,7 @@ def get_config():
     d.loss_type = "mse"             # mse (L_simple) | kl (true bound L) | hybrid (Improved DDPM)
     d.hybrid_lambda = 0.001
 
-    # The U-Net (REFERENCE.md "The U-Net"); name selects a registered model.
+    # The U-Net (docs/reference.md, "The U-Net"); name selects a registered model.
     config.model = m = ml_collections.ConfigDict()
     m.name = "ddpm_unet"
     m.ch = 128
@@ -33,14 +33,17 @@ def get_config():
     m.resamp_with_conv = True
     m.dtype = "float32"             # compute dtype: float32 | bfloat16 (params stay float32)
     m.remat = False                 # rematerialise each block (memory for 256x256)
+    m.conv_impl = "auto"            # auto | xla | winograd | winograd4 | mixed (3x3 conv compute)
 
-    # Optimisation, EMA, logging and checkpoint cadence (REFERENCE.md "Training").
+    # Optimisation, EMA, logging and checkpoint cadence (docs/reference.md, "Training hyperparameters").
     config.training = t = ml_collections.ConfigDict()
     t.batch_size = 128              # global batch over all devices and processes
     t.num_train_steps = 800_000
     t.lr = 2e-4
     t.warmup_steps = 5000
     t.grad_clip = 1.0
+    t.grad_clip_groups = 0          # 0/1: clip the mean gradient; N: clip each of N equal groups
+                                    # of the batch, then average (released TPU code: N = cores, 8)
     t.adam_b1 = 0.9
     t.adam_b2 = 0.999
     t.adam_eps = 1e-8
@@ -53,6 +56,9 @@ def get_config():
     t.num_grid_samples = 64
     t.grid_sample_steps = 100       # respaced chain for the grid (the full chain is for eval)
     t.nonfinite = "raise"           # raise | skip: what a non-finite loss/gradient does
+    t.tensorboard = True            # TensorBoard event files (through TensorFlow's file system)
+    t.resume = "full"               # full | params: params = take params/EMA/step from the
+                                    # checkpoint into a new optimizer state (explicit opt-in)
 
     # Input pipeline.
     config.data = dd = ml_collections.ConfigDict()
@@ -71,6 +77,11 @@ def get_config():
     e.clip_denoised = True
     e.fid_split = "train"           # the paper's Table 1 FID uses training-set statistics
     e.bpd_split = "test"
+    e.inception_weights = ml_collections.config_dict.placeholder(str)   # a file with the logits
+                                    # layer (pytorch-fid's pt_inception-2015-12-05-6726825d.pth)
+                                    # for the Inception Score; None: IS not computed
+    e.real_floor_split = "auto"     # real images scored like the samples (same N and reference)
+                                    # for the FID floor: auto | '' (skip) | a split like 'test[:512]'
     e.bpd_num_examples = 10_000
     e.checkpoints = "latest"        # latest | all (sweep every permanent checkpoint)
     return config

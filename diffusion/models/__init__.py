@@ -57,7 +57,8 @@ def get_model(config_model: Any, *, out_ch: int) -> Any:
     config_model: ``ml_collections.ConfigDict`` or mapping with fields ``name`` (e.g.
       ``'ddpm_unet'``), ``ch``, ``ch_mult``, ``num_res_blocks``, ``attn_resolutions``, ``dropout``,
       and optionally ``resamp_with_conv`` (default True), ``dtype`` / ``param_dtype``
-      (``'float32'`` | ``'bfloat16'``, default float32), ``remat`` (default False).
+      (``'float32'`` | ``'bfloat16'``, default float32), ``remat`` (default False),
+      ``conv_impl`` (``diffusion.models.conv.IMPLS``, default ``'auto'``).
     out_ch: output channels; set by the trainer from the data channels and the variance type
       (``C``, or ``2C`` for learned variances).
 
@@ -65,7 +66,8 @@ def get_model(config_model: Any, *, out_ch: int) -> Any:
     An unbound Flax module (apply with ``model.apply(variables, x, t, train=..., rngs=...)``).
 
   Raises:
-    ValueError: unknown ``name`` (the registered names are listed), unknown fields, bad dtype.
+    ValueError: unknown ``name`` (the registered names are listed), unknown fields, bad dtype,
+      bad ``conv_impl`` (the allowed values are listed).
   """
   fields = _to_dict(config_model)
   name = fields.pop('name', None)
@@ -76,6 +78,9 @@ def get_model(config_model: Any, *, out_ch: int) -> Any:
   for key in ('dtype', 'param_dtype'):
     if key in fields:
       fields[key] = _dtype(key, fields[key])
+  if 'conv_impl' in fields:
+    from diffusion.models.conv import check_conv_impl  # pylint: disable=g-import-not-at-top
+    check_conv_impl(fields['conv_impl'])
   for key in ('ch_mult', 'attn_resolutions'):
     if key in fields and isinstance(fields[key], (list, tuple)):
       fields[key] = tuple(int(v) for v in fields[key])

@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusion.models.conv import conv_general_dilated_for
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
@@ -59,11 +61,17 @@ def nonlinearity(x: jax.Array) -> jax.Array:
 
 
 def _conv(features: int, *, kernel: int = 3, stride: int = 1, init_scale: float = 1.0,
-          dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Conv:
-  """A ``kernel x kernel`` conv with 'SAME' padding (TF convention), bias 0 (``nn.conv2d``)."""
+          dtype: Dtype, param_dtype: Dtype, name: str, conv_impl: str = 'xla') -> nn.Conv:
+  """A ``kernel x kernel`` conv with 'SAME' padding (TF convention), bias 0 (``nn.conv2d``).
+
+  ``conv_impl`` (`diffusion.models.conv.IMPLS`) only chooses how 3x3 stride-1 convolutions are
+  computed (XLA's conv or Winograd + matmuls); the parameters (``kernel`` HWIO, ``bias``) are the
+  same whichever is used. Strided convs always use XLA's conv.
+  """
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding='SAME',
                  kernel_init=default_init(init_scale), bias_init=nn.initializers.zeros,
-                 dtype=dtype, param_dtype=param_dtype, name=name)
+                 dtype=dtype, param_dtype=param_dtype, name=name,
+                 conv_general_dilated=conv_general_dilated_for(conv_impl))
 
 
 def _nin(features: int, *, init_scale: float = 1.0, dtype: Dtype, param_dtype: Dtype,
@@ -148,6 +156,7 @@ class ResBlock(nn.Module):
   Attributes:
     out_ch: output channels (``None``: same as input).
     dropout: dropout rate before the second conv; uses the ``'dropout'`` RNG stream.
+    conv_impl: how the 3x3 convs are computed (`diffusion.models.conv.IMPLS`).
 
   Call: ``(x [B,H,W,C], temb [B,E], train: bool) -> [B,H,W,out_ch]``.
   """
@@ -155,6 +164,7 @@ class ResBlock(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, temb: jax.Array, train: bool) -> jax.Array:
@@ -163,11 +173,11 @@ class ResBlock(nn.Module):
     c_in = x.shape[-1]
     out_ch = c_in if self.out_ch is None else self.out_ch
     h = nonlinearity(_group_norm(name='norm1', **kw)(x))
-    h = _conv(out_ch, name='conv1', **kw)(h)
+    h = _conv(out_ch, name='conv1', conv_impl=self.conv_impl, **kw)(h)
     h = h + _nin(out_ch, name='temb_proj', **kw)(nonlinearity(temb))[:, None, None, :]
     h = nonlinearity(_group_norm(name='norm2', **kw)(h))
     h = nn.Dropout(rate=self.dropout, rng_collection='dropout')(h, deterministic=not train)
-    h = _conv(out_ch, init_scale=0.0, name='conv2', **kw)(h)
+    h = _conv(out_ch, init_scale=0.0, name='conv2', conv_impl=self.conv_impl, **kw)(h)
     if c_in != out_ch:
       x = _nin(out_ch, name='nin_shortcut', **kw)(x)
     return x + h
@@ -230,11 +240,13 @@ class Upsample(nn.Module):
   with_conv: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """``x [B,H,W,C]`` -> ``[B,2H,2W,C]``."""
     x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
     if self.with_conv:
-      x = _conv(x.shape[-1], name='conv', dtype=self.dtype, param_dtype=self.param_dtype)(x)
+      x = _conv(x.shape[-1], name='conv', dtype=self.dtype, param_dtype=self.param_dtype,
+                conv_impl=self.conv_impl)(x)
     return x

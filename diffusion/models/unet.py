@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion.models import register_model
+from diffusion.models.conv import IMPLS as CONV_IMPLS
 from diffusion.models.layers import (NUM_GROUPS, AttnBlock, Downsample, ResBlock,
                                      TimestepEmbedding, Upsample, _conv, _group_norm,
                                      nonlinearity)
@@ -127,6 +128,10 @@ class UNet(nn.Module):
     param_dtype: parameter dtype (float32).
     remat: wrap every ResBlock / AttnBlock in ``nn.remat`` (recompute activations in the backward
       pass to save memory; same parameters and same results).
+    conv_impl: how the 3x3 stride-1 convs are computed (`diffusion.models.conv`): ``'auto'``
+      (per-layer measured choice on CPU with float32 compute, XLA's conv elsewhere), ``'xla'``,
+      ``'winograd'`` (F(2x2,3x3)), ``'winograd4'`` (F(4x4,3x3)), ``'mixed'`` (XLA forward,
+      Winograd weight gradient). Parameters and results (to fp32 rounding) do not depend on it.
 
   Call: ``model.apply(variables, x, t, train=bool, rngs={'dropout': key})`` with ``x [B,H,W,C]``
   float (data scaled to [-1, 1]) and ``t [B]`` integer timesteps (code index 0..T-1), returns
@@ -142,6 +147,7 @@ class UNet(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: bool = False
+  conv_impl: str = 'auto'
 
   def validate(self, image_size: Union[int, Sequence[int]]) -> None:
     """Raises ``ValueError`` listing every problem of this config for ``image_size`` inputs.
@@ -153,6 +159,8 @@ class UNet(nn.Module):
       problems.append(f'model.num_res_blocks must be >= 1, got {self.num_res_blocks}')
     if not 0.0 <= self.dropout < 1.0:
       problems.append(f'model.dropout must be in [0, 1), got {self.dropout}')
+    if not isinstance(self.conv_impl, str) or self.conv_impl not in CONV_IMPLS:
+      problems.append(f'model.conv_impl={self.conv_impl!r} is not one of {list(CONV_IMPLS)}')
     if problems:
       raise ValueError('Invalid U-Net configuration:\n  - ' + '\n  - '.join(problems))
 
@@ -181,13 +189,14 @@ class UNet(nn.Module):
     num_levels = len(self.ch_mult)
 
     def res_block(h, out_ch, name):
-      return res_cls(out_ch=out_ch, dropout=self.dropout, name=name, **kw)(h, temb, train)
+      return res_cls(out_ch=out_ch, dropout=self.dropout, conv_impl=self.conv_impl, name=name,
+                     **kw)(h, temb, train)
 
     # Timestep embedding.
     temb = TimestepEmbedding(self.ch, name='temb', **kw)(t)
 
     # Downsampling.
-    hs = [_conv(self.ch, name='conv_in', **kw)(x)]
+    hs = [_conv(self.ch, name='conv_in', conv_impl=self.conv_impl, **kw)(x)]
     for i_level, mult in enumerate(self.ch_mult):
       for i_block in range(self.num_res_blocks):
         h = res_block(hs[-1], self.ch * mult, f'down_{i_level}_block_{i_block}')
@@ -212,10 +221,11 @@ class UNet(nn.Module):
         if h.shape[1] in attn_res:
           h = attn_cls(name=f'up_{i_level}_attn_{i_block}', **kw)(h)
       if i_level != 0:
-        h = Upsample(self.resamp_with_conv, name=f'up_{i_level}_upsample', **kw)(h)
+        h = Upsample(self.resamp_with_conv, conv_impl=self.conv_impl,
+                     name=f'up_{i_level}_upsample', **kw)(h)
     assert not hs, f'{len(hs)} skip connections left unused'
 
     # End.
     h = nonlinearity(_group_norm(name='norm_out', **kw)(h))
-    h = _conv(self.out_ch, init_scale=0.0, name='conv_out', **kw)(h)
+    h = _conv(self.out_ch, init_scale=0.0, name='conv_out', conv_impl=self.conv_impl, **kw)(h)
     return h.astype(jnp.float32)
