@@ -40,20 +40,32 @@ def main(argv):
     logging.info("JAX process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count(),
                  jax.devices()[0].platform)
-    from diffusion import train
+    from diffusion import checkpoint, train
     from diffusion.config_check import ConfigError
-    config, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
     try:
-        if mode in ("train", "train_and_evaluate"):
-            train.train_and_evaluate(config, workdir)
-        if mode in ("evaluate", "train_and_evaluate", "sample"):
-            from diffusion import evaluate
-            evaluate.run(config, workdir, mode="sample" if mode == "sample" else "evaluate")
-    except (ConfigError, train.NonFiniteError, FileNotFoundError, OSError) as e:
+        run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+    except (ConfigError, train.NonFiniteError, checkpoint.CheckpointIncompatibleError,
+            checkpoint.NoRestorableCheckpointError, FileNotFoundError, OSError) as e:
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
+
+def run(config, workdir: str, mode: str) -> None:
+    """Runs ``mode`` on ``config`` in ``workdir``; a preempted training run does not evaluate."""
+    import numpy as np
+    from diffusion import train
+    if mode in ("train", "train_and_evaluate"):
+        state = train.train_and_evaluate(config, workdir)
+        reached = int(np.asarray(state.step.addressable_data(0)))
+        if reached < config.training.num_train_steps:
+            logging.warning("Training stopped at step %d of %d (preempted); exiting without "
+                            "evaluating. Relaunch the same command to resume.", reached,
+                            config.training.num_train_steps)
+            return
+    if mode in ("evaluate", "train_and_evaluate", "sample"):
+        from diffusion import evaluate
+        evaluate.run(config, workdir, mode="sample" if mode == "sample" else "evaluate")
 
 if __name__ == "__main__":
     app.run(main)

@@ -1,24 +1,58 @@
-"""Orbax checkpoints of the `TrainState` and the run's config.
+"""Orbax checkpoints of the `TrainState` and the run's config, and how a run resumes from them.
 
 One `CheckpointManager` (``args=`` API) under ``<workdir>/checkpoints``: a rolling checkpoint to
 resume from (the newest ``max_to_keep``) plus permanent ones every ``keep_every`` steps (Orbax's
 ``keep_period``) for evaluation sweeps. Every process calls `save` (Orbax coordinates the hosts and
-writes atomically: a step directory appears only once complete). `restore_latest` walks back from
-the newest step and skips a checkpoint that fails to restore (truncated, corrupt), reporting it;
-it never deletes anything.
+writes atomically: a step directory appears only once complete).
+
+`restore_latest` walks back from the newest step and tells three kinds of failure apart:
+
+* the saved tree does not match what this config builds (optimizer stages, parameter shapes):
+  `CheckpointIncompatibleError` listing the differing fields and tree paths; nothing is moved;
+* a transient read error (a flaky network file system or bucket: ``OSError``, or TensorStore's
+  ``UNAVAILABLE`` / ``DEADLINE_EXCEEDED`` ...): retried with back-off, then `CheckpointReadError`
+  naming the checkpoint; nothing is moved;
+* unreadable data (truncated or corrupt files): that step is moved to
+  ``<directory>_corrupt/<step>-<time>`` (never deleted) and the next older one is tried.
+
+A workdir that holds checkpoints of which none restores stops with `NoRestorableCheckpointError`:
+a run never silently starts again from step 0 over a workdir that has (or had) checkpoints.
 """
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import time
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
 
 import jax
 import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer", "abstract_like"]
+from diffusion import io
+
+__all__ = ["Checkpointer", "abstract_like", "tree_differences", "CheckpointIncompatibleError",
+           "CheckpointReadError", "NoRestorableCheckpointError", "is_transient_error"]
+
+#: Parts of the saved `TrainState` that a ``resume='params'`` restore takes from a checkpoint.
+PARAMS_ONLY = ("step", "params", "ema_params")
+
+# TensorStore reports I/O failures as ValueError with an absl status code in the message.
+_TRANSIENT_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED",
+                    "CANCELLED")
+# Orbax's words for a tree or shape that does not match the target (not corruption).
+_MISMATCH_WORDS = ("Structure mismatch", "is not compatible with the stored shape",
+                   "not found in metadata_tree")
+
+
+class CheckpointIncompatibleError(ValueError):
+    """The checkpoint is intact but holds a different tree than this config builds."""
+
+
+class CheckpointReadError(OSError):
+    """A checkpoint could not be read after retries (storage or network trouble); not moved."""
+
+
+class NoRestorableCheckpointError(RuntimeError):
+    """The workdir has (or had) checkpoints but none of them restores."""
 
 
 def abstract_like(tree: Any, sharding=None) -> Any:
@@ -27,19 +61,94 @@ def abstract_like(tree: Any, sharding=None) -> Any:
                                                        getattr(x, "sharding", None)), tree)
 
 
+def is_transient_error(e: BaseException) -> bool:
+    """True for errors worth retrying: I/O errors other than a missing file (inside a complete
+    Orbax step a missing file means damage) and TensorStore's transient status codes."""
+    if isinstance(e, FileNotFoundError):
+        return False
+    if isinstance(e, OSError):        # includes ConnectionError, TimeoutError, PermissionError
+        return True
+    return any(code in str(e) for code in _TRANSIENT_CODES)
+
+
+def _path_name(path) -> str:
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def _shapes_by_path(tree: Any) -> dict:
+    """``{'params/conv/kernel': shape}`` for every array-like leaf of ``tree``."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {_path_name(p): tuple(leaf.shape) for p, leaf in leaves if hasattr(leaf, "shape")}
+
+
+def tree_differences(saved: Any, target: Any, *, only: Optional[Sequence[str]] = None,
+                     limit: int = 20) -> List[str]:
+    """What differs between a saved tree (Orbax metadata) and the ``target`` abstract tree.
+
+    Compares leaf paths (``opt_state/1/mu/...``) and shapes; with ``only``, just the subtrees whose
+    first path element is in ``only``. Returns one line per difference (at most ``limit``, then a
+    count), empty when the trees match.
+    """
+    a, b = _shapes_by_path(saved), _shapes_by_path(target)
+    if only is not None:
+        keep = lambda d: {k: v for k, v in d.items() if k.split("/")[0] in only}   # noqa: E731
+        a, b = keep(a), keep(b)
+    lines = []
+    for what, keys, shapes in (("in the checkpoint, not built by this config", a.keys() - b, a),
+                               ("built by this config, not in the checkpoint", b.keys() - a, b)):
+        groups: dict = {}
+        for k in sorted(keys):   # one line per subtree (first two path parts), with a count
+            groups.setdefault("/".join(k.split("/")[:2]), []).append(k)
+        for g, ks in groups.items():
+            lines.append(f"{what}: {ks[0]} {shapes[ks[0]]}" if len(ks) == 1
+                         else f"{what}: {g}/... ({len(ks)} arrays)")
+    lines += [f"shape differs: {k} saved {a[k]}, now {b[k]}" for k in sorted(a.keys() & b)
+              if a[k] != b[k]]
+    if len(lines) > limit:
+        lines = lines[:limit] + [f"... and {len(lines) - limit} more"]
+    return lines
+
+
+class _Unreadable(Exception):
+    """Internal: the step's data cannot be decoded (quarantine it)."""
+
+
 class Checkpointer:
-    """Saves and restores ``(TrainState, config dict)`` pairs in ``directory``."""
+    """Saves and restores ``(TrainState, config dict)`` pairs in ``directory``.
+
+    ``retry_delays``: seconds to wait before each retry of a transient read error (the number of
+    retries is its length).
+    """
+
+    retry_delays: Tuple[float, ...] = (2.0, 8.0, 30.0)
 
     def __init__(self, directory: str, *, keep_every: Optional[int] = None, max_to_keep: int = 2,
-                 async_save: bool = True):
-        if "://" not in str(directory):
-            directory = os.path.abspath(directory)   # Orbax needs absolute paths
+                 async_save: bool = True, retry_delays: Optional[Iterable[float]] = None):
+        directory = io.absolute(str(directory))   # Orbax needs absolute paths
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, keep_period=keep_every, create=True,
             enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
-        self.directory = directory
-        self.manager = ocp.CheckpointManager(directory, options=options,
-                                             item_names=("state", "config"))
+        self.directory = str(directory)
+        if retry_delays is not None:
+            self.retry_delays = tuple(retry_delays)
+        # Handlers named up front, so that the saved tree's metadata can be read before any save.
+        self.manager = ocp.CheckpointManager(
+            directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "config": ocp.JsonCheckpointHandler()})
+
+    @property
+    def quarantine_directory(self) -> str:
+        """Where unreadable steps are moved: ``<directory>_corrupt``."""
+        return self.directory.rstrip("/") + "_corrupt"
 
     def all_steps(self):
         """Steps of the complete checkpoints on disk, ascending."""
@@ -50,6 +159,11 @@ class Checkpointer:
         """The newest complete checkpoint's step, or None."""
         steps = self.all_steps()
         return steps[-1] if steps else None
+
+    def quarantined(self) -> List[str]:
+        """Names of the steps moved to the quarantine directory (``<step>-<time>``)."""
+        q = self.quarantine_directory
+        return io.listdir(q) if io.isdir(q) else []
 
     def save(self, step: int, state: Any, config_dict: dict, *, force: bool = True) -> bool:
         """Saves (asynchronously) ``state`` and ``config_dict`` at ``step``; every process calls it."""
@@ -67,35 +181,121 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.Composite(
             config=ocp.args.JsonRestore()))["config"]
 
-    def restore_latest(self, abstract_state: Any) -> Optional[Tuple[Any, dict, int]]:
-        """The newest checkpoint that restores cleanly as ``(state, config_dict, step)``, or None.
+    def saved_tree(self, step: int) -> Any:
+        """The saved state's tree of array metadata (shapes, dtypes) at ``step``; reads no arrays."""
+        md = self.manager.item_metadata(step)["state"]
+        return getattr(md, "tree", md)
 
-        A checkpoint that fails to restore (truncated, corrupt) is reported and moved aside to
-        ``<directory>_corrupt/`` (never deleted, and never counted by the rotation that prunes
-        old checkpoints), so the run resumes from the newest good one. Unfinished saves are not
-        listed at all: Orbax only renames a step directory into place once it is complete.
-        """
-        for step in reversed(self.all_steps()):
+    def restore_params_only(self, step: int, sharding=None) -> dict:
+        """``{'step', 'params', 'ema_params'}`` of ``step`` as saved, whatever its optimizer state."""
+        def leaf(m):
+            return jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding) \
+                if hasattr(m, "shape") else m
+        abstract = jax.tree.map(leaf, self.saved_tree(step))
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract)))["state"]
+        return {k: out[k] for k in PARAMS_ONLY}
+
+    # ------------------------------------------------------------------ resume
+    def _read(self, step: int, what: str, fn: Callable[[], Any]) -> Any:
+        """Runs ``fn`` with retries for transient errors; raises `CheckpointReadError` when they
+        persist, `CheckpointIncompatibleError` for a tree mismatch, `_Unreadable` otherwise."""
+        attempts = len(self.retry_delays) + 1
+        for attempt in range(attempts):
             try:
-                state, config = self.restore(step, abstract_state)
-                return state, config, step
-            except Exception as e:  # noqa: BLE001 - any failure means: not usable, try older
+                return fn()
+            except Exception as e:  # noqa: BLE001 - classified below
+                if any(w in str(e) for w in _MISMATCH_WORDS):
+                    raise CheckpointIncompatibleError(
+                        f"The checkpoint at step {step} in {self.directory} holds a different tree "
+                        f"than this config builds ({str(e)[:500]})") from e
+                if not is_transient_error(e):
+                    raise _Unreadable(f"{type(e).__name__}: {str(e)[:300]}") from e
+                if attempt + 1 == attempts:
+                    raise CheckpointReadError(
+                        f"Could not read the {what} of the checkpoint at step {step} in "
+                        f"{self.directory} after {attempts} attempts ({type(e).__name__}: "
+                        f"{str(e)[:300]}). It was not moved or changed. Check the file system or "
+                        "bucket (network, permissions), then relaunch the same command to resume."
+                    ) from e
+                delay = self.retry_delays[attempt]
+                logging.warning("Reading the %s of checkpoint step %d failed (%s: %s); retrying in "
+                                "%.0f s (attempt %d of %d).", what, step, type(e).__name__,
+                                str(e)[:200], delay, attempt + 2, attempts)
+                time.sleep(delay)
+
+    def restore_latest(self, abstract_state: Any, *, params_only: bool = False,
+                       config_differences: Optional[Callable[[dict], List[str]]] = None,
+                       how_to_proceed: str = "") -> Optional[Tuple[Any, dict, int]]:
+        """The newest checkpoint that restores, as ``(state, config_dict, step)``; None when the
+        directory never held a checkpoint.
+
+        ``config_differences(saved_config) -> [lines]`` names config fields that make the saved
+        tree differ (checked first, from the small JSON config); then the saved tree's paths and
+        shapes are compared with ``abstract_state``. Any difference raises
+        `CheckpointIncompatibleError` (with ``how_to_proceed`` appended) and moves nothing. With
+        ``params_only`` only ``step``, ``params`` and ``ema_params`` must match, and the result is
+        the dict of those three (the caller builds a new optimizer state).
+
+        Transient read errors are retried (`retry_delays`), then raise `CheckpointReadError`.
+        A step whose data cannot be decoded is quarantined and the next older one tried; if none
+        is left, `NoRestorableCheckpointError`.
+        """
+        steps = self.all_steps()
+        if not steps:
+            old = self.quarantined()
+            if old:
+                raise NoRestorableCheckpointError(
+                    f"{self.directory} has no usable checkpoint, but earlier launches moved "
+                    f"unreadable ones to {self.quarantine_directory} ({', '.join(old)}). Refusing "
+                    "to start again from step 0 here: inspect or restore those, or use a new "
+                    "--workdir to start over.")
+            return None
+        moved = []
+        for step in reversed(steps):
+            try:
+                saved_config = self._read(step, "config", lambda: self.restore_config(step))
+                diffs = list(config_differences(saved_config)) if config_differences else []
+                saved_tree = self._read(step, "tree metadata", lambda: self.saved_tree(step))
+                tree_diffs = tree_differences(saved_tree, abstract_state,
+                                              only=PARAMS_ONLY if params_only else None)
+                if diffs or tree_diffs:
+                    lines = [f"config: {d}" for d in diffs] + [f"tree: {d}" for d in tree_diffs]
+                    raise CheckpointIncompatibleError(
+                        f"The checkpoint at step {step} in {self.directory} does not match what "
+                        "this config builds; nothing was moved or changed. Differences:\n  - "
+                        + "\n  - ".join(lines) + ("\n" + how_to_proceed if how_to_proceed else ""))
+                if params_only:
+                    sharding = jax.tree.leaves(abstract_state)[0].sharding \
+                        if jax.tree.leaves(abstract_state) else None
+                    state = self._read(step, "parameters",
+                                       lambda: self.restore_params_only(step, sharding))
+                else:
+                    state, _ = self._read(step, "state", lambda: self.restore(step, abstract_state))
+                return state, saved_config, step
+            except CheckpointIncompatibleError as e:
+                if how_to_proceed and how_to_proceed not in str(e):
+                    raise CheckpointIncompatibleError(f"{e}\n{how_to_proceed}") from e
+                raise
+            except _Unreadable as e:
                 where = self._quarantine(step)
-                logging.error("Checkpoint at step %d in %s could not be restored (%s: %s); moved "
-                              "it to %s and trying an older one.", step, self.directory,
-                              type(e).__name__, str(e)[:300], where)
-        return None
+                moved.append(f"step {step} -> {where}")
+                logging.error("Checkpoint at step %d in %s is unreadable (%s); moved it to %s and "
+                              "trying an older one.", step, self.directory, e, where)
+        raise NoRestorableCheckpointError(
+            f"None of the checkpoints in {self.directory} could be restored; the unreadable ones "
+            f"were moved aside (never deleted): {'; '.join(moved)}. Refusing to start again from "
+            "step 0: inspect those, or use a new --workdir to start over.")
 
     def _quarantine(self, step: int) -> str:
         """Moves the step directory to ``<directory>_corrupt/<step>-<time>`` (process 0 moves,
-        all processes wait), then re-reads the manager's view of the directory."""
-        import jax
+        all processes wait), then re-reads the manager's view of the directory. Works on local
+        paths and object stores (``gs://``: copy, then delete; see `diffusion.io.move`)."""
         from jax.experimental import multihost_utils
-        src = os.path.join(self.directory, str(step))
-        dst = os.path.join(self.directory.rstrip("/") + "_corrupt", f"{step}-{int(time.time())}")
-        if jax.process_index() == 0 and os.path.exists(src):
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            shutil.move(src, dst)
+        src = f"{self.directory.rstrip('/')}/{step}"
+        dst = f"{self.quarantine_directory}/{step}-{int(time.time())}"
+        if jax.process_index() == 0 and io.exists(src):
+            io.move(src, dst)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"quarantine_{step}")
         self.manager.reload()

@@ -18,6 +18,14 @@ SHAPE_FIELDS = (
     "diffusion.beta_start", "diffusion.beta_end",
 )
 
+# Switches that add or remove an optimizer stage, and so change the saved optimizer state's tree:
+# (description, function of the config giving the value compared).
+OPTIMIZER_STRUCTURE = (
+    ("training.grad_clip > 0 (a clipping stage)", lambda c: float(_get(c, "training.grad_clip")) > 0),
+    ("training.weight_decay > 0 (a weight-decay stage)",
+     lambda c: float(_get(c, "training.weight_decay")) > 0),
+)
+
 
 class ConfigError(ValueError):
     """A config has invalid values; the message lists one problem per line."""
@@ -103,6 +111,14 @@ def config_problems(config: Any, *, num_devices: Optional[int] = None,
               "sample_every", "num_grid_samples", "grid_sample_steps"):
         _range(p, config, t + f, lambda v: v >= 1, "an integer >= 1", (int,))
     _choice(p, config, t + "nonfinite", ("raise", "skip"))
+    _choice(p, config, t + "resume", ("full", "params"))
+    _choice(p, config, t + "tensorboard", (True, False))
+    _range(p, config, t + "grad_clip_groups", lambda v: v >= 0,
+           "an integer >= 0 (0 or 1: clip the mean gradient; N: clip each of N groups)", (int,))
+    groups, bs = config.training.grad_clip_groups, config.training.batch_size
+    if isinstance(groups, int) and groups > 1 and isinstance(bs, int) and bs % groups:
+        p.append(f"config.training.grad_clip_groups={groups} must divide "
+                 f"config.training.batch_size={bs}")
     gsteps = config.training.grid_sample_steps
     if isinstance(gsteps, int) and isinstance(config.diffusion.num_timesteps, int) \
             and gsteps > config.diffusion.num_timesteps:
@@ -135,9 +151,11 @@ def _norm(v):
     return list(v) if isinstance(v, (tuple, list)) else v
 
 
-def incompatible_fields(saved: Dict[str, Any], config: Any) -> List[str]:
-    """The shape-defining fields (`SHAPE_FIELDS`) where ``config`` differs from the ``saved``
-    config dict of a workdir, each as ``'field: saved -> new'``."""
+def incompatible_fields(saved: Dict[str, Any], config: Any, *, optimizer: bool = True) -> List[str]:
+    """The fields where ``config`` differs from the ``saved`` config dict of a workdir in a way
+    that changes the saved tree, each as ``'field: saved -> new'``: the shape-defining fields
+    (`SHAPE_FIELDS`) and, with ``optimizer``, the switches that add or remove an optimizer stage
+    (`OPTIMIZER_STRUCTURE`: ``grad_clip`` 0 vs > 0, ``weight_decay`` 0 vs > 0)."""
     diffs = []
     for f in SHAPE_FIELDS:
         try:
@@ -147,4 +165,13 @@ def incompatible_fields(saved: Dict[str, Any], config: Any) -> List[str]:
         new = _get(config, f)
         if _norm(old) != _norm(new):
             diffs.append(f"{f}: {old!r} (saved) -> {new!r} (now)")
+    if optimizer:
+        for what, fn in OPTIMIZER_STRUCTURE:
+            try:
+                old = fn(saved)
+            except (KeyError, AttributeError, TypeError, ValueError):
+                continue
+            new = fn(config)
+            if old != new:
+                diffs.append(f"{what}: {old} (saved) -> {new} (now)")
     return diffs

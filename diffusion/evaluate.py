@@ -53,13 +53,13 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion import likelihood, parallel, sampling
+from diffusion import io, likelihood, parallel, sampling
 from diffusion.checkpoint import Checkpointer, abstract_like
 from diffusion.config_check import ConfigError, incompatible_fields, validate_config
 from diffusion.metrics import fid as fid_lib
@@ -68,7 +68,10 @@ __all__ = ["run", "checkpoint_steps", "restore_ema_params", "make_sample_fn", "g
            "compute_fid_kid", "compute_bpd", "fid_reference_split", "eval_config_problems",
            "IS_NOT_AVAILABLE", "DEFAULT_FID_NUM_REFERENCE", "FID_NETWORK"]
 
-IS_NOT_AVAILABLE = "not available (the FID Inception network has no logits layer)"
+IS_NOT_AVAILABLE = ("not computed: the bundled FID Inception weights stop at pool3 (the network "
+                    "itself has a 1008-way logits layer); set config.eval.inception_weights to "
+                    "pytorch-fid's pt_inception-2015-12-05-6726825d.pth, which includes it")
+IS_NUM_SPLITS = 10                   # Salimans et al. (2016); the paper's 9.46 ± 0.11
 FID_NETWORK = "fid_inception_2015_12_05"
 DEFAULT_FID_NUM_REFERENCE = 50_000   # reference images when the split is larger (CIFAR10: 50k)
 KID_NUM_SUBSETS = 100                # Binkowski et al. / stylegan2-ada defaults
@@ -116,6 +119,15 @@ def eval_config_problems(config, *, num_devices: int = 1, process_count: int = 1
     if e.checkpoints not in ("latest", "all"):
         p.append(f"config.eval.checkpoints={e.checkpoints!r} is not allowed; choose one of "
                  "['all', 'latest']")
+    w = e.get("inception_weights")
+    if w is not None and (not isinstance(w, str) or not io.isfile(io.absolute(w))):
+        p.append(f"config.eval.inception_weights={w!r} is not a file; give the path of "
+                 "pytorch-fid's pt_inception-2015-12-05-6726825d.pth (downloaded by hand) or "
+                 "leave it unset (no Inception Score)")
+    floor = e.get("real_floor_split", "auto")
+    if not isinstance(floor, str):
+        p.append(f"config.eval.real_floor_split={floor!r} must be 'auto', '' (skip) or a TFDS "
+                 "split string such as 'test[:512]'")
     for f in ("fid_split", "bpd_split"):
         v = e[f]
         if not isinstance(v, str) or not v:
@@ -151,8 +163,8 @@ def _no_checkpoint_error(workdir: str, ckpt_dir: str) -> FileNotFoundError:
 def checkpoint_steps(workdir: str, which: str = "latest") -> List[int]:
     """Steps to evaluate in ``<workdir>/checkpoints``: ``'latest'`` → ``[newest]``; ``'all'`` →
     every complete step on disk, ascending. Raises FileNotFoundError when there is none."""
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if not ckpt_dir.startswith("gs://") and not os.path.isdir(ckpt_dir):
+    ckpt_dir = io.join(workdir, "checkpoints")
+    if not io.isdir(ckpt_dir):
         raise _no_checkpoint_error(workdir, ckpt_dir)
     ckpt = Checkpointer(ckpt_dir, async_save=False)
     try:
@@ -261,19 +273,29 @@ def fid_reference_split(config) -> str:
     return f"{split}[:{DEFAULT_FID_NUM_REFERENCE}]" if n > DEFAULT_FID_NUM_REFERENCE else split
 
 
+def real_floor_split(config) -> Optional[str]:
+    """The split whose real images give the FID "floor" printed beside the model's FID: real
+    images scored exactly like the samples (same N, resolution, network and reference).
+    ``config.eval.real_floor_split``: ``'auto'`` (the first ``num_samples`` images of the split
+    that is not the reference split: ``test`` when FID is against ``train``, else ``train``), a
+    TFDS split string, or ``''`` to skip."""
+    s = config.eval.get("real_floor_split", "auto")
+    if not s or config.eval.num_samples <= 0:
+        return None
+    if s != "auto":
+        return s
+    other = "test" if config.eval.fid_split.split("[")[0].strip() == "train" else "train"
+    return f"{other}[:{config.eval.num_samples}]"
+
+
 def _reference_cache_dir(config, workdir: str, network: str) -> str:
     from diffusion.data import default_data_dir
     sub = ["fid_stats", network] + ([f"p{jax.process_index()}"] if jax.process_index() else [])
-    base = os.path.expanduser(config.data.data_dir) if config.data.data_dir else default_data_dir()
-    for root in (base, os.path.join(workdir, "eval")):
-        path = os.path.join(root, *sub)
+    base = io.absolute(config.data.data_dir) if config.data.data_dir else default_data_dir()
+    for root in (base, io.join(workdir, "eval")):
+        path = io.join(root, *sub)
         try:
-            os.makedirs(path, exist_ok=True)
-            probe = os.path.join(path, f".write_test{os.getpid()}")
-            with open(probe, "w") as f:
-                f.write("ok")
-            os.remove(probe)
-            return path
+            return io.probe_writable(path, what="FID reference cache")
         except OSError:
             continue
     raise OSError(f"Neither {base} nor {workdir}/eval is writable for the FID reference cache")
@@ -333,10 +355,15 @@ def compute_bpd(config, model, params, images: np.ndarray, *, mesh) -> Dict[str,
     Σ_{t>0} terms) and ``distortion`` (the decoder term, t = 0) — paper Table 4 — and the lists
     ``terms_bpd[t]`` (column t of `likelihood.bits_per_dim`: L_{t−1} in the paper's numbering,
     [0] the decoder NLL), ``mse[t]`` (mean squared error of x̂_0 from x_t, [−1, 1] scale) and
-    ``mse_clipped[t]`` (the same with x̂_0 clipped to [−1, 1])."""
+    ``mse_clipped[t]`` (the same with x̂_0 clipped to [−1, 1]).
+
+    x̂_0 is clipped to [−1, 1] inside pθ when ``config.eval.clip_denoised`` (the default, as the
+    released ``calc_bpd_loop`` and its CIFAR10 evaluation); ``clip_denoised`` in the result says
+    which bound this is."""
     from diffusion import train
     from diffusion.data import normalize_images
     d = config.diffusion
+    clip = bool(config.eval.clip_denoised)
     schedule = train.schedule_from_config(config)
     rep, data = parallel.replicated_sharding(mesh), parallel.batch_sharding(mesh)
     M = len(images)
@@ -346,7 +373,8 @@ def compute_bpd(config, model, params, images: np.ndarray, *, mesh) -> Dict[str,
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), _BPD_KEY_SALT),
                                  index)
         out = likelihood.bits_per_dim(schedule, train.make_denoise_fn(model, params), x, key,
-                                      mean_type=d.mean_type, var_type=d.var_type)
+                                      mean_type=d.mean_type, var_type=d.var_type,
+                                      clip_denoised=clip)
         m = mask.astype(jnp.float32)
         return {"total": jnp.sum(m * out["total_bpd"]),
                 "total_sq": jnp.sum(m * jnp.square(out["total_bpd"])),
@@ -377,38 +405,29 @@ def compute_bpd(config, model, params, images: np.ndarray, *, mesh) -> Dict[str,
             "prior": float(mean["prior"]), "rate": float(mean["prior"] + terms[1:].sum()),
             "distortion": float(terms[0]), "terms_bpd": [float(v) for v in terms],
             "mse": [float(v) for v in mean["mse"]],
-            "mse_clipped": [float(v) for v in mean["mse_clipped"]], "num_examples": int(M)}
+            "mse_clipped": [float(v) for v in mean["mse_clipped"]], "num_examples": int(M),
+            "clip_denoised": clip}
 
 
 # ----------------------------------------------------------------------------- files
 def _write_json_atomic(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    io.write_json(path, obj, indent=1, sort_keys=True)
 
 
 def _read_results(path: str) -> Dict[str, Any]:
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
+    return io.read_json(path, default={})
 
 
 def _save_npz_atomic(path: str, **arrays) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+    io.write_npz(path, **arrays)
 
 
 def _load_npz(path: str, key: str, shape, dtype) -> Optional[np.ndarray]:
     """``path[key]`` if it exists and has ``shape``/``dtype``; None otherwise (recompute)."""
-    if not os.path.isfile(path):
+    if not io.isfile(path):
         return None
     try:
-        with np.load(path, allow_pickle=False) as z:
-            a = z[key]
+        a = io.read_npz(path, keys=[key])[key]
     except Exception as e:  # noqa: BLE001 - a truncated/corrupt file means: recompute
         logging.warning("Ignoring unreadable %s (%s)", path, e)
         return None
@@ -418,14 +437,19 @@ def _load_npz(path: str, key: str, shape, dtype) -> Optional[np.ndarray]:
     return a
 
 
-def _load_features(path: str, network: str, n: int, seed: int) -> Optional[np.ndarray]:
-    """Cached features of this process's samples if they match (network, N, seed), else None."""
-    if not os.path.isfile(path):
+def _load_features(path: str, network: str, n: int, seed: int,
+                   need_logits: bool = False) -> Optional[Tuple[np.ndarray, Optional[np.ndarray]]]:
+    """Cached ``(features, logits or None)`` of this process's samples if they match (network,
+    N, seed, and logits present when ``need_logits``), else None."""
+    if not io.isfile(path):
         return None
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if str(z["network"]) == network and len(z["features"]) == n and int(z["seed"]) == seed:
-                return z["features"]
+        z = io.read_npz(path)
+        if str(z["network"]) == network and len(z["features"]) == n and int(z["seed"]) == seed:
+            logits = z.get("logits")
+            if need_logits and logits is None:
+                return None
+            return z["features"], logits
     except Exception as e:  # noqa: BLE001 - a truncated/corrupt file means: recompute
         logging.warning("Ignoring unreadable %s (%s)", path, e)
     return None
@@ -467,12 +491,13 @@ class _Evaluator:
         from diffusion import train
         self.config, self.workdir, self.mesh = config, workdir, mesh
         self.model = train.create_model(config)
-        self.eval_dir = os.path.join(workdir, "eval")
+        self.eval_dir = io.join(workdir, "eval")
         self.main = parallel.is_main_process()
         self._feature_fn, self.network = feature_fn, network
+        self._feature_logits_fn = None
         self._ref = None
         self.ref_split = None
-        self.results_path = os.path.join(self.eval_dir, "results.json")
+        self.results_path = io.join(self.eval_dir, "results.json")
         self.results = _read_results(self.results_path) if self.main else {}
         self.writer = None   # clu metric writer, set by `run`
 
@@ -484,6 +509,19 @@ class _Evaluator:
             self._feature_fn = make_feature_fn(load_inception_params())
             logging.info("Loaded the FID Inception network (%.1fs)", time.time() - t0)
         return self._feature_fn
+
+    def feature_logits_fn(self) -> Callable:
+        """``images -> (pool3, logits)`` of the network read from ``config.eval.inception_weights``
+        (its pool3 equals the bundled network's; the logits give the Inception Score)."""
+        if self._feature_logits_fn is None:
+            from diffusion.metrics.inception import (load_inception_logits_params,
+                                                     make_feature_logits_fn)
+            t0 = time.time()
+            self._feature_logits_fn = make_feature_logits_fn(
+                load_inception_logits_params(self.config.eval.inception_weights))
+            logging.info("Loaded the Inception network with logits from %s (%.1fs)",
+                         self.config.eval.inception_weights, time.time() - t0)
+        return self._feature_logits_fn
 
     def reference(self) -> fid_lib.ReferenceStatistics:
         if self._ref is None:
@@ -507,7 +545,8 @@ class _Evaluator:
     def bpd_settings(self) -> dict:
         c = self.config
         return {"bpd_split": c.eval.bpd_split, "bpd_num_examples": c.eval.bpd_num_examples,
-                "seed": c.seed, "dataset": c.data.dataset, "image_size": c.data.image_size}
+                "seed": c.seed, "dataset": c.data.dataset, "image_size": c.data.image_size,
+                "clip_denoised": c.eval.clip_denoised}
 
     def _file(self, kind: str, step: int, ext: str, per_process: bool = False) -> str:
         c = self.config
@@ -516,7 +555,7 @@ class _Evaluator:
             name += "_noclip"
         if per_process and jax.process_count() > 1:
             name += f"_p{jax.process_index()}"
-        return os.path.join(self.eval_dir, name + ext)
+        return io.join(self.eval_dir, name + ext)
 
     # -- one step
     def evaluate_step(self, step: int, params_fn: Callable[[], Any]) -> Dict[str, Any]:
@@ -562,8 +601,7 @@ class _Evaluator:
         _save_npz_atomic(path, images=images, step=np.asarray(step), seed=np.asarray(c.seed),
                          chain=np.asarray(_chain_tag(c)))
         if self.main:
-            from diffusion.train import save_image_grid
-            save_image_grid(images[:GRID_SIZE], self._file("samples", step, ".png"))
+            io.save_image_grid(images[:GRID_SIZE], self._file("samples", step, ".png"))
             self.writer.write_images(step, {f"eval_samples_{_chain_tag(c)}": images[:16]})
         return images
 
@@ -571,7 +609,10 @@ class _Evaluator:
         c = self.config
         n = c.eval.num_samples
         feat_path = self._file("features", step, ".npz", per_process=True)
-        feats = _load_features(feat_path, self.network, n // jax.process_count(), c.seed)
+        want_is = bool(c.eval.get("inception_weights"))
+        cached = _load_features(feat_path, self.network, n // jax.process_count(), c.seed,
+                                need_logits=want_is)
+        feats, logits = cached if cached is not None else (None, None)
         if not _all_processes(feats is not None):
             images = self._samples(step, params)
             entry["samples"] = {"num_samples": n, "chain": _chain_tag(c),
@@ -581,12 +622,22 @@ class _Evaluator:
                                                                     per_process=True))}
             self.save_results()
             t0 = time.time()
-            fn = _with_progress(self.feature_fn(), len(images), f"step {step} samples")
-            feats = fid_lib.extract_features(_to_rgb(images), fn, batch_size=FEATURE_BATCH_SIZE)
+            extra = {}
+            if want_is:   # pool3 and logits in one pass of the logits-capable network
+                fn = _with_progress(self.feature_logits_fn(), len(images), f"step {step} samples")
+                feats, logits = fid_lib.extract_features_and_logits(
+                    _to_rgb(images), fn, batch_size=FEATURE_BATCH_SIZE)
+                extra["logits"] = logits
+            else:
+                fn = _with_progress(self.feature_fn(), len(images), f"step {step} samples")
+                feats = fid_lib.extract_features(_to_rgb(images), fn, batch_size=FEATURE_BATCH_SIZE)
             logging.info("Step %d: Inception features of %d samples in %.1fs", step, len(feats),
                          time.time() - t0)
             _save_npz_atomic(feat_path, features=feats, network=np.asarray(self.network),
-                             seed=np.asarray(c.seed))
+                             seed=np.asarray(c.seed), **extra)
+        if want_is and jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            logits = np.asarray(multihost_utils.process_allgather(logits, tiled=True))
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             feats = np.asarray(multihost_utils.process_allgather(feats, tiled=True))
@@ -601,17 +652,76 @@ class _Evaluator:
         entry["kid"] = {"mean": res["kid"], "se": res["kid_se"], "num_gen": n_gen,
                         "num_ref": n_ref, "subset_size": res["kid_subset_size"],
                         "num_subsets": res["kid_num_subsets"]}
-        entry["inception_score"] = IS_NOT_AVAILABLE
+        if want_is:
+            is_mean, is_std = fid_lib.inception_score_from_logits(logits, num_splits=IS_NUM_SPLITS)
+            entry["inception_score"] = {"mean": is_mean, "std": is_std, "num": len(logits),
+                                        "num_splits": IS_NUM_SPLITS,
+                                        "weights": os.path.basename(c.eval.inception_weights)}
+            is_text = "%.3f ± %.3f (%d splits)" % (is_mean, is_std, IS_NUM_SPLITS)
+        else:
+            entry["inception_score"] = is_text = IS_NOT_AVAILABLE
+        floor = self.real_floor()
+        if floor is not None:
+            entry["fid"]["real_floor"] = {k: floor[k] for k in ("fid", "kid", "num")} | {
+                "split": floor["settings"]["split"]}
         self.save_results()
-        logging.info("Step %d: FID@%d = %.3f (N_gen=%d, N_ref=%d, %s/%s, %s chain); "
+        logging.info("Step %d: FID@%d = %.3f (N_gen=%d, N_ref=%d, %s/%s, %s chain)%s; "
                      "KID@%d = %.5f ± %.5f; IS %s", step, n_gen, res["fid"], n_gen, n_ref,
-                     c.data.dataset, res["ref_split"], _chain_tag(c), n_gen, res["kid"],
-                     res["kid_se"], IS_NOT_AVAILABLE)
+                     c.data.dataset, res["ref_split"], _chain_tag(c),
+                     "" if floor is None else "; real-data floor at N=%d: FID %.3f, KID %.5f (%s)"
+                     % (floor["num"], floor["fid"], floor["kid"], floor["settings"]["split"]),
+                     n_gen, res["kid"], res["kid_se"], is_text)
         if n_gen < 10_000:
             logging.info("FID is strongly biased at N=%d: compare FIDs only at equal N (the "
                          "paper reports N=50000).", n_gen)
-        return {f"fid_N{n_gen}": res["fid"], f"kid_N{n_gen}": res["kid"],
-                f"kid_se_N{n_gen}": res["kid_se"]}
+        out = {f"fid_N{n_gen}": res["fid"], f"kid_N{n_gen}": res["kid"],
+               f"kid_se_N{n_gen}": res["kid_se"]}
+        if want_is:
+            out[f"inception_score_N{n_gen}"] = entry["inception_score"]["mean"]
+        if floor is not None:
+            out[f"fid_real_floor_N{floor['num']}"] = floor["fid"]
+        return out
+
+    def real_floor(self) -> Optional[Dict[str, Any]]:
+        """FID/KID of real images of `real_floor_split` against the same reference, at the same N
+        as the samples (fewer if the split is smaller: then said), computed once and kept in
+        ``eval/real_floor.json`` with its settings; None when disabled or unavailable."""
+        from diffusion.data import load_split
+        c = self.config
+        split = real_floor_split(c)
+        if split is None:
+            return None
+        ref = self.reference()
+        settings = {"split": split, "ref_split": self.ref_split, "network": self.network,
+                    "dataset": c.data.dataset, "image_size": c.data.image_size}
+        path = io.join(self.eval_dir, "real_floor.json")
+        stored = _read_results(path)
+        if _all_processes(bool(stored) and stored.get("settings") == settings):
+            return stored
+        try:
+            images = load_split(c.data.dataset, split, data_dir=c.data.data_dir,
+                                image_size=c.data.image_size)
+        except (ValueError, KeyError) as e:
+            logging.warning("No real-data FID floor: split %r of %s is not available (%s); set "
+                            "config.eval.real_floor_split to another split or '' to skip.",
+                            split, c.data.dataset, e)
+            return None
+        if len(images) < c.eval.num_samples:
+            logging.warning("Real-data floor: %s has %d images, fewer than the %d samples: the "
+                            "floor is at N=%d (biased upwards relative to the model's FID).",
+                            split, len(images), c.eval.num_samples, len(images))
+        t0 = time.time()
+        fn = _with_progress(self.feature_fn(), len(images), f"real-data floor {split}")
+        feats = fid_lib.extract_features(_to_rgb(images), fn, batch_size=FEATURE_BATCH_SIZE)
+        res = compute_fid_kid(feats, ref)
+        floor = {"fid": res["fid"], "kid": res["kid"], "kid_se": res["kid_se"],
+                 "num": res["num_gen"], "num_ref": res["num_ref"], "settings": settings}
+        logging.info("Real-data floor: FID@%d = %.3f, KID = %.5f for real %s/%s images against "
+                     "the same reference (%.1fs)", floor["num"], floor["fid"], floor["kid"],
+                     c.data.dataset, split, time.time() - t0)
+        if self.main:
+            _write_json_atomic(path, floor)
+        return floor
 
     def _bpd(self, step: int, params, entry: dict) -> Dict[str, float]:
         from diffusion.data import load_split
@@ -639,8 +749,9 @@ class _Evaluator:
         entry["bpd"] = res
         self.save_results()
         logging.info("Step %d: bits/dim = %.4f ± %.4f (prior %.2e, rate %.4f, distortion %.4f; "
-                     "N=%d of %s, %.1fs)", step, res["total"], res["total_se"], res["prior"],
-                     res["rate"], res["distortion"], res["num_examples"], split, time.time() - t0)
+                     "N=%d of %s, x̂0 %s, %.1fs)", step, res["total"], res["total_se"],
+                     res["prior"], res["rate"], res["distortion"], res["num_examples"], split,
+                     "clipped" if res["clip_denoised"] else "not clipped", time.time() - t0)
         return {"bpd": res["total"], "bpd_prior": res["prior"], "bpd_rate": res["rate"],
                 "bpd_distortion": res["distortion"]}
 
@@ -651,12 +762,11 @@ class _Evaluator:
         logging.info("Step %d: drawing a grid of %d samples with the %s chain", step, n,
                      _chain_tag(c))
         images = generate_samples(c, self.model, params, n, mesh=self.mesh)
-        png = os.path.join(self.eval_dir, f"samples_step_{step:08d}.png")
+        png = io.join(self.eval_dir, f"samples_step_{step:08d}.png")
         if self.main:
-            from diffusion.train import save_image_grid
             _save_npz_atomic(png[:-4] + ".npz", images=images, step=np.asarray(step),
                              seed=np.asarray(c.seed), chain=np.asarray(_chain_tag(c)))
-            save_image_grid(images, png)
+            io.save_image_grid(images, png)
             self.writer.write_images(step, {f"samples_{_chain_tag(c)}": images[:16]})
             logging.info("Step %d: wrote %s", step, png)
         return png
@@ -690,10 +800,11 @@ def run(config, workdir: str, *, mode: str = "evaluate", feature_fn: Optional[Ca
     steps = checkpoint_steps(workdir, config.eval.checkpoints)
     network = FID_NETWORK if feature_fn is None else (feature_network or "custom")
     ev = _Evaluator(config, workdir, mesh, feature_fn, network)
-    os.makedirs(ev.eval_dir, exist_ok=True)   # every process: each saves its share of samples
-    ev.writer = metric_writers.create_default_writer(ev.eval_dir, just_logging=not ev.main,
-                                                     asynchronous=False)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    io.makedirs(ev.eval_dir)   # every process: each saves its share of samples
+    ev.writer = metric_writers.create_default_writer(
+        ev.eval_dir, just_logging=not (ev.main and config.training.get("tensorboard", True)),
+        asynchronous=False)
+    ckpt = Checkpointer(io.join(workdir, "checkpoints"), async_save=False)
     logging.info("%s %d checkpoint(s) of %s: steps %s", "Evaluating" if mode == "evaluate"
                  else "Sampling from", len(steps), workdir, steps)
     out: Dict[int, Any] = {}

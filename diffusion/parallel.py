@@ -3,7 +3,7 @@
 One data-parallel mesh ``Mesh(devices, ('data',))`` over every device of every process: batches
 are sharded on 'data', parameters and optimizer state replicated. The same code runs on one CPU,
 one GPU and a multi-host TPU pod; on one machine a real multi-process run uses CPU devices and
-gloo collectives (see tests/test_multihost.py).
+gloo collectives (see tests/test_train.py::test_two_processes_with_gloo_equal_one_device).
 """
 from __future__ import annotations
 

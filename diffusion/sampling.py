@@ -430,19 +430,24 @@ def ddim_sample(schedule: Schedule, denoise_fn: DenoiseFn, shape, key, *, mean_t
 # ---------------------------------------------------------------------------------------------
 
 def interpolate(schedule: Schedule, denoise_fn: DenoiseFn, x0_a, x0_b, lambdas, t: int, key, *,
-                mean_type: str, var_type: str, clip_denoised: bool = True):
+                mean_type: str, var_type: str, clip_denoised: bool = True,
+                shared_noise: bool = False):
     """Interpolates two images in the latent x_t and decodes (paper Sec. 4.4).
 
-    Both images are encoded with the SAME noise ε: x_t^a = √ᾱ_t x0_a + √(1−ᾱ_t) ε, likewise x_t^b
-    (Eq. 4); for each λ, x̄_t = (1−λ) x_t^a + λ x_t^b is decoded by the reverse chain from code
-    index ``t`` (`decode`), with the reverse-step noise shared across all λ so the rows change smoothly.
-    Keys: ``k_enc, k_dec = jax.random.split(key)``; ε = ``normal(k_enc, x0_a.shape)``; `decode` uses
-    ``k_dec``. So row λ=0 equals ``decode(q_sample(x0_a, t, ε), t, k_dec)``.
+    Each source is encoded by its own draw from q(x_t|x_0) (Eq. 4), as the paper does and the
+    released ``diffusion_utils.interpolate`` does: x_t^a = √ᾱ_t x0_a + √(1−ᾱ_t) ε_a, x_t^b likewise
+    with an independent ε_b (``shared_noise=True`` uses one ε for both instead). For each λ,
+    x̄_t = (1−λ) x_t^a + λ x_t^b is decoded by the reverse chain from code index ``t`` (`decode`),
+    with the reverse-step noise shared across all λ so the rows change smoothly.
+    Keys: ``k_enc, k_dec = jax.random.split(key)``; ``k_a, k_b = jax.random.split(k_enc)``,
+    ε_a = ``normal(k_a, shape)``, ε_b = ``normal(k_b, shape)`` (shared: ε = ``normal(k_enc, shape)``);
+    `decode` uses ``k_dec``. So row λ=0 equals ``decode(q_sample(x0_a, t, ε_a), t, k_dec)``.
 
     Args:
       x0_a, x0_b: ``[B, ...]`` images in [−1, 1].
       lambdas: ``[L]`` mixing weights (0 = a, 1 = b).
       t: Python int in [0, T): how far to noise (the paper uses 500 of 1000 on CelebA-HQ).
+      shared_noise: encode both sources with the same ε (not the paper's choice).
     Returns:
       ``[L, B, ...]`` decoded images.
     """
@@ -457,10 +462,15 @@ def interpolate(schedule: Schedule, denoise_fn: DenoiseFn, x0_a, x0_b, lambdas, 
     lambdas = jnp.asarray(lambdas, jnp.float32).reshape(-1)
     L, B = lambdas.shape[0], x0_a.shape[0]
     k_enc, k_dec = jax.random.split(key)
-    eps = jax.random.normal(k_enc, x0_a.shape, dtype=jnp.float32)
+    if shared_noise:
+        eps_a = eps_b = jax.random.normal(k_enc, x0_a.shape, dtype=jnp.float32)
+    else:
+        k_a, k_b = jax.random.split(k_enc)
+        eps_a = jax.random.normal(k_a, x0_a.shape, dtype=jnp.float32)
+        eps_b = jax.random.normal(k_b, x0_a.shape, dtype=jnp.float32)
     t_b = jnp.full((B,), t, dtype=jnp.int32)
-    xt_a = gaussian.q_sample(schedule, x0_a, t_b, eps)
-    xt_b = gaussian.q_sample(schedule, x0_b, t_b, eps)
+    xt_a = gaussian.q_sample(schedule, x0_a, t_b, eps_a)
+    xt_b = gaussian.q_sample(schedule, x0_b, t_b, eps_b)
     lam = lambdas.reshape((L, 1) + (1,) * x0_a.ndim)
     x_mix = ((1.0 - lam) * xt_a[None] + lam * xt_b[None]).reshape((L * B,) + x0_a.shape[1:])
     step = _ancestral_step(schedule, _identity_model_fn(denoise_fn), mean_type=mean_type,

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
+import time
 from typing import Any, Callable, Dict
 
 import flax.struct
@@ -20,12 +20,12 @@ import ml_collections
 import numpy as np
 import optax
 
-from diffusion import cpu_runtime, gaussian, losses, parallel
-from diffusion.checkpoint import Checkpointer, abstract_like
+from diffusion import cpu_runtime, gaussian, io, losses, parallel
+from diffusion.checkpoint import Checkpointer, CheckpointIncompatibleError, abstract_like
 from diffusion.config_check import ConfigError, incompatible_fields, validate_config
 from diffusion.schedules import Schedule, make_schedule
 
-__all__ = ["TrainState", "NonFiniteError", "create_model", "schedule_from_config",
+__all__ = ["TrainState", "NonFiniteError", "ResumeMismatchError", "create_model", "schedule_from_config",
            "make_optimizer", "learning_rate_fn", "init_state", "make_train_step",
            "make_denoise_fn", "train_and_evaluate", "config_to_dict", "save_image_grid"]
 
@@ -82,7 +82,7 @@ class TrainState(flax.struct.PyTreeNode):
 
 
 def init_state(config, model, tx, mesh=None) -> TrainState:
-    """Initial `TrainState` (params from ``fold_in(key(seed), 'init')``), replicated on ``mesh``."""
+    """Initial `TrainState` (params from ``fold_in(key(seed), 0x1417)``), replicated on ``mesh``."""
     size, c = config.data.image_size, config.data.channels
 
     def init():
@@ -119,6 +119,7 @@ def make_train_step(config, model, schedule: Schedule, tx, mesh=None) -> Callabl
     T = d.num_timesteps
     lr_fn = learning_rate_fn(config)
     skip_nonfinite = tr.nonfinite == "skip"
+    groups = tr.grad_clip_groups if tr.grad_clip > 0 else 0
     losses.check_loss_config(d.mean_type, d.var_type, d.loss_type)
 
     def step_fn(state: TrainState, batch: Dict[str, jnp.ndarray], base_key):
@@ -129,16 +130,32 @@ def make_train_step(config, model, schedule: Schedule, tx, mesh=None) -> Callabl
         t = jax.random.randint(t_key, (B,), 0, T, dtype=jnp.int32)
         noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
 
-        def loss_fn(params):
-            x_t = gaussian.q_sample(schedule, x0, t, noise)
+        def loss_fn(params, x0, x_t_noise, t, dropout_key):
+            x_t = gaussian.q_sample(schedule, x0, t, x_t_noise)
             out = model.apply({"params": params}, x_t, t, train=True, rngs={"dropout": dropout_key})
             per_ex, _ = losses.loss_from_output(
-                schedule, out.astype(jnp.float32), x0, x_t, t, noise, mean_type=d.mean_type,
+                schedule, out.astype(jnp.float32), x0, x_t, t, x_t_noise, mean_type=d.mean_type,
                 var_type=d.var_type, loss_type=d.loss_type, hybrid_lambda=d.hybrid_lambda)
             return per_ex.mean(), per_ex
 
-        (loss, per_ex), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        grad_norm = optax.tree.norm(grads)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        if groups <= 1:
+            (loss, per_ex), grads = grad_fn(state.params, x0, noise, t, dropout_key)
+            grad_norm = optax.tree.norm(grads)
+        else:
+            # The released TPU code: each core clips the gradient of its own share of the batch
+            # to grad_clip, then the clipped gradients are averaged (the optimizer's global clip
+            # that follows is then a no-op: a mean of vectors of norm <= c has norm <= c).
+            split = lambda a: a.reshape((groups, B // groups) + a.shape[1:])   # noqa: E731
+            keys = jax.random.split(dropout_key, groups)
+            (losses_g, per_ex_g), grads_g = jax.vmap(grad_fn, in_axes=(None, 0, 0, 0, 0))(
+                state.params, split(x0), split(noise), split(t), keys)
+            loss, per_ex = losses_g.mean(), per_ex_g.reshape(B)
+            grad_norm = optax.tree.norm(jax.tree.map(lambda g: g.mean(0), grads_g))
+            norms = jax.vmap(optax.tree.norm)(grads_g)
+            scale = jnp.minimum(1.0, tr.grad_clip / jnp.maximum(norms, 1e-30))
+            grads = jax.tree.map(
+                lambda g: jnp.tensordot(scale, g, axes=1) / groups, grads_g)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         decay = tr.ema_decay
@@ -169,6 +186,11 @@ def make_denoise_fn(model, params) -> Callable:
 
 
 # ----------------------------------------------------------------------------- loop helpers
+class ResumeMismatchError(ConfigError, CheckpointIncompatibleError):
+    """The workdir's checkpoint holds a different tree than this config builds (a `ConfigError`
+    and a `CheckpointIncompatibleError`); nothing in the workdir was changed."""
+
+
 class NonFiniteError(FloatingPointError):
     """Training produced a non-finite loss or gradient; the last good checkpoint is kept."""
 
@@ -207,16 +229,9 @@ def config_to_dict(config) -> dict:
 
 
 def save_image_grid(images: np.ndarray, path: str) -> None:
-    """Tiles uint8 images ``[N, H, W, C]`` into a square PNG grid."""
-    from PIL import Image
-    n, h, w, c = images.shape
-    cols = int(np.ceil(np.sqrt(n)))
-    rows = int(np.ceil(n / cols))
-    grid = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, c), 255, np.uint8)
-    for i in range(n):
-        r, q = divmod(i, cols)
-        grid[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + q * (w + 2):2 + q * (w + 2) + w] = images[i]
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+    """Tiles uint8 images ``[N, H, W, C]`` into a square PNG grid at ``path`` (local or
+    ``gs://``); see `diffusion.io.save_image_grid`."""
+    io.save_image_grid(images, path)
 
 
 def _grid_sampler(config, model, schedule) -> Callable:
@@ -243,17 +258,9 @@ def _grid_sampler(config, model, schedule) -> Callable:
 
 
 def _check_workdir(workdir: str) -> None:
-    if workdir.startswith("gs://"):
-        return
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise OSError(f"The workdir {workdir!r} is not writable ({e}); choose another --workdir "
-                      "or fix its permissions") from e
+    """Writes, reads back and deletes a probe file in ``workdir`` (local or ``gs://``) before
+    anything is compiled; the error names the path and the fix (missing bucket, permissions)."""
+    io.probe_writable(workdir, what="workdir")
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -268,8 +275,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     from diffusion.data import create_input_pipeline
 
     # --- validate, mesh
-    if "://" not in workdir:
-        workdir = os.path.abspath(workdir)   # Orbax needs absolute paths
+    workdir = io.absolute(workdir)   # Orbax needs absolute paths
     mesh = parallel.make_mesh()
     validate_config(config, num_devices=mesh.devices.size, process_count=jax.process_count())
     _check_workdir(workdir)
@@ -288,31 +294,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                        out_shardings=parallel.replicated_sharding(mesh))()
 
     # --- checkpoint: resume or start
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep_every=tr.keep_every)
+    ckpt = Checkpointer(io.join(workdir, "checkpoints"), keep_every=tr.keep_every)
     abstract = jax.eval_shape(lambda: init_state(config, model, tx))
     abstract = abstract_like(abstract, parallel.replicated_sharding(mesh))
-    latest = ckpt.latest_step()
-    if latest is not None:
-        diffs = incompatible_fields(ckpt.restore_config(latest), config)
-        if diffs:
-            raise ConfigError(f"{workdir} holds a run with a different model/process; refusing to "
-                              "resume. Differences:\n  - " + "\n  - ".join(diffs) +
-                              "\nUse a new --workdir or the saved config.")
-    restored = ckpt.restore_latest(abstract) if latest is not None else None
-    if restored is not None:
-        state, _, start = restored
-        logging.info("Resumed from step %d in %s", start, workdir)
-    else:
+    params_only = tr.resume == "params"
+    how = (f"To continue: relaunch with the config this workdir was started with (saved in "
+           f"{workdir}/config.json), or use a new --workdir, or add "
+           "--config.training.resume=params to take the parameters and EMA from the checkpoint "
+           "into a fresh optimizer state.")
+    try:
+        restored = ckpt.restore_latest(
+            abstract, params_only=params_only, how_to_proceed=how,
+            config_differences=lambda saved: incompatible_fields(saved, config,
+                                                                 optimizer=not params_only))
+    except CheckpointIncompatibleError as e:
+        raise ResumeMismatchError(str(e)) from e
+    if restored is None:
         state = init_state(config, model, tx, mesh)
-        start = 0
+    elif params_only:
+        saved, _, at = restored
+        new_opt = jax.jit(tx.init, out_shardings=parallel.replicated_sharding(mesh))(saved["params"])
+        state = TrainState(step=saved["step"], params=saved["params"],
+                           ema_params=saved["ema_params"], opt_state=new_opt)
+        logging.warning("Resumed parameters and EMA from step %d in %s with a NEW optimizer state "
+                        "(training.resume=params).", at, workdir)
+    else:
+        state, _, at = restored
+        logging.info("Resumed from step %d in %s", at, workdir)
     start = int(jax.device_get(state.step))
     if main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config_to_dict(config), f, indent=2, sort_keys=True)
+        io.write_json(io.join(workdir, "config.json"), config_to_dict(config), indent=2,
+                      sort_keys=True)
 
     # --- input, logging
     batches = pipeline.iterator(start)
-    writer = metric_writers.create_default_writer(workdir, just_logging=not main)
+    # TensorBoard event files go through TensorFlow's file system (gs:// included).
+    writer = metric_writers.create_default_writer(
+        workdir, just_logging=not (main and tr.get("tensorboard", True)))
     if start == 0:
         writer.write_hparams({k: v for k, v in _flatten(config_to_dict(config)).items()})
     report = periodic_actions.ReportProgress(num_train_steps=tr.num_train_steps, writer=writer,
@@ -352,20 +370,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         last_saved = step
 
     compiled_step = None
+    in_flight = None   # metrics of the step dispatched last
     with _Preemption() as preempt:
         step = start
         try:
             while step < tr.num_train_steps:
                 batch = parallel.global_batch_from_local(next(batches), mesh)
                 if compiled_step is None:   # compile ahead (a wrapped step is used as is)
+                    t_compile = time.time()
+                    logging.info("Compiling the train step (once per launch; seconds for small "
+                                 "models, a minute or more for the CIFAR10 U-Net on a CPU) ...")
                     compiled_step = (train_step.lower(state, batch, base_key).compile()
                                      if hasattr(train_step, "lower") else train_step)
+                    logging.info("Compiled the train step in %.1f s; training from step %d.",
+                                 time.time() - t_compile, step)
                     # The compiler's freed memory stays in glibc's heap, where the step's
                     # buffers cannot reuse it: give it back (~0.8 GiB for the CIFAR10 model).
                     cpu_runtime.release_free_heap()
                 state, metrics = compiled_step(state, batch, base_key)
                 step += 1
                 pending.append(metrics)
+                # At most one step in flight: wait for the step before this one, so that a
+                # preemption signal is acted on within about one step (the host still prepares
+                # the next batch while this step runs).
+                if in_flight is not None:
+                    jax.block_until_ready(in_flight)
+                in_flight = metrics
                 report(step)
                 if step % tr.log_every == 0 or step == tr.num_train_steps:
                     got = flush(step)
@@ -373,8 +403,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     scalars["skipped_steps"] = float(sum(1 - m["finite"] for m in got))
                     writer.write_scalars(step, scalars)
                     if main:
-                        with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-                            f.write(json.dumps({"step": step, **scalars}) + "\n")
+                        io.append_line(io.join(workdir, "metrics.jsonl"),
+                                       json.dumps({"step": step, **scalars}))
                 preempted = preempt.signal is not None or ckpt.manager.reached_preemption(step)
                 if (step % tr.checkpoint_every == 0 or step % tr.keep_every == 0
                         or step == tr.num_train_steps or preempted):
@@ -384,8 +414,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     grid_sampler = grid_sampler or _grid_sampler(config, model, schedule)
                     images = grid_sampler(state.ema_params, grid_key)   # same noise every time
                     if main:
-                        os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-                        save_image_grid(images, os.path.join(workdir, "samples", f"step_{step:08d}.png"))
+                        io.save_image_grid(images, io.join(workdir, "samples",
+                                                           f"step_{step:08d}.png"))
                         writer.write_images(step, {"ema_samples": images[:16]})
                 if preempted:
                     logging.warning("Preempted: checkpoint saved at step %d; relaunch the same "

@@ -34,6 +34,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from diffusion import io
 from experiments import ablation
 
 # Ho et al. 2020, Table 2 (CIFAR10, IS / FID; None = "unstable" in the paper) and Table 1 NLL.
@@ -106,11 +107,7 @@ def run_config(row: str, seed: int, overrides: Dict[str, Any], data_dir: Optiona
 
 
 def _final_loss(workdir: str) -> Optional[float]:
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        lines = [json.loads(line) for line in f if line.strip()]
+    lines = io.read_jsonl(io.join(workdir, "metrics.jsonl"))
     return float(lines[-1]["loss"]) if lines else None
 
 
@@ -127,19 +124,18 @@ def run_one(row: str, seed: int, out_dir: str, overrides: Dict[str, Any], *,
     from diffusion import evaluate, train
     from diffusion.checkpoint import Checkpointer
     name = f"{row}_seed{seed}"
-    workdir = os.path.abspath(os.path.join(out_dir, "runs", name))
-    summary_path = os.path.join(workdir, "summary.json")
+    workdir = io.absolute(io.join(out_dir, "runs", name))
+    summary_path = io.join(workdir, "summary.json")
     config = run_config(row, seed, overrides, data_dir)
     settings = _settings(config)
-    if os.path.exists(summary_path):
-        with open(summary_path) as f:
-            summary = json.load(f)
+    summary = io.read_json(summary_path, default=None)
+    if summary is not None:
         if summary.get("config") == settings:
             logging.info("%s: finished before, skipping (%s)", name, summary_path)
             summary["skipped"] = True
             return summary
         logging.warning("%s: summary.json was made with another config; running again", name)
-    os.makedirs(workdir, exist_ok=True)
+    io.makedirs(workdir)
     t0 = time.time()
     diverged, message = False, None
     try:
@@ -148,7 +144,7 @@ def run_one(row: str, seed: int, out_dir: str, overrides: Dict[str, Any], *,
         diverged, message = True, str(e)
         logging.warning("%s diverged: %s", name, e)
     train_s = time.time() - t0
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    ckpt = Checkpointer(io.join(workdir, "checkpoints"), async_save=False)
     step = ckpt.latest_step()
     ckpt.close()
     results: Dict[str, Any] = {}
@@ -167,10 +163,7 @@ def run_one(row: str, seed: int, out_dir: str, overrides: Dict[str, Any], *,
         "eval_seconds": round(time.time() - t1, 1), "workdir": workdir,
         "overrides": overrides, "data_dir": data_dir, "config": settings,
     }
-    tmp = summary_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(tmp, summary_path)
+    io.write_json(summary_path, summary, indent=1)
     return summary
 
 
@@ -237,7 +230,7 @@ def _restore(summary: Dict[str, Any]):
     config = run_config(summary["row"], summary["seed"], summary["overrides"], summary["data_dir"])
     mesh = parallel.make_mesh()
     model = train.create_model(config)
-    ckpt = Checkpointer(os.path.join(summary["workdir"], "checkpoints"), async_save=False)
+    ckpt = Checkpointer(io.join(summary["workdir"], "checkpoints"), async_save=False)
     try:
         params = evaluate.restore_ema_params(ckpt, summary["evaluated_step"], config, model, mesh)
     finally:
@@ -264,7 +257,7 @@ def plot_rate_distortion(bpd: Dict[str, Any], path: str, title: str) -> Dict[str
     ax[2].plot(rate, rmse); ax[2].set_xlabel("rate (bits/dim)"); ax[2].set_ylabel("distortion (RMSE)")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    io.save_figure(fig, path, dpi=110)
     plt.close(fig)
     return {"rate": float(bpd["rate"]), "distortion": float(bpd["distortion"]),
             "rmse_at_t0": float(rmse[0])}
@@ -281,9 +274,7 @@ def _grid(rows: np.ndarray) -> np.ndarray:
 
 
 def _save_png(img: np.ndarray, path: str, scale: int = 3) -> None:
-    from PIL import Image
-    im = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
-    im.resize((im.width * scale, im.height * scale), Image.NEAREST).save(path)
+    io.write_png(path, img, scale=scale)
 
 
 def plot_progressive(summary: Dict[str, Any], path: str, *, num: int = 8, columns: int = 10) -> None:
@@ -303,8 +294,8 @@ def plot_progressive(summary: Dict[str, Any], path: str, *, num: int = 8, column
 
 def plot_interpolation(summary: Dict[str, Any], path: str, *, pairs: int = 3,
                        ts: Sequence[int] = INTERPOLATION_TS, num_lambdas: int = 9) -> None:
-    """Fig. 8 (and Fig. 9's dependence on t): pairs of test digits noised to x_t with shared
-    noise, mixed linearly in x_t (λ = 0 … 1) and decoded by the reverse chain from t; one block
+    """Fig. 8 (and Fig. 9's dependence on t): pairs of test digits, each noised to x_t by its
+    own draw from q(x_t|x_0) (as the paper), mixed linearly in x_t (λ = 0 … 1) and decoded by the reverse chain from t; one block
     of ``pairs`` rows per t in ``ts`` (top to bottom), first/last columns the source digits."""
     import jax
     from diffusion import sampling, train
@@ -329,13 +320,12 @@ def plot_interpolation(summary: Dict[str, Any], path: str, *, pairs: int = 3,
 
 
 def _sample_grid(summary: Dict[str, Any], path: str) -> bool:
-    eval_dir = os.path.join(summary["workdir"], "eval")
-    files = sorted(f for f in os.listdir(eval_dir) if f.startswith("samples_") and f.endswith(".npz")) \
-        if os.path.isdir(eval_dir) else []
+    eval_dir = io.join(summary["workdir"], "eval")
+    files = [f for f in io.listdir(eval_dir) if f.startswith("samples_") and f.endswith(".npz")] \
+        if io.isdir(eval_dir) else []
     if not files:
         return False
-    with np.load(os.path.join(eval_dir, files[-1])) as z:
-        images = z["images"][:64]
+    images = io.read_npz(io.join(eval_dir, files[-1]), keys=["images"])["images"][:64]
     n = len(images)
     cols = int(math.ceil(math.sqrt(n)))
     pad = cols * cols - n
@@ -352,7 +342,7 @@ def reproduce(runs: Sequence[Tuple[str, int]], out_dir: str, overrides: Optional
     """Runs every (row, seed) in order (skipping finished ones), then writes the table, JSON and
     figures to ``out_dir``. Returns the content of ``results.json``."""
     overrides = dict(overrides or {})
-    os.makedirs(out_dir, exist_ok=True)
+    io.makedirs(out_dir)
     t0 = time.time()
     summaries = []
     for i, (row, seed) in enumerate(runs):
@@ -362,17 +352,17 @@ def reproduce(runs: Sequence[Tuple[str, int]], out_dir: str, overrides: Optional
     figs: Dict[str, Any] = {}
     if figures:
         for s in summaries:
-            if _sample_grid(s, os.path.join(out_dir, f"samples_{s['run']}.png")):
+            if _sample_grid(s, io.join(out_dir, f"samples_{s['run']}.png")):
                 figs.setdefault("samples", []).append(f"samples_{s['run']}.png")
         main = next((s for s in summaries if s["row"] == "eps_simple" and s.get("evaluated_step")),
                     next((s for s in summaries if s.get("evaluated_step")), None))
         if main is not None:
             if main.get("bpd"):
                 figs["rate_distortion"] = plot_rate_distortion(
-                    main["bpd"], os.path.join(out_dir, "rate_distortion.png"),
+                    main["bpd"], io.join(out_dir, "rate_distortion.png"),
                     f"{main['run']}: rate–distortion on {main['bpd']['num_examples']} test digits")
-            plot_progressive(main, os.path.join(out_dir, "progressive.png"))
-            plot_interpolation(main, os.path.join(out_dir, "interpolation.png"))
+            plot_progressive(main, io.join(out_dir, "progressive.png"))
+            plot_interpolation(main, io.join(out_dir, "interpolation.png"))
             figs["from_run"] = main["run"]
     wall = {s["run"]: s["train_seconds"] + s["eval_seconds"] for s in summaries}
     result = {"runs": [{k: v for k, v in s.items() if k != "config"} for s in summaries],
@@ -380,10 +370,8 @@ def reproduce(runs: Sequence[Tuple[str, int]], out_dir: str, overrides: Optional
               "seconds_this_invocation": round(time.time() - t0, 1),
               "seconds_all_runs": round(sum(wall.values()), 1),
               "paper_table2": PAPER_TABLE2}
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(markdown_table(summaries))
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    io.write_text(io.join(out_dir, "table.md"), markdown_table(summaries))
+    io.write_json(io.join(out_dir, "results.json"), result, indent=1)
     logging.info("Wrote %s/table.md and results.json:\n%s", out_dir, markdown_table(summaries))
     return result
 

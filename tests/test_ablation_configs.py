@@ -9,7 +9,7 @@ from diffusion import train
 from diffusion.config_check import config_problems
 from experiments import ablation, cifar10
 
-PAPER_TABLE2 = {  # REFERENCE.md, Table 2: (mean, objective, Σ)
+PAPER_TABLE2 = {  # paper Table 2 (docs/reference.md): (mean, objective, Σ)
     "xprev_L_learned": ("xprev", "kl", "learned"), "xprev_L_fixed": ("xprev", "kl", "fixedlarge"),
     "xprev_mse": ("xprev", "mse", "fixedlarge"), "eps_L_learned": ("eps", "kl", "learned"),
     "eps_L_fixed": ("eps", "kl", "fixedlarge"), "eps_simple": ("eps", "mse", "fixedlarge"),

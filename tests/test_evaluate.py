@@ -37,6 +37,7 @@ def _config(data_dir, **eval_overrides):
     c.eval.fid_split = "test[:32]"
     c.eval.bpd_split = "test"
     c.eval.bpd_num_examples = 8
+    c.eval.real_floor_split = ""    # tested on its own below
     for k, v in eval_overrides.items():
         c.eval[k] = v
     return c
@@ -257,3 +258,60 @@ def test_invalid_eval_settings_name_the_field(data_dir):
     assert evaluate.eval_config_problems(_config(data_dir)) == []
     with pytest.raises(ConfigError, match="config.eval.checkpoints"):
         evaluate.run(_config(data_dir, checkpoints="best"), "/nonexistent")
+
+
+def test_real_data_floor_is_measured_at_the_same_n_and_reference(checkpoints, tmp_path, data_dir,
+                                                               caplog):
+    """The floor printed beside the model's FID: real images of the other split, scored exactly
+    like the samples (same N, resolution, feature network and reference). Checked against FID
+    computed directly from those images; computed once, then reused."""
+    from diffusion.data import load_split
+    from diffusion.metrics import fid as fid_lib
+    config = _config(data_dir, real_floor_split="auto", bpd_num_examples=0)
+    workdir = _workdir(checkpoints, tmp_path, [10])
+    feats = FakeFeatures()
+    caplog.set_level(logging.INFO)
+    evaluate.run(config, workdir, feature_fn=feats, feature_network="fake")
+    e = _results(workdir)["10"]
+    floor = e["fid"]["real_floor"]
+    assert floor["split"] == "train[:16]" and floor["num"] == 16 == e["fid"]["num_gen"]
+    real = load_split("mnist5k", "train[:16]", data_dir=data_dir, image_size=16)
+    ref = load_split("mnist5k", "test[:32]", data_dir=data_dir, image_size=16)
+    rgb = lambda x: np.repeat(x, 3, axis=-1)   # noqa: E731
+    want = fid_lib.frechet_distance_from_features(FakeFeatures()(rgb(real)).astype(np.float64),
+                                                  FakeFeatures()(rgb(ref)).astype(np.float64))
+    np.testing.assert_allclose(floor["fid"], want, rtol=1e-4)
+    assert any("real-data floor at N=16" in r.getMessage() for r in caplog.records)
+    seen = feats.images
+    assert seen in (16 + 16, 16 + 32 + 16)   # samples, real floor (+ reference unless cached)
+    config.eval.checkpoints = "all"      # step 5 is new work; the floor is reused
+    evaluate.run(config, workdir, feature_fn=feats, feature_network="fake")
+    assert feats.images == seen          # (only step 10 was copied here: nothing new to do)
+
+
+def test_bits_per_dim_follows_eval_clip_denoised_and_keys_its_results(checkpoints, tmp_path,
+                                                                      data_dir, monkeypatch):
+    """The released calc_bpd_loop clips x̂0 by default; our bound follows config.eval.clip_denoised,
+    says which in the results, and a result of the other setting is never reused."""
+    from diffusion import likelihood
+    seen = []
+    real = likelihood.bits_per_dim
+
+    def spy(*a, **k):
+        seen.append(k.get("clip_denoised"))
+        return real(*a, **k)
+    monkeypatch.setattr(likelihood, "bits_per_dim", spy)
+    config = _config(data_dir, num_samples=0)
+    assert config.eval.clip_denoised is True            # the released default
+    workdir = _workdir(checkpoints, tmp_path, [10])
+    evaluate.run(config, workdir)
+    b1 = _results(workdir)["10"]["bpd"]
+    assert seen and all(s is True for s in seen)
+    assert b1["clip_denoised"] is True and b1["settings"]["clip_denoised"] is True
+    seen.clear()
+    config.eval.clip_denoised = False
+    evaluate.run(config, workdir)                       # another measurement: recomputed
+    r = _results(workdir)["10"]
+    assert seen and all(s is False for s in seen)
+    assert r["bpd"]["clip_denoised"] is False and r["previous"][-1]["bpd"] == b1
+    assert r["bpd"]["total"] != b1["total"]

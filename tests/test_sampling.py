@@ -401,18 +401,26 @@ def test_interpolation_endpoints_equal_decoding_a_and_b_alone():
     b = jax.random.uniform(jax.random.key(6), (2, 4, 4, 3), minval=-1, maxval=1)
     kw = dict(mean_type="eps", var_type="fixedlarge")
     t = 15   # ᾱ_15 ≈ 0.76: the endpoints stay recognisable
-    out = jax.jit(functools.partial(S.interpolate, SHORT, fn, t=t, **kw))(
-        a, b, jnp.array([0.0, 0.25, 0.5, 1.0]), key=KEY)
+    lambdas = jnp.array([0.0, 0.25, 0.5, 1.0])
+    out = jax.jit(functools.partial(S.interpolate, SHORT, fn, t=t, **kw))(a, b, lambdas, key=KEY)
     assert out.shape == (4, 2, 4, 4, 3)
     k_enc, k_dec = jax.random.split(KEY)
-    eps = jax.random.normal(k_enc, a.shape)
+    k_a, k_b = jax.random.split(k_enc)
+    eps_a, eps_b = jax.random.normal(k_a, a.shape), jax.random.normal(k_b, a.shape)
     tb = jnp.full((2,), t, jnp.int32)
     dec = jax.jit(functools.partial(S.decode, SHORT, fn, t=t, **kw))
-    np.testing.assert_allclose(out[0], dec(G.q_sample(SHORT, a, tb, eps), key=k_dec), atol=1e-6)
-    np.testing.assert_allclose(out[3], dec(G.q_sample(SHORT, b, tb, eps), key=k_dec), atol=1e-6)
-    # shared noise: the middle rows lie between; a, b differ a lot
+    # The paper (and the released code) encode each source with its own draw from q(x_t|x_0).
+    np.testing.assert_allclose(out[0], dec(G.q_sample(SHORT, a, tb, eps_a), key=k_dec), atol=1e-6)
+    np.testing.assert_allclose(out[3], dec(G.q_sample(SHORT, b, tb, eps_b), key=k_dec), atol=1e-6)
     assert float(jnp.abs(out[0] - out[3]).mean()) > 0.1
     assert float(jnp.abs(out[1] - out[0]).mean()) < float(jnp.abs(out[3] - out[0]).mean())
+    # Opt-in shared noise: one ε for both endpoints.
+    shared = jax.jit(functools.partial(S.interpolate, SHORT, fn, t=t, shared_noise=True, **kw))(
+        a, b, lambdas, key=KEY)
+    eps = jax.random.normal(k_enc, a.shape)
+    np.testing.assert_allclose(shared[0], dec(G.q_sample(SHORT, a, tb, eps), key=k_dec), atol=1e-6)
+    np.testing.assert_allclose(shared[3], dec(G.q_sample(SHORT, b, tb, eps), key=k_dec), atol=1e-6)
+    assert float(jnp.abs(shared[3] - out[3]).mean()) > 1e-3   # the two modes really differ
 
 
 # ------------------------------------------------------------------ uint8 and batched sampling

@@ -28,7 +28,7 @@ def sched():
 
 
 def test_reference_values_from_reference_md(sched):
-    # The numbers printed in REFERENCE.md, at the precision they are printed with.
+    # The numbers printed in docs/reference.md, at the precision they are printed with.
     assert float(sched.betas[1]) == pytest.approx(1.1992e-4, abs=0.5e-8)
     assert float(sched.alphas_cumprod[999]) == pytest.approx(4.0358e-5, abs=0.5e-9)
     assert float(sched.sqrt_alphas_cumprod[999]) == pytest.approx(0.0063528, abs=0.5e-7)

@@ -1,6 +1,6 @@
 """Tests of the DDPM U-Net (diffusion/models) against independent truth.
 
-* exact parameter counts of the paper's models (REFERENCE.md), via ``jax.eval_shape`` (no compile);
+* exact parameter counts of the paper's models (docs/reference.md), via ``jax.eval_shape`` (no compile);
 * the timestep embedding against a NumPy evaluation of the formula;
 * the whole forward pass against a second, pure-NumPy implementation written here from the
   formulas (GroupNorm, SAME convs by im2col, attention, nearest upsampling, skip topology);
@@ -65,7 +65,7 @@ def _abstract_params(model, size):
 
 
 # ------------------------------------------------------------------------------------------------
-# Parameter counts (REFERENCE.md, exact integers)
+# Parameter counts (docs/reference.md, exact integers)
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize('ch_mult,size,out_ch,expected', [
     ((1, 2, 2, 2), 32, 3, 35_746_307),

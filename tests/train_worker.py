@@ -46,10 +46,18 @@ def main():
     ap.add_argument("--heartbeat", type=int, default=None, help="jax.distributed heartbeat timeout (s)")
     ap.add_argument("--step_delay", type=float, default=0.0,
                     help="sleep this long after each step (gives fault-injection tests time to act)")
+    ap.add_argument("--device_delay", type=int, default=0,
+                    help="append this many 512x512 matmuls to each step, on the device and "
+                         "asynchronously (a step that is slow the way a big model's is)")
+    ap.add_argument("--log_every", type=int, default=1)
+    ap.add_argument("--mode", default="train", choices=["train", "train_and_evaluate"],
+                    help="train_and_evaluate goes through launch.run (evaluates unless preempted)")
     args = ap.parse_args()
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import logging
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s %(module)s] %(message)s")
     import jax
     # (tests/conftest.py sets JAX_COMPILATION_CACHE_DIR, which this process inherits)
     import numpy as np
@@ -63,6 +71,23 @@ def main():
     config = small_config(args.data_dir, args.steps)
     if args.checkpoint_every:
         config.training.checkpoint_every = args.checkpoint_every
+    config.training.log_every = args.log_every
+    if args.device_delay:
+        import jax.numpy as jnp
+        make_step_ = train.make_train_step
+
+        def burning_make_train_step(*a, **k):
+            step = make_step_(*a, **k)
+
+            def burn(state, metrics):
+                w = jnp.eye(512, dtype=jnp.float32) * 0.5
+                x = jnp.ones((512, 512), jnp.float32) * state.step.astype(jnp.float32)
+                y = jax.lax.fori_loop(0, args.device_delay, lambda i, a: jnp.tanh(a @ w), x)
+                return state.replace(step=state.step + (0 * y[0, 0]).astype(jnp.int32)), metrics
+
+            # One jitted program (so the loop compiles it ahead, like the real step).
+            return jax.jit(lambda *args_: burn(*step(*args_)), donate_argnums=(0,))
+        train.make_train_step = burning_make_train_step
     if args.step_delay:
         import time
         make_step = train.make_train_step
@@ -77,6 +102,10 @@ def main():
                 return out
             return slow_step
         train.make_train_step = slow_make_train_step
+    if args.mode == "train_and_evaluate":
+        import launch
+        launch.run(config, args.workdir, "train_and_evaluate")
+        return
     state = train.train_and_evaluate(config, args.workdir)
     local = lambda x: np.asarray(x.addressable_data(0))
     leaves = [local(x) for x in jax.tree.leaves((state.params, state.ema_params, state.opt_state))]

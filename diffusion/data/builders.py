@@ -304,7 +304,11 @@ OFFLINE_BUILDERS = {"mnist5k": Mnist5k, "emoji32": Emoji32}
 
 @contextlib.contextmanager
 def _file_lock(lock_path: str):
-    """Inter-process lock on a local file (no-op where fcntl/local FS is missing)."""
+    """Inter-process lock on a local file (no-op where fcntl/local FS is missing, and for a
+    data_dir on an object store such as ``gs://``, which has no file locks)."""
+    if "://" in str(lock_path):
+        yield
+        return
     try:
         import fcntl
 

@@ -58,6 +58,7 @@ from typing import Any, Callable, Dict, Iterator, Optional
 
 import numpy as np
 
+from diffusion import io
 from diffusion.data import builders
 
 __all__ = [
@@ -175,9 +176,9 @@ def _tf():
 def _not_available_message(spec: DatasetSpec, data_dir: str) -> str:
     base = spec.tfds_name.split("/")[0]
     found = ""
-    ds_dir = os.path.join(data_dir, *spec.tfds_name.split("/"))
-    if os.path.isdir(ds_dir):
-        found = f" (found {ds_dir} with {sorted(os.listdir(ds_dir))}, but no complete version " \
+    ds_dir = io.join(data_dir, *spec.tfds_name.split("/"))
+    if io.isdir(ds_dir):
+        found = f" (found {ds_dir} with {io.listdir(ds_dir)}, but no complete version " \
                 "matching this TFDS release)"
     lines = [
         f"Dataset {spec.name!r} (TFDS {spec.tfds_name!r}) is not prepared in data_dir "
