@@ -274,9 +274,15 @@ def memory_gcs(monkeypatch) -> Iterator[str]:
     """``gs://`` paths served from memory in this process (epath's fsspec backend with an
     in-memory file system); yields ``"gs://mem-bucket"``."""
     from etils.epath import backend as epath_backend
+    from etils.epath import gpath as epath_gpath
     fs = _memory_gcs_filesystem()
-    monkeypatch.setenv("EPATH_USE_TF", "false")   # epath reads it on every call
+    monkeypatch.setenv("EPATH_USE_TF", "false")
+    # epath decides "TensorFlow or fsspec" once per process (functools.cache): forget an earlier
+    # decision now, and ours at the end (the environment is restored after this fixture).
+    clear = getattr(getattr(epath_gpath, "_is_tf_installed", None), "cache_clear", lambda: None)
+    clear()
     real_fs = epath_backend.fsspec_backend.fs
     monkeypatch.setattr(epath_backend.fsspec_backend, "fs",
                         lambda p: fs if os.fspath(p).startswith("gs://") else real_fs(p))
     yield "gs://mem-bucket"
+    clear()
