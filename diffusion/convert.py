@@ -645,12 +645,15 @@ def load_tf(path: str, base: Optional[str] = None, *, scope: Optional[str] = Non
 
 
 # ----------------------------------------------------------------------------- writing
-_CONFIG_PY = '''"""Config of this converted workdir: loads config.json beside it (written by diffusion.convert).
+_CONFIG_PY = '''"""Config of this converted workdir: experiments/default.py updated with config.json beside it
+(written by diffusion.convert), so every field keeps its type and can be overridden from the
+command line (--config.data.data_dir=..., --config.eval.inception_weights=...).
 
     python launch.py --config {workdir}/config.py --workdir {workdir} --mode sample
 """
 import json
 import os
+import sys
 
 import ml_collections
 
@@ -663,9 +666,28 @@ def _tuples(x):
     return x
 
 
+def _merge(config, saved):
+    for key, value in saved.items():
+        if isinstance(value, dict):
+            if key not in config:
+                config[key] = ml_collections.ConfigDict()
+            _merge(config[key], value)
+        elif value is None and key in config:
+            continue   # keep the typed placeholder (overridable from the command line)
+        else:
+            config[key] = _tuples(value)
+
+
 def get_config():
+    import diffusion
+    root = os.path.dirname(os.path.dirname(os.path.abspath(diffusion.__file__)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from experiments import default
+    config = default.get_config()
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.json")) as f:
-        return ml_collections.ConfigDict(_tuples(json.load(f)))
+        _merge(config, json.load(f))
+    return config
 '''
 
 

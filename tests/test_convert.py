@@ -409,3 +409,29 @@ def test_existing_workdir_is_refused(tmp_path):
     (wd / "checkpoints" / "5").mkdir(parents=True)
     with pytest.raises(FileExistsError, match="new --workdir"):
         convert.convert(FIXTURE, str(wd), base=BASE)
+
+
+def test_converted_config_takes_command_line_overrides(tmp_path):
+    """The README's commands override unset fields of the converted config from the command line
+    (--config.data.data_dir, --config.eval.inception_weights): they must keep their types. A
+    config rebuilt from JSON alone had them as plain None, which absl refuses to override."""
+    from diffusion import convert
+    wd = str(tmp_path / "wd")
+    assert convert.main(["--input", FIXTURE, "--workdir", wd, "--base", BASE]) == 0
+    code = ("import sys\n"
+            "from absl import app\n"
+            "from ml_collections import config_flags\n"
+            "F = config_flags.DEFINE_config_file('config')\n"
+            "def main(_):\n"
+            "    c = F.value\n"
+            "    assert c.data.data_dir == '/tmp/tfds', c.data.data_dir\n"
+            "    assert c.eval.inception_weights == '/tmp/w.pth'\n"
+            "    assert c.eval.num_samples == 8 and c.model.ch == 32 and c.data.image_size == 32\n"
+            "    assert tuple(c.model.ch_mult) == (1, 2)\n"
+            "    print('OK')\n"
+            f"sys.argv = ['x', '--config={wd}/config.py', '--config.data.data_dir=/tmp/tfds',\n"
+            "            '--config.eval.inception_weights=/tmp/w.pth', '--config.eval.num_samples=8']\n"
+            "app.run(main)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), capture_output=True,
+                       text=True, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
