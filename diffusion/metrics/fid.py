@@ -221,6 +221,18 @@ def kernel_inception_distance(f1: np.ndarray, f2: np.ndarray, *, num_subsets: in
     return float(vals.mean()), se
 
 
+def _padded_batches(images: np.ndarray, batch_size: int):
+    """``(batch, k)`` over ``images [N, ...]`` in slices of ``batch_size``; a short last slice is
+    padded to ``batch_size`` by repeating its last image (one compiled shape), ``k`` = real rows."""
+    n = len(images)
+    for i in range(0, n, batch_size):
+        b = images[i:i + batch_size]
+        k = len(b)
+        if k < batch_size and n > batch_size:
+            b = np.concatenate([b, np.repeat(b[-1:], batch_size - k, axis=0)])
+        yield b, k
+
+
 def extract_features(images: Union[np.ndarray, Iterable[np.ndarray]],
                      feature_fn: Callable, *, batch_size: int = 50) -> np.ndarray:
     """Run ``feature_fn`` over images in fixed-size batches.
@@ -236,12 +248,7 @@ def extract_features(images: Union[np.ndarray, Iterable[np.ndarray]],
     """
     out = []
     if isinstance(images, np.ndarray):
-        n = len(images)
-        for i in range(0, n, batch_size):
-            b = images[i:i + batch_size]
-            k = len(b)
-            if k < batch_size and n > batch_size:
-                b = np.concatenate([b, np.repeat(b[-1:], batch_size - k, axis=0)])
+        for b, k in _padded_batches(images, batch_size):
             out.append(np.asarray(feature_fn(b), np.float32)[:k])
     else:
         for b in images:
@@ -382,12 +389,7 @@ def extract_features_and_logits(images: np.ndarray, feature_logits_fn: Callable,
     (:func:`diffusion.metrics.inception.make_feature_logits_fn`) over fixed-size batches (a
     short last batch is padded, as in :func:`extract_features`)."""
     feats, logits = [], []
-    n = len(images)
-    for i in range(0, n, batch_size):
-        b = images[i:i + batch_size]
-        k = len(b)
-        if k < batch_size and n > batch_size:
-            b = np.concatenate([b, np.repeat(b[-1:], batch_size - k, axis=0)])
+    for b, k in _padded_batches(images, batch_size):
         f, lg = feature_logits_fn(b)
         feats.append(np.asarray(f, np.float32)[:k])
         logits.append(np.asarray(lg, np.float32)[:k])
