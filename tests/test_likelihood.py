@@ -206,3 +206,104 @@ def test_mse_clipped_is_the_distortion_of_the_clipped_estimate():
         np.testing.assert_allclose(out["mse_clipped"][:, t], want_c, rtol=1e-4)
     assert float(out["mse"][:, 99].mean()) > 10 * float(out["mse_clipped"][:, 99].mean())
     assert np.all(np.asarray(out["mse_clipped"]) <= 4.0 + 1e-6)
+
+
+# ----------------------------------------------------------------------------- bound_estimate
+def _small_sched(T=20):
+    return make_schedule("linear", beta_start=1e-3, beta_end=0.2, num_timesteps=T)
+
+
+def test_bound_estimate_with_all_steps_is_bits_per_dim_and_samples_are_its_columns():
+    """K = T − 1 reproduces `bits_per_dim`'s total with the same key (se 0): every term uses the
+    same ε; with K = 3 each sampled term is `bits_per_dim`'s column at that example's t."""
+    sched = _small_sched()
+    x0 = _eight_bit((3, 4, 4, 2), 3)
+    fn = gaussian_denoiser(sched, 0.0, 0.6, "eps")
+    kw = dict(mean_type="eps", var_type="fixedlarge", clip_denoised=True)
+    full = jax.jit(functools.partial(LK.bits_per_dim, sched, fn, **kw))(x0, KEY)
+    est = functools.partial(LK.bound_estimate, sched, fn, **kw)
+    out = jax.jit(functools.partial(est, num_sampled_timesteps=19))(x0, KEY)
+    np.testing.assert_allclose(out["total_bpd"], full["total_bpd"], rtol=1e-5)
+    np.testing.assert_array_equal(out["total_bpd_se"], 0.0)
+    np.testing.assert_allclose(out["prior_bpd"], full["prior_bpd"], rtol=1e-6)
+    np.testing.assert_allclose(out["decoder_bpd"], full["terms_bpd"][:, 0], rtol=1e-6)
+    assert int(out["num_sampled_timesteps"]) == 19
+    ts = np.asarray(out["timesteps"])
+    assert ts.shape == (3, 19) and ts.dtype == np.int32
+    np.testing.assert_array_equal(np.sort(ts, axis=1), np.tile(np.arange(1, 20), (3, 1)))
+    assert not np.array_equal(ts[0], ts[1])                      # per-example draws
+
+    out3 = jax.jit(functools.partial(est, num_sampled_timesteps=3))(x0, KEY)
+    ts3 = np.asarray(out3["timesteps"])
+    assert ts3.shape == out3["terms_bpd"].shape == (3, 3)
+    assert ts3.min() >= 1 and ts3.max() <= 19
+    assert all(len(set(r)) == 3 for r in ts3.tolist())          # without replacement
+    np.testing.assert_allclose(out3["terms_bpd"],
+                               np.take_along_axis(np.asarray(full["terms_bpd"]), ts3, 1),
+                               rtol=1e-5, atol=1e-7)
+    terms = np.asarray(out3["terms_bpd"], np.float64)
+    np.testing.assert_allclose(out3["total_bpd"], np.asarray(full["prior_bpd"]) +
+                               np.asarray(full["terms_bpd"][:, 0]) + 19 / 3 * terms.sum(1),
+                               rtol=1e-5)
+    want_se = 19 * np.sqrt((1 - 3 / 19) * terms.var(1, ddof=1) / 3)
+    np.testing.assert_allclose(out3["total_bpd_se"], want_se, rtol=1e-4)
+
+    # aggregation over batches: a dict or a list of per-batch dicts
+    y, se = np.asarray(out3["total_bpd"], np.float64), np.asarray(out3["total_bpd_se"], np.float64)
+    parts = [{k: (v[:1] if np.ndim(v) else v) for k, v in out3.items()},
+             {k: (v[1:] if np.ndim(v) else v) for k, v in out3.items()}]
+    for agg in (LK.aggregate_bound_estimates(out3), LK.aggregate_bound_estimates(parts)):
+        assert agg["num_examples"] == 3 and agg["num_sampled_timesteps"] == 3
+        np.testing.assert_allclose(agg["total_bpd"], y.mean(), rtol=1e-12)
+        np.testing.assert_allclose(agg["total_bpd_se"], y.std(ddof=1) / math.sqrt(3), rtol=1e-12)
+        np.testing.assert_allclose(agg["timestep_se"], math.sqrt((se ** 2).sum()) / 3, rtol=1e-12)
+
+
+def test_bound_estimate_is_unbiased_and_its_se_is_the_sampling_std():
+    """Over R keys with K = 3 of N = 19 steps, an xstart network x̂_0 = 0.8·x_0 + 0.05 + c·x_t
+    (fixedsmall): (a) c = 0, x̂_0 ignores x_t, makes every term independent of ε
+    (μ̃(x_0,x_t) − μ̃(x̂_0,x_t) = coef1·(x_0 − x̂_0)), so the full bound F is one number per example
+    and the exact variance of the estimate is the without-replacement V = N²(1 − K/N)S²/K, S² the
+    variance of the 19 terms: the mean of the estimates is F within 4 standard errors, their
+    variance is V, and E[se²] = V; (b) c = 0.1, terms depend on ε: estimate − `bits_per_dim`(same
+    key) has mean 0 within 4 standard errors and variance E[se²]."""
+    sched, K, N, R = _small_sched(), 3, 19, 2000
+    x0 = _eight_bit((4, 2, 2, 1), 4)
+    keys = jax.random.split(jax.random.key(5), R)
+    kw = {"mean_type": "xstart", "var_type": "fixedsmall"}
+
+    @jax.jit
+    def run(c):
+        fn = lambda x, t: 0.8 * x0 + 0.05 + c * x   # noqa: E731
+        est = jax.vmap(lambda k: LK.bound_estimate(sched, fn, x0, k, num_sampled_timesteps=K,
+                                                   **kw))(keys)
+        full = jax.vmap(lambda k: LK.bits_per_dim(sched, fn, x0, k, **kw))(keys)
+        return est["total_bpd"], est["total_bpd_se"], full["total_bpd"], full["terms_bpd"]
+
+    # (a) deterministic terms
+    y, se, F, terms = (np.asarray(v, np.float64) for v in run(0.0))   # [R, B] ([R, B, T])
+    np.testing.assert_allclose(F, np.broadcast_to(F[0], F.shape), rtol=1e-5)
+    V = N * N * (1 - K / N) * terms[0, :, 1:].var(1, ddof=1) / K     # [B]
+    assert np.all(np.abs(y.mean(0) - F[0]) < 4 * y.std(0, ddof=1) / math.sqrt(R)), \
+        (y.mean(0), F[0], y.std(0) / math.sqrt(R))
+    np.testing.assert_allclose(y.var(0, ddof=1), V, rtol=0.25)
+    np.testing.assert_allclose((se ** 2).mean(0), V, rtol=0.25)
+    # the reported se against the spread across keys: its root mean square is the std; se itself
+    # is a K = 3 estimate and usually small (the t = 1 term dominates S² and is seldom drawn)
+    np.testing.assert_allclose(np.sqrt((se ** 2).mean(0)) / y.std(0, ddof=1), 1.0, atol=0.12)
+
+    # (b) ε-dependent terms: paired with bits_per_dim on the same keys
+    y, se, F, _ = (np.asarray(v, np.float64) for v in run(0.1))
+    assert not np.allclose(F[0], F[1])                                  # the noise does matter
+    d = y - F                                                           # [R, B]
+    assert np.all(np.abs(d.mean(0)) < 4 * d.std(0, ddof=1) / math.sqrt(R)), \
+        (d.mean(0), d.std(0) / math.sqrt(R))
+    np.testing.assert_allclose((se ** 2).mean(0), d.var(0, ddof=1), rtol=0.25)
+
+
+@pytest.mark.parametrize("k", [0, 20, -1, 2.0, True])
+def test_bound_estimate_rejects_bad_num_sampled_timesteps(k):
+    sched = _small_sched()
+    with pytest.raises(ValueError, match=r"num_sampled_timesteps.*\[1, 19\]"):
+        LK.bound_estimate(sched, gaussian_denoiser(sched, 0.0, 0.6), _eight_bit((1, 2, 2, 1), 0),
+                          KEY, num_sampled_timesteps=k, mean_type="eps", var_type="fixedsmall")
