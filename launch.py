@@ -52,11 +52,16 @@ def main(argv):
 
 
 def run(config, workdir: str, mode: str) -> None:
-    """Runs ``mode`` on ``config`` in ``workdir``; a preempted training run does not evaluate."""
+    """Runs ``mode`` on ``config`` in ``workdir``; a preempted training run does not evaluate.
+    Ends with the wall time of each stage and where the outputs are."""
+    import time
     import numpy as np
     from diffusion import train
+    from diffusion.progress import format_seconds
+    stages, t0 = [], time.time()
     if mode in ("train", "train_and_evaluate"):
         state = train.train_and_evaluate(config, workdir)
+        stages.append(("training (incl. data, compile, checkpoints, grids)", time.time() - t0))
         reached = int(np.asarray(state.step.addressable_data(0)))
         if reached < config.training.num_train_steps:
             logging.warning("Training stopped at step %d of %d (preempted); exiting without "
@@ -65,7 +70,14 @@ def run(config, workdir: str, mode: str) -> None:
             return
     if mode in ("evaluate", "train_and_evaluate", "sample"):
         from diffusion import evaluate
+        t1 = time.time()
         evaluate.run(config, workdir, mode="sample" if mode == "sample" else "evaluate")
+        stages.append(("sampling" if mode == "sample" else "evaluation", time.time() - t1))
+    logging.info("Done in %s: %s. Outputs in %s: checkpoints/, samples/step_*.png (training "
+                 "grids), eval/ (results.json, sample grids), metrics.jsonl, TensorBoard events.",
+                 format_seconds(time.time() - t0),
+                 "; ".join(f"{k} {format_seconds(v)}" for k, v in stages), workdir)
+
 
 if __name__ == "__main__":
     app.run(main)

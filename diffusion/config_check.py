@@ -133,7 +133,7 @@ def config_problems(config: Any, *, num_devices: Optional[int] = None,
             p.append(f"config.training.batch_size={bs} must be divisible by the number of "
                      f"processes {process_count}")
     if "eval" in config and not any("diffusion." in x for x in p):
-        from diffusion.evaluate import eval_config_problems   # checked before training starts
+        from diffusion.evaluation.settings import eval_config_problems   # before training starts
         p.extend(eval_config_problems(config, num_devices=num_devices or 1,
                                       process_count=process_count or 1))
     return p

@@ -41,7 +41,7 @@ Every tensor of the source is consumed exactly once with the right shape; what d
 The config is a base experiment (``experiments/<base>.py``, or inferred: 32x32 -> cifar10,
 256x256 -> celebahq256; LSUN needs ``--base lsun_church`` etc. for its data set) with the model
 fields taken from the weights (diffusers ``config.json``, or the TF tensor shapes). The workdir
-gets ``checkpoints/<step>/`` (a `diffusion.train.TrainState`: params, ema_params, a fresh Adam
+gets ``checkpoints/<step>/`` (a `diffusion.factories.TrainState`: params, ema_params, a fresh Adam
 state, step), ``config.json`` and ``config.py`` (loads that JSON, for ``launch.py --config``)::
 
     python -m diffusion.convert --source diffusers --input ddpm-cifar10-32/ --workdir W
@@ -477,7 +477,7 @@ def abstract_params(config):
     """Shapes of the Flax param tree of ``config`` (``jax.eval_shape``, no weights)."""
     import jax
     import jax.numpy as jnp
-    from diffusion.train import create_model
+    from diffusion.factories import create_model
     model = create_model(config)
     s, c = config.data.image_size, config.data.channels
     return jax.eval_shape(lambda: model.init({"params": jax.random.key(0)},
@@ -702,8 +702,8 @@ def write_workdir(workdir: str, config, params, ema_params, step: int,
     import jax
     import jax.numpy as jnp
     from diffusion.checkpoint import Checkpointer
-    from diffusion.train import (TrainState, config_to_dict, create_model, init_state,
-                                 make_optimizer)
+    from diffusion.factories import (TrainState, config_to_dict, create_model, init_state,
+                                     make_optimizer)
     workdir = os.path.abspath(workdir)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):

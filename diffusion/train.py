@@ -1,7 +1,8 @@
-"""Training: `TrainState`, the jit-compiled sharded train step, and `train_and_evaluate`.
+"""Training: the jit-compiled sharded train step (Algorithm 1) and the loop `train_and_evaluate`.
 
-Sections, in the order a run meets them: model and schedule → optimizer → state → step →
-loop (mesh, input, checkpoint, logging, samples). Randomness is stateless: the step's key is
+The model, schedule, optimizer and initial state come from `diffusion.factories` (re-exported here
+for existing callers); this module adds the step and the loop (mesh, input, checkpoint, logging,
+samples). Randomness is stateless: the step's key is
 ``fold_in(key(seed), step)``, the data order a pure function of (seed, step), so a resumed run
 draws exactly what an uninterrupted one would.
 """
@@ -11,89 +12,25 @@ import json
 import logging
 import signal
 import time
-from typing import Any, Callable, Dict
+from typing import Callable, Dict
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 
-from diffusion import cpu_runtime, gaussian, io, losses, parallel
-from diffusion.checkpoint import Checkpointer, CheckpointIncompatibleError, abstract_like
+from diffusion import cpu_runtime, io, losses, parallel, rng, samplers, sampling
+from diffusion.checkpoint import Checkpointer, CheckpointIncompatibleError
 from diffusion.config_check import ConfigError, incompatible_fields, validate_config
-from diffusion.schedules import Schedule, make_schedule
+from diffusion.factories import (TrainState, abstract_state, config_to_dict, create_model,
+                                 init_state, learning_rate_fn, make_denoise_fn, make_optimizer,
+                                 parameterization, schedule_from_config)
+from diffusion.schedules import Schedule
 
 __all__ = ["TrainState", "NonFiniteError", "ResumeMismatchError", "create_model", "schedule_from_config",
            "make_optimizer", "learning_rate_fn", "init_state", "make_train_step",
            "make_denoise_fn", "train_and_evaluate", "config_to_dict", "save_image_grid"]
-
-
-# ----------------------------------------------------------------------------- model, schedule
-def create_model(config):
-    """The registered network of ``config.model`` with ``out_ch`` set by the variance type
-    (C, or 2C for learned Σ)."""
-    from diffusion.models import get_model
-    out_ch = gaussian.model_output_channels(config.diffusion.var_type, config.data.channels)
-    return get_model(config.model, out_ch=out_ch)
-
-
-def schedule_from_config(config) -> Schedule:
-    """`Schedule` of ``config.diffusion`` (float64 betas cast to float32)."""
-    d = config.diffusion
-    return make_schedule(d.beta_schedule, beta_start=d.beta_start, beta_end=d.beta_end,
-                         num_timesteps=d.num_timesteps)
-
-
-# ----------------------------------------------------------------------------- optimizer
-def learning_rate_fn(config) -> Callable:
-    """lr · min(step / warmup_steps, 1): the released code's linear warm-up, then constant."""
-    lr, warmup = config.training.lr, config.training.warmup_steps
-
-    def schedule(step):
-        if warmup <= 0:
-            return jnp.asarray(lr, jnp.float32)
-        return lr * jnp.minimum(jnp.asarray(step, jnp.float32) / warmup, 1.0)
-
-    return schedule
-
-
-def make_optimizer(config) -> optax.GradientTransformation:
-    """Global-norm clipping then Adam (eps 1e-8, no weight decay by default) with warm-up."""
-    t = config.training
-    parts = []
-    if t.grad_clip > 0:
-        parts.append(optax.clip_by_global_norm(t.grad_clip))
-    parts.append(optax.scale_by_adam(b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps))
-    if t.weight_decay > 0:
-        parts.append(optax.add_decayed_weights(t.weight_decay))
-    parts.append(optax.scale_by_learning_rate(learning_rate_fn(config)))
-    return optax.chain(*parts)
-
-
-# ----------------------------------------------------------------------------- state
-class TrainState(flax.struct.PyTreeNode):
-    """Everything a run needs to continue: a pytree saved whole by Orbax."""
-    step: jnp.ndarray        # int32 scalar: number of updates applied
-    params: Any
-    ema_params: Any
-    opt_state: Any
-
-
-def init_state(config, model, tx, mesh=None) -> TrainState:
-    """Initial `TrainState` (params from ``fold_in(key(seed), 0x1417)``), replicated on ``mesh``."""
-    size, c = config.data.image_size, config.data.channels
-
-    def init():
-        key = jax.random.fold_in(jax.random.key(config.seed), 0x1417)
-        x = jnp.zeros((1, size, size, c), jnp.float32)
-        params = model.init({"params": key}, x, jnp.zeros((1,), jnp.int32), train=False)["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params))
-
-    out_shardings = parallel.replicated_sharding(mesh) if mesh is not None else None
-    return jax.jit(init, out_shardings=out_shardings)()
 
 
 # ----------------------------------------------------------------------------- step
@@ -115,12 +52,12 @@ def make_train_step(config, model, schedule: Schedule, tx, mesh=None) -> Callabl
     (before clipping), lr, and ``finite`` (1 if loss and gradients are finite). With
     ``training.nonfinite='skip'`` a non-finite step leaves the state unchanged except ``step``.
     """
-    d, tr = config.diffusion, config.training
-    T = d.num_timesteps
+    tr = config.training
+    T = config.diffusion.num_timesteps
     lr_fn = learning_rate_fn(config)
     skip_nonfinite = tr.nonfinite == "skip"
     groups = tr.grad_clip_groups if tr.grad_clip > 0 else 0
-    losses.check_loss_config(d.mean_type, d.var_type, d.loss_type)
+    param = parameterization(config)   # validated once
 
     def step_fn(state: TrainState, batch: Dict[str, jnp.ndarray], base_key):
         x0 = batch["image"]
@@ -131,11 +68,11 @@ def make_train_step(config, model, schedule: Schedule, tx, mesh=None) -> Callabl
         noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
 
         def loss_fn(params, x0, x_t_noise, t, dropout_key):
-            x_t = gaussian.q_sample(schedule, x0, t, x_t_noise)
-            out = model.apply({"params": params}, x_t, t, train=True, rngs={"dropout": dropout_key})
-            per_ex, _ = losses.loss_from_output(
-                schedule, out.astype(jnp.float32), x0, x_t, t, x_t_noise, mean_type=d.mean_type,
-                var_type=d.var_type, loss_type=d.loss_type, hybrid_lambda=d.hybrid_lambda)
+            def denoise_fn(x_t, t):   # the network in training mode (dropout on)
+                return model.apply({"params": params}, x_t, t, train=True,
+                                   rngs={"dropout": dropout_key}).astype(jnp.float32)
+            per_ex, _ = losses.training_losses(schedule, denoise_fn, x0, t, x_t_noise,
+                                               **param.loss_kwargs)
             return per_ex.mean(), per_ex
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -178,13 +115,6 @@ def make_train_step(config, model, schedule: Schedule, tx, mesh=None) -> Callabl
                    donate_argnums=(0,))
 
 
-def make_denoise_fn(model, params) -> Callable:
-    """``denoise_fn(x_t [B,H,W,C], t [B]) -> output`` of the network in eval mode (for samplers)."""
-    def denoise_fn(x_t, t):
-        return model.apply({"params": params}, x_t, t, train=False).astype(jnp.float32)
-    return denoise_fn
-
-
 # ----------------------------------------------------------------------------- loop helpers
 class ResumeMismatchError(ConfigError, CheckpointIncompatibleError):
     """The workdir's checkpoint holds a different tree than this config builds (a `ConfigError`
@@ -222,12 +152,6 @@ class _Preemption:
             signal.signal(sig, old)
 
 
-def config_to_dict(config) -> dict:
-    """A config as a plain JSON-able dict (tuples become lists), as saved with checkpoints."""
-    return json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") \
-        else dict(config)
-
-
 def save_image_grid(images: np.ndarray, path: str) -> None:
     """Tiles uint8 images ``[N, H, W, C]`` into a square PNG grid at ``path`` (local or
     ``gs://``); see `diffusion.io.save_image_grid`."""
@@ -235,24 +159,25 @@ def save_image_grid(images: np.ndarray, path: str) -> None:
 
 
 def _grid_sampler(config, model, schedule) -> Callable:
-    """``(ema_params, key) -> uint8 [N, H, W, C]``: a respaced chain of
-    ``training.grid_sample_steps`` steps for the training-time grid, or the full T-step chain
-    for ``var_type='learned'`` (its log σ² belongs to the one-step kernel and does not respace)."""
-    from diffusion import sampling
-    d, tr = config.diffusion, config.training
-    shape = (tr.num_grid_samples, config.data.image_size, config.data.image_size, config.data.channels)
+    """``(ema_params, key) -> uint8 [N, H, W, C]``: ``config.sample.method`` over
+    ``training.grid_sample_steps`` steps for the training-time grid (the full T-step chain for
+    the ancestral sampler with ``var_type='learned'``: its log σ² belongs to the one-step kernel
+    and does not respace). x̂_0 is clipped, as in the released code's sample summaries."""
+    tr = config.training
+    param = parameterization(config)
+    steps = tr.grid_sample_steps
+    method = samplers.spec_from_config(config).method
+    if method == "ancestral" and param.var == "learned":
+        steps = 0
+    spec = samplers.spec_from_config(config, steps=steps)
+    spec = samplers.SamplerSpec(spec.method, spec.steps, spec.eta, clip_denoised=True)
+    shape = (tr.num_grid_samples, config.data.image_size, config.data.image_size,
+             config.data.channels)
 
     @jax.jit
     def sample(params, key):
-        denoise_fn = make_denoise_fn(model, params)
-        if d.var_type == "learned":
-            x = sampling.ancestral_sample(schedule, denoise_fn, shape, key, mean_type=d.mean_type,
-                                          var_type=d.var_type, clip_denoised=True)
-        else:
-            x = sampling.respaced_sample(schedule, denoise_fn, shape, key,
-                                         num_steps=tr.grid_sample_steps, mean_type=d.mean_type,
-                                         var_type=d.var_type, clip_denoised=True)
-        return sampling.to_uint8(x)
+        out = samplers.draw(spec, schedule, make_denoise_fn(model, params), shape, key, param)
+        return sampling.to_uint8(out.x)
 
     return lambda params, key: np.asarray(jax.device_get(sample(params, key)))
 
@@ -295,8 +220,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     # --- checkpoint: resume or start
     ckpt = Checkpointer(io.join(workdir, "checkpoints"), keep_every=tr.keep_every)
-    abstract = jax.eval_shape(lambda: init_state(config, model, tx))
-    abstract = abstract_like(abstract, parallel.replicated_sharding(mesh))
+    abstract = abstract_state(config, model, mesh)
     params_only = tr.resume == "params"
     how = (f"To continue: relaunch with the config this workdir was started with (saved in "
            f"{workdir}/config.json), or use a new --workdir, or add "
@@ -336,7 +260,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     report = periodic_actions.ReportProgress(num_train_steps=tr.num_train_steps, writer=writer,
                                              every_steps=tr.log_every)
     grid_sampler = None
-    grid_key = jax.random.fold_in(jax.random.key(config.seed), 2 ** 31 - 1)
+    grid_key = rng.stream(config.seed, rng.GRID_SAMPLES)
     pending = []   # device metrics since the last host sync
     last_saved = start
 

@@ -60,6 +60,12 @@ def get_config():
     t.resume = "full"               # full | params: params = take params/EMA/step from the
                                     # checkpoint into a new optimizer state (explicit opt-in)
 
+    # The sampler of the training grid, --mode sample and --mode evaluate (diffusion/samplers.py);
+    # its step count is per use: training.grid_sample_steps, eval.sample_steps.
+    config.sample = s = ml_collections.ConfigDict()
+    s.method = "ancestral"          # ancestral (Algorithm 2; respaced when steps > 0) | ddim
+    s.eta = 0.0                     # DDIM's eta: 0 deterministic, 1 the ancestral fixedsmall step
+
     # Input pipeline.
     config.data = dd = ml_collections.ConfigDict()
     dd.dataset = "cifar10"          # mnist5k | emoji32 | cifar10 | celeb_a_hq/256 | lsun/bedroom ...
@@ -73,15 +79,18 @@ def get_config():
     config.eval = e = ml_collections.ConfigDict()
     e.num_samples = 50_000
     e.batch_size = 256
-    e.sample_steps = 0              # 0: the full T-step ancestral chain; K > 0: respaced to K steps
-    e.clip_denoised = True
-    e.fid_split = "train"           # the paper's Table 1 FID uses training-set statistics
-    e.bpd_split = "test"
+    e.sample_steps = 0              # 0: the full T-step chain; K > 0: K respaced/strided steps
+    e.clip_denoised = True          # clip x0-hat to [-1, 1] in the samplers and the bound
+    e.fid_split = "train"           # the paper's Table 1 FID uses training-set statistics;
+                                    # 'train,test': FID against both in one pass (first = primary)
+    e.bpd_split = "test"            # 'test,train[:10000]': the bound on both (first = primary)
     e.inception_weights = ml_collections.config_dict.placeholder(str)   # a file with the logits
                                     # layer (pytorch-fid's pt_inception-2015-12-05-6726825d.pth)
                                     # for the Inception Score; None: IS not computed
     e.real_floor_split = "auto"     # real images scored like the samples (same N and reference)
                                     # for the FID floor: auto | '' (skip) | a split like 'test[:512]'
     e.bpd_num_examples = 10_000
+    e.bpd_timesteps = 0             # 0: the full bound (T network calls per example); K: an
+                                    # unbiased estimate from K random timesteps, with its s.e.
     e.checkpoints = "latest"        # latest | all (sweep every permanent checkpoint)
     return config

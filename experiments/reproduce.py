@@ -34,7 +34,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from diffusion import io
+from diffusion import io, rng
 from experiments import ablation
 
 # Ho et al. 2020, Table 2 (CIFAR10, IS / FID; None = "unstable" in the paper) and Table 1 NLL.
@@ -112,7 +112,7 @@ def _final_loss(workdir: str) -> Optional[float]:
 
 
 def _settings(config) -> Dict[str, Any]:
-    from diffusion.train import config_to_dict
+    from diffusion.factories import config_to_dict
     return config_to_dict(config)
 
 
@@ -225,17 +225,17 @@ def markdown_table(summaries: List[Dict[str, Any]]) -> str:
 # ----------------------------------------------------------------------------- figures
 def _restore(summary: Dict[str, Any]):
     """(config, model, schedule, EMA params) of a finished run."""
-    from diffusion import evaluate, parallel, train
+    from diffusion import evaluate, factories, parallel
     from diffusion.checkpoint import Checkpointer
     config = run_config(summary["row"], summary["seed"], summary["overrides"], summary["data_dir"])
     mesh = parallel.make_mesh()
-    model = train.create_model(config)
+    model = factories.create_model(config)
     ckpt = Checkpointer(io.join(summary["workdir"], "checkpoints"), async_save=False)
     try:
         params = evaluate.restore_ema_params(ckpt, summary["evaluated_step"], config, model, mesh)
     finally:
         ckpt.close()
-    return config, model, train.schedule_from_config(config), params
+    return config, model, factories.schedule_from_config(config), params
 
 
 def plot_rate_distortion(bpd: Dict[str, Any], path: str, title: str) -> Dict[str, float]:
@@ -280,15 +280,17 @@ def _save_png(img: np.ndarray, path: str, scale: int = 3) -> None:
 def plot_progressive(summary: Dict[str, Any], path: str, *, num: int = 8, columns: int = 10) -> None:
     """Fig. 6: x̂_0 predicted from x_t along single reverse chains, t = T−T/columns ... 0."""
     import jax
-    from diffusion import sampling, train
+    from diffusion import factories, samplers, sampling
     config, model, schedule, params = _restore(summary)
-    d, T, size = config.diffusion, config.diffusion.num_timesteps, config.data.image_size
+    T, size = config.diffusion.num_timesteps, config.data.image_size
     every = T // columns
-    fn = jax.jit(lambda key: sampling.ancestral_sample(
-        schedule, train.make_denoise_fn(model, params), (num, size, size, config.data.channels),
-        key, mean_type=d.mean_type, var_type=d.var_type, clip_denoised=True,
-        return_progressive_every=every)[1])
-    prog = np.asarray(sampling.to_uint8(fn(jax.random.key(config.seed + 7))))  # [n, B, H, W, C]
+    spec = samplers.SamplerSpec("ancestral", steps=0, clip_denoised=True)   # the paper's chain
+    fn = jax.jit(lambda key: samplers.draw(
+        spec, schedule, factories.make_denoise_fn(model, params),
+        (num, size, size, config.data.channels), key, factories.parameterization(config),
+        progressive_every=every).progressive)
+    key = jax.random.key(config.seed + rng.FIG6_SEED_OFFSET)
+    prog = np.asarray(sampling.to_uint8(fn(key)))   # [n, B, H, W, C]
     _save_png(_grid(np.transpose(prog, (1, 0, 2, 3, 4))), path)
 
 
@@ -298,7 +300,7 @@ def plot_interpolation(summary: Dict[str, Any], path: str, *, pairs: int = 3,
     own draw from q(x_t|x_0) (as the paper), mixed linearly in x_t (λ = 0 … 1) and decoded by the reverse chain from t; one block
     of ``pairs`` rows per t in ``ts`` (top to bottom), first/last columns the source digits."""
     import jax
-    from diffusion import sampling, train
+    from diffusion import factories, sampling
     from diffusion.data import load_split, normalize_images
     config, model, schedule, params = _restore(summary)
     d = config.diffusion
@@ -310,10 +312,10 @@ def plot_interpolation(summary: Dict[str, Any], path: str, *, pairs: int = 3,
     for t in ts:
         t = min(int(t), d.num_timesteps - 1)
         fn = jax.jit(lambda a, b, key, t=t: sampling.interpolate(
-            schedule, train.make_denoise_fn(model, params), a, b, lambdas, t, key,
+            schedule, factories.make_denoise_fn(model, params), a, b, lambdas, t, key,
             mean_type=d.mean_type, var_type=d.var_type, clip_denoised=True))
         out = np.asarray(sampling.to_uint8(fn(x[:pairs], x[pairs:],
-                                              jax.random.key(config.seed + 8))))
+                                              jax.random.key(config.seed + rng.FIG8_SEED_OFFSET))))
         blocks.append(np.concatenate([imgs[:pairs, None], np.transpose(out, (1, 0, 2, 3, 4)),
                                       imgs[pairs:, None]], axis=1))   # [pairs, L + 2, H, W, C]
     _save_png(_grid(np.concatenate(blocks)), path)

@@ -315,3 +315,125 @@ def test_bits_per_dim_follows_eval_clip_denoised_and_keys_its_results(checkpoint
     assert seen and all(s is False for s in seen)
     assert r["bpd"]["clip_denoised"] is False and r["previous"][-1]["bpd"] == b1
     assert r["bpd"]["total"] != b1["total"]
+
+
+def _ema_params(workdir, config, step):
+    from diffusion import parallel
+    mesh = parallel.make_mesh()
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    try:
+        return evaluate.restore_ema_params(ckpt, step, config, train.create_model(config), mesh)
+    finally:
+        ckpt.close()
+
+
+def test_sample_mode_uses_the_configured_sampler(checkpoints, tmp_path, data_dir):
+    """--mode sample with config.sample.method = 'ddim' (η = 0, 3 strided steps) gives exactly
+    what `sampling.ddim_sample` gives on the restored EMA parameters with the evaluation key —
+    and not what the ancestral chain gives."""
+    from diffusion import rng
+    config = _config(data_dir, sample_steps=3)
+    config.sample.method, config.sample.eta = "ddim", 0.0
+    workdir = _workdir(checkpoints, tmp_path, [5])
+    evaluate.run(config, workdir, mode="sample")
+    with np.load(os.path.join(workdir, "eval", "samples_step_00000005.npz")) as z:
+        got, chain = z["images"], str(z["chain"])
+    assert chain == "ddim3_eta0"
+    model = train.create_model(config)
+    fn = train.make_denoise_fn(model, _ema_params(workdir, config, 5))
+    key = jax.random.fold_in(jax.random.fold_in(rng.stream(config.seed, rng.EVAL_SAMPLES), 0), 0)
+    sched = train.schedule_from_config(config)
+    kw = dict(mean_type="eps", var_type=config.diffusion.var_type, clip_denoised=True)
+    want = sampling.to_uint8(sampling.ddim_sample(sched, fn, (4, 16, 16, 1), key, eta=0.0,
+                                                  num_steps=3, **kw))
+    np.testing.assert_array_equal(got, np.asarray(want))
+    other = sampling.to_uint8(sampling.respaced_sample(sched, fn, (4, 16, 16, 1), key,
+                                                       num_steps=3, **kw))
+    assert not np.array_equal(got, np.asarray(other))
+
+
+def test_a_registered_sampler_is_selected_by_config(checkpoints, tmp_path, data_dir):
+    """A new sampler is one registered function; config.sample.method selects it."""
+    from diffusion import samplers
+    calls = []
+
+    def constant(schedule, denoise_fn, shape, key, param, spec, progressive_every):
+        calls.append((shape, spec))
+        return samplers.SampleResult(jnp.full(shape, 0.5, jnp.float32))
+
+    samplers.register_sampler("constant_for_test")(constant)
+    try:
+        config = _config(data_dir, sample_steps=2)
+        config.sample.method = "constant_for_test"
+        workdir = _workdir(checkpoints, tmp_path, [5])
+        evaluate.run(config, workdir, mode="sample")
+        with np.load(os.path.join(workdir, "eval", "samples_step_00000005.npz")) as z:
+            assert (z["images"] == 191).all()   # to_uint8(0.5) = round(1.5 * 127.5) = 191
+        assert calls and calls[0][1].method == "constant_for_test" and calls[0][1].steps == 2
+        config.sample.method = "no_such_sampler"
+        with pytest.raises(ConfigError, match="config.sample.method='no_such_sampler'"):
+            evaluate.run(config, workdir, mode="sample")
+    finally:
+        samplers.SAMPLERS.pop("constant_for_test")
+
+
+def test_one_pass_reports_fid_against_two_splits_and_the_bound_on_two(checkpoints, tmp_path,
+                                                                      data_dir):
+    """Table 1's columns in one --mode evaluate: FID/KID against the test and the train split
+    from ONE set of samples, and bits/dim on two splits, each with its N; the second split's FID
+    equals FID computed directly from the saved samples and the train images."""
+    from diffusion.data import load_split
+    from diffusion.metrics import fid as fid_lib
+    config = _config(data_dir, fid_split="test[:32], train[:24]", bpd_split="test,train",
+                     bpd_num_examples=4)
+    workdir = _workdir(checkpoints, tmp_path, [10])
+    feats = FakeFeatures()
+    evaluate.run(config, workdir, feature_fn=feats, feature_network="fake")
+    e = _results(workdir)["10"]
+    assert e["fid"]["ref_split"] == "test[:32]" and e["fid"]["num_ref"] == 32
+    f2 = e["fid@train[:24]"]
+    assert f2["ref_split"] == "train[:24]" and f2["num_ref"] == 24 and f2["num_gen"] == 16
+    assert f2["kid"]["num_ref"] == 24 and math.isfinite(f2["kid"]["mean"])
+    assert feats.images == 16 + 32 + 24      # one set of sample features, two references
+    with np.load(os.path.join(workdir, "eval", "samples_step_00000010_n16_respaced4.npz")) as z:
+        samples = z["images"]
+    rgb = lambda x: np.repeat(x, 3, axis=-1)   # noqa: E731
+    real = load_split("mnist5k", "train[:24]", data_dir=data_dir, image_size=16)
+    want = fid_lib.frechet_distance_from_features(FakeFeatures()(rgb(samples)).astype(np.float64),
+                                                  FakeFeatures()(rgb(real)).astype(np.float64))
+    np.testing.assert_allclose(f2["value"], want, rtol=1e-4)
+    assert e["bpd"]["split"] == "test" and e["bpd@train"]["split"] == "train"
+    _check_bpd(e["bpd"], m=4)
+    assert e["bpd@train"]["num_examples"] == 4 and e["bpd@train"]["total"] != e["bpd"]["total"]
+    # Rerun: every metric's settings match, nothing is recomputed.
+    evaluate.run(config, workdir, feature_fn=feats, feature_network="fake")
+    assert feats.images == 72 and _results(workdir)["10"] == e
+
+
+def test_bound_estimate_from_k_timesteps_is_the_full_bound_at_k_equal_t_minus_1(
+        checkpoints, tmp_path, data_dir):
+    """eval.bpd_timesteps = K gives the unbiased K-timestep estimate of the bound; with
+    K = T − 1 every timestep is drawn, so it must equal the full bound of the same examples and
+    noise. Stored under its own settings (a full-bound result is kept in 'previous')."""
+    config = _config(data_dir, num_samples=0, bpd_num_examples=4)
+    workdir = _workdir(checkpoints, tmp_path, [10])
+    evaluate.run(config, workdir)
+    full = _results(workdir)["10"]["bpd"]
+    _check_bpd(full, m=4)
+    config.eval.bpd_timesteps = T - 1
+    evaluate.run(config, workdir)
+    e = _results(workdir)["10"]
+    est = e["bpd"]
+    assert est["bpd_timesteps"] == T - 1 and est["settings"]["bpd_timesteps"] == T - 1
+    np.testing.assert_allclose(est["total"], full["total"], rtol=1e-5)
+    np.testing.assert_allclose(est["distortion"], full["distortion"], rtol=1e-5)
+    np.testing.assert_allclose(est["total_se"], full["total_se"], rtol=1e-4)
+    assert e["previous"][-1]["bpd"] == full
+    config.eval.bpd_timesteps = 3   # a real estimate: close to the full bound, not equal
+    evaluate.run(config, workdir)
+    k3 = _results(workdir)["10"]["bpd"]
+    assert k3["bpd_timesteps"] == 3 and k3["total"] != full["total"]
+    assert abs(k3["total"] - full["total"]) < 0.5 * full["total"]
+    config.eval.bpd_timesteps = T
+    with pytest.raises(ConfigError, match="config.eval.bpd_timesteps=20"):
+        evaluate.run(config, workdir)

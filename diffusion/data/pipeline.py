@@ -59,6 +59,7 @@ from typing import Any, Callable, Dict, Iterator, Optional
 import numpy as np
 
 from diffusion import io
+from diffusion import rng as _rng
 from diffusion.data import builders
 
 __all__ = [
@@ -509,7 +510,7 @@ class InputPipeline:
         """bool [B]: which rows of the global batch of ``step`` are flipped."""
         if not self.random_flip:
             return np.zeros(self.global_batch_size, dtype=bool)
-        rng = np.random.default_rng([self.seed, int(step), 1])
+        rng = np.random.default_rng([self.seed, int(step), _rng.DATA_FLIP])
         return rng.random(self.global_batch_size) < 0.5
 
     def local_slice(self) -> slice:

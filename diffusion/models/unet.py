@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffusion.models import register_model
+from diffusion.models.registry import register_model
 from diffusion.models.conv import IMPLS as CONV_IMPLS
 from diffusion.models.layers import (NUM_GROUPS, AttnBlock, Downsample, ResBlock,
                                      TimestepEmbedding, Upsample, _conv, _group_norm,
