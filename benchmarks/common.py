@@ -3,6 +3,7 @@
 Everything heavy is imported inside the functions that need it, so that a process measuring the
 peer's memory never loads JAX and vice versa.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,8 +39,12 @@ def summarize(times: Sequence[float]) -> Dict[str, float]:
     """Median / min / max / count of a list of durations in seconds."""
     if not times:
         return {"median": math.nan, "min": math.nan, "max": math.nan, "n": 0}
-    return {"median": statistics.median(times), "min": min(times), "max": max(times),
-            "n": len(times)}
+    return {
+        "median": statistics.median(times),
+        "min": min(times),
+        "max": max(times),
+        "n": len(times),
+    }
 
 
 def time_call(fn: Callable[[], Any], sync: Callable[[Any], Any] = lambda r: r) -> float:
@@ -52,6 +57,7 @@ def time_call(fn: Callable[[], Any], sync: Callable[[Any], Any] = lambda r: r) -
 def jax_sync(x):
     """``jax.block_until_ready`` (imported lazily)."""
     import jax
+
     return jax.block_until_ready(x)
 
 
@@ -80,6 +86,7 @@ def matmul_peak(sizes: Iterable[int] = (1024, 2048), repeats: int = 5) -> Dict[s
     """
     import jax
     import jax.numpy as jnp
+
     f = jax.jit(lambda a, b: a @ b)
     per_size = {}
     for n in sizes:
@@ -88,12 +95,18 @@ def matmul_peak(sizes: Iterable[int] = (1024, 2048), repeats: int = 5) -> Dict[s
         jax.block_until_ready(f(a, b))
         times = [time_call(lambda: f(a, b), jax.block_until_ready) for _ in range(max(repeats, 1))]
         s = summarize(times)
-        per_size[str(n)] = {"median_s": s["median"], "flops": 2.0 * n ** 3,
-                            "flops_per_s_median": 2.0 * n ** 3 / s["median"],
-                            "flops_per_s_best": 2.0 * n ** 3 / s["min"]}
+        per_size[str(n)] = {
+            "median_s": s["median"],
+            "flops": 2.0 * n**3,
+            "flops_per_s_median": 2.0 * n**3 / s["median"],
+            "flops_per_s_best": 2.0 * n**3 / s["min"],
+        }
     best = max(per_size.values(), key=lambda r: r["flops_per_s_median"])
-    return {"peak_flops": best["flops_per_s_median"], "sizes": per_size,
-            "method": "best over sizes of the median FLOP/s of a jitted fp32 n×n matmul"}
+    return {
+        "peak_flops": best["flops_per_s_median"],
+        "sizes": per_size,
+        "method": "best over sizes of the median FLOP/s of a jitted fp32 n×n matmul",
+    }
 
 
 # ----------------------------------------------------------------------------- memory
@@ -150,6 +163,7 @@ def malloc_trim() -> bool:
     (e.g. left over from XLA compilation) rather than live data."""
     try:
         import ctypes
+
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         return True
     except (OSError, AttributeError):
@@ -179,14 +193,20 @@ def machine_info() -> Dict[str, Any]:
         load = os.getloadavg()
     except OSError:
         load = None
-    return {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "usable_cpus": usable,
-            "platform": platform.platform(), "python": platform.python_version(),
-            "loadavg_at_start": load}
+    return {
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "usable_cpus": usable,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "loadavg_at_start": load,
+    }
 
 
 def versions() -> Dict[str, Optional[str]]:
     """Installed versions of jax, jaxlib, flax, optax, numpy, torch, diffusers (None if absent)."""
     from importlib import metadata
+
     out = {}
     for name in ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "diffusers"):
         try:

@@ -11,6 +11,7 @@ The last lines sum each plan over the whole network (count-weighted).
 
     python -m benchmarks.conv_select --batch 8 --repeats 3
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,16 +31,23 @@ METHODS = ("xla", "w2", "w4")
 def unet_conv_shapes(batch: int, config_name: str = "cifar10"):
     """``Counter{(B, H, W, Cin, Cout): n}`` of the 3x3 stride-1 convs in the model's forward."""
     import importlib
+
     import jax
     import jax.numpy as jnp
+
     from diffusion import train
+
     cfg = importlib.import_module(f"experiments.{config_name}").get_config()
     cfg.model.conv_impl = "xla"
     model = train.create_model(cfg)
     s, c = cfg.data.image_size, cfg.data.channels
     x = jax.ShapeDtypeStruct((batch, s, s, c), jnp.float32)
     t = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(x.shape), jnp.zeros(t.shape, jnp.int32), train=False))
+    params = jax.eval_shape(
+        lambda: model.init(
+            jax.random.key(0), jnp.zeros(x.shape), jnp.zeros(t.shape, jnp.int32), train=False
+        )
+    )
     jaxpr = jax.make_jaxpr(lambda p, x, t: model.apply(p, x, t, train=False))(params, x, t)
     out = collections.Counter()
 
@@ -56,6 +64,7 @@ def unet_conv_shapes(batch: int, config_name: str = "cifar10"):
                     walk(v.jaxpr)
                 elif hasattr(v, "eqns"):
                     walk(v)
+
     walk(jaxpr.jaxpr)
     return out
 
@@ -67,7 +76,9 @@ def time_shape(B, H, W, cin, cout, repeats):
     import jax
     import jax.numpy as jnp
     import numpy as np
+
     from diffusion.models import conv
+
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((B, H, W, cin), np.float32))
     w = jnp.asarray(rng.standard_normal((3, 3, cin, cout), np.float32) * 0.05)
@@ -99,15 +110,22 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="JSON file for the raw timings")
     a = p.parse_args(argv)
     from diffusion import cpu_runtime
+
     cpu_runtime.apply_xla_cpu_flags()
     from benchmarks.common import matmul_peak
+
     shapes = unet_conv_shapes(a.batch, a.config)
     peak = matmul_peak([1024], 3)["peak_flops"]
     print(f"XLA_FLAGS: {os.environ.get('XLA_FLAGS', '')}")
-    print(f"jitted fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s; batch {a.batch}; "
-          f"{sum(shapes.values())} stride-1 3x3 convs in {len(shapes)} shapes")
-    hdr = (f"{'B,H,W,Cin->Cout':>20} | n | " + " | ".join(
-        f"{d} {m:>3}" for d in ("fwd", "dx", "dw") for m in METHODS) + " | best fwd/dx/dw")
+    print(
+        f"jitted fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s; batch {a.batch}; "
+        f"{sum(shapes.values())} stride-1 3x3 convs in {len(shapes)} shapes"
+    )
+    hdr = (
+        f"{'B,H,W,Cin->Cout':>20} | n | "
+        + " | ".join(f"{d} {m:>3}" for d in ("fwd", "dx", "dw") for m in METHODS)
+        + " | best fwd/dx/dw"
+    )
     print(hdr + "\n" + "-" * len(hdr))
     rows, totals = [], collections.defaultdict(float)
     for (B, H, W, cin, cout), n in sorted(shapes.items(), key=lambda kv: -kv[0][1]):
@@ -119,15 +137,30 @@ def main(argv=None) -> int:
                 totals[(d, m)] += n * t[d][m]
             totals[(d, "best")] += n * t[d][best[("fwd", "dx", "dw").index(d)]]
         cells = " | ".join(f"{t[d][m] * 1e3:7.1f}" for d in ("fwd", "dx", "dw") for m in METHODS)
-        print(f"{B:>3},{H:>3},{W:>3},{cin:>4}->{cout:<4} | {n} | {cells} | {'/'.join(best)}",
-              flush=True)
-    print("network total (ms, count-weighted): " + ", ".join(
-        f"{d} {m} {totals[(d, m)] * 1e3:.0f}" for d in ("fwd", "dx", "dw")
-        for m in METHODS + ("best",)))
+        print(
+            f"{B:>3},{H:>3},{W:>3},{cin:>4}->{cout:<4} | {n} | {cells} | {'/'.join(best)}",
+            flush=True,
+        )
+    print(
+        "network total (ms, count-weighted): "
+        + ", ".join(
+            f"{d} {m} {totals[(d, m)] * 1e3:.0f}"
+            for d in ("fwd", "dx", "dw")
+            for m in METHODS + ("best",)
+        )
+    )
     if a.out:
         with open(a.out, "w") as f:
-            json.dump({"batch": a.batch, "peak_flops": peak, "rows": rows,
-                       "xla_flags": os.environ.get("XLA_FLAGS", "")}, f, indent=1)
+            json.dump(
+                {
+                    "batch": a.batch,
+                    "peak_flops": peak,
+                    "rows": rows,
+                    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                },
+                f,
+                indent=1,
+            )
     return 0
 
 

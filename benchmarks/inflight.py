@@ -9,6 +9,7 @@ of the hour for scale.
 
     python -m benchmarks.inflight [--config experiments/mnist5k.py] [--steps 40] [--rounds 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,9 +27,12 @@ def main() -> None:
     args = ap.parse_args()
 
     from diffusion import cpu_runtime
+
     cpu_runtime.apply_xla_cpu_flags()
-    import jax
     import importlib.util
+
+    import jax
+
     spec = importlib.util.spec_from_file_location("cfg", args.config)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -74,8 +78,12 @@ def main() -> None:
     peak = matmul_peak()["peak_flops"] / 1e9
     f, b = float(np.median(free)), float(np.median(bound))
     print(f"fp32 matmul peak this hour: {peak:.1f} GFLOP/s")
-    print(f"free dispatch        : {f:.3f} steps/s  (rounds: {', '.join(f'{x:.3f}' for x in free)})")
-    print(f"<= 1 step in flight  : {b:.3f} steps/s  (rounds: {', '.join(f'{x:.3f}' for x in bound)})")
+    print(
+        f"free dispatch        : {f:.3f} steps/s  (rounds: {', '.join(f'{x:.3f}' for x in free)})"
+    )
+    print(
+        f"<= 1 step in flight  : {b:.3f} steps/s  (rounds: {', '.join(f'{x:.3f}' for x in bound)})"
+    )
     print(f"ratio bounded / free : {b / f:.3f}")
 
 

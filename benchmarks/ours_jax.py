@@ -5,6 +5,7 @@ Each ``*Bench`` object compiles once in its constructor (compile time kept apart
 ``run()`` that performs one timed unit of work and returns its duration in seconds, so that the
 driver can interleave our runs with the peer's.
 """
+
 from __future__ import annotations
 
 import time
@@ -25,6 +26,7 @@ def cifar10_config(batch_size: int, conv_impl: Optional[str] = None):
     """``experiments/cifar10.py``'s config with the global batch set to ``batch_size`` (and
     ``model.conv_impl`` set to ``conv_impl`` unless None: the config's own value, 'auto')."""
     from experiments import cifar10
+
     config = cifar10.get_config()
     config.training.batch_size = batch_size
     if conv_impl is not None:
@@ -55,10 +57,15 @@ class TrainBench:
     analysis of the compiled step), ``n_params``.
     """
 
-    def __init__(self, batch_size: int, seed: int = 0, dtype: str = "float32",
-                 conv_impl: Optional[str] = None):
+    def __init__(
+        self,
+        batch_size: int,
+        seed: int = 0,
+        dtype: str = "float32",
+        conv_impl: Optional[str] = None,
+    ):
         config = cifar10_config(batch_size, conv_impl)
-        config.model.dtype = dtype   # compute dtype; parameters stay float32
+        config.model.dtype = dtype  # compute dtype; parameters stay float32
         self.batch_size = batch_size
         mesh = parallel.make_mesh()
         model = train.create_model(config)
@@ -68,7 +75,11 @@ class TrainBench:
         self.n_params = count_params(self.state.params)
         step = train.make_train_step(config, model, schedule, tx, mesh)
         size, c = config.data.image_size, config.data.channels
-        x = np.random.default_rng(seed).uniform(-1, 1, (batch_size, size, size, c)).astype(np.float32)
+        x = (
+            np.random.default_rng(seed)
+            .uniform(-1, 1, (batch_size, size, size, c))
+            .astype(np.float32)
+        )
         self.batch = {"image": jax.device_put(x, parallel.batch_sharding(mesh))}
         self.key = jax.device_put(jax.random.key(seed), parallel.replicated_sharding(mesh))
         t0 = time.perf_counter()
@@ -76,7 +87,7 @@ class TrainBench:
         t1 = time.perf_counter()
         self.compiled = lowered.compile()
         t2 = time.perf_counter()
-        cpu_runtime.release_free_heap()   # as diffusion.train's loop does after compiling
+        cpu_runtime.release_free_heap()  # as diffusion.train's loop does after compiling
         self.lower_s, self.compile_s = t1 - t0, t2 - t1
         self.flops = cost_flops(self.compiled)
         self.last_loss = float("nan")
@@ -104,16 +115,18 @@ class SamplerBench:
     Parameters are passed as arguments (not closed over) to both programs.
     """
 
-    def __init__(self, batch_size: int, steps: int, seed: int = 0,
-                 conv_impl: Optional[str] = None):
+    def __init__(self, batch_size: int, steps: int, seed: int = 0, conv_impl: Optional[str] = None):
         config = cifar10_config(batch_size, conv_impl)
         model = train.create_model(config)
         size, c = config.data.image_size, config.data.channels
         self.shape = (batch_size, size, size, c)
         self.steps = steps
         x1 = jnp.zeros((1, size, size, c), jnp.float32)
-        self.params = jax.jit(lambda k: model.init({"params": k}, x1, jnp.zeros((1,), jnp.int32),
-                                                   train=False)["params"])(jax.random.key(seed))
+        self.params = jax.jit(
+            lambda k: model.init({"params": k}, x1, jnp.zeros((1,), jnp.int32), train=False)[
+                "params"
+            ]
+        )(jax.random.key(seed))
         sched = short_schedule(config, steps)
         d = config.diffusion
 
@@ -121,8 +134,14 @@ class SamplerBench:
             return train.make_denoise_fn(model, p)(x, t)
 
         def sample(p, key):
-            return sampling.ancestral_sample(sched, train.make_denoise_fn(model, p), self.shape, key,
-                                             mean_type=d.mean_type, var_type=d.var_type)
+            return sampling.ancestral_sample(
+                sched,
+                train.make_denoise_fn(model, p),
+                self.shape,
+                key,
+                mean_type=d.mean_type,
+                var_type=d.var_type,
+            )
 
         self.x = jax.random.normal(jax.random.key(seed + 1), self.shape)
         self.t = jnp.full((batch_size,), steps // 2, jnp.int32)
@@ -134,7 +153,7 @@ class SamplerBench:
         t2 = time.perf_counter()
         self.fwd_compile_s, self.sample_compile_s = t1 - t0, t2 - t1
         self.forward_flops = cost_flops(self.fwd)
-        jax_sync(self.fwd(self.params, self.x, self.t))   # warm-up
+        jax_sync(self.fwd(self.params, self.x, self.t))  # warm-up
         jax_sync(self.sample(self.params, self.key))
 
     def run_forward(self) -> float:
@@ -151,16 +170,19 @@ class BpdBench:
     vb term, so the time per image for T = 1000 is extrapolated as ``time · 1000 / steps / B``.
     """
 
-    def __init__(self, batch_size: int, steps: int, seed: int = 0,
-                 conv_impl: Optional[str] = None):
+    def __init__(self, batch_size: int, steps: int, seed: int = 0, conv_impl: Optional[str] = None):
         from diffusion.likelihood import bits_per_dim
+
         config = cifar10_config(batch_size, conv_impl)
         model = train.create_model(config)
         size, c = config.data.image_size, config.data.channels
         self.batch_size, self.steps = batch_size, steps
         x1 = jnp.zeros((1, size, size, c), jnp.float32)
-        self.params = jax.jit(lambda k: model.init({"params": k}, x1, jnp.zeros((1,), jnp.int32),
-                                                   train=False)["params"])(jax.random.key(seed))
+        self.params = jax.jit(
+            lambda k: model.init({"params": k}, x1, jnp.zeros((1,), jnp.int32), train=False)[
+                "params"
+            ]
+        )(jax.random.key(seed))
         sched = short_schedule(config, steps)
         d = config.diffusion
         # 8-bit data in [−1, 1], as the decoder term expects.
@@ -169,8 +191,14 @@ class BpdBench:
         self.key = jax.random.key(seed + 3)
 
         def bpd(p, x0, key):
-            return bits_per_dim(sched, train.make_denoise_fn(model, p), x0, key,
-                                mean_type=d.mean_type, var_type=d.var_type)["total_bpd"]
+            return bits_per_dim(
+                sched,
+                train.make_denoise_fn(model, p),
+                x0,
+                key,
+                mean_type=d.mean_type,
+                var_type=d.var_type,
+            )["total_bpd"]
 
         t0 = time.perf_counter()
         self.fn = jax.jit(bpd).lower(self.params, self.x0, self.key).compile()
@@ -187,15 +215,18 @@ class InceptionBench:
 
     def __init__(self, batch_size: int, size: int = 32, weights: Optional[str] = None):
         from diffusion.metrics.inception import load_inception_params, make_feature_fn
+
         t0 = time.perf_counter()
         params = load_inception_params(weights)
         self.load_s = time.perf_counter() - t0
         self.fn = make_feature_fn(params)
         self.batch_size = batch_size
-        self.x = np.random.default_rng(0).integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
+        self.x = np.random.default_rng(0).integers(
+            0, 256, (batch_size, size, size, 3), dtype=np.uint8
+        )
         t0 = time.perf_counter()
         jax_sync(self.fn(self.x))
-        self.first_call_s = time.perf_counter() - t0   # compile + one batch
+        self.first_call_s = time.perf_counter() - t0  # compile + one batch
 
     def run(self) -> float:
         return time_call(lambda: self.fn(self.x), jax_sync)
@@ -205,10 +236,10 @@ def memory_child(batch_size: int, steps: int, conv_impl: Optional[str] = None) -
     """Builds the CIFAR10 train step in this (fresh) process, runs ``steps`` steps, reports RSS
     (MiB): after imports, after compiling, the whole-process peak, and the peak of the step
     phase alone (high-water mark reset after the first step)."""
-    from benchmarks.common import (malloc_trim, maxrss_mb, peak_rss_mb, reset_peak_rss,
-                                   rss_now_mb)
+    from benchmarks.common import malloc_trim, maxrss_mb, peak_rss_mb, reset_peak_rss, rss_now_mb
+
     out = {"baseline_rss_mb": rss_now_mb(), "baseline_peak_rss_mb": peak_rss_mb()}
-    jax.devices()   # backend initialised
+    jax.devices()  # backend initialised
     out["after_backend_rss_mb"] = rss_now_mb()
     bench = TrainBench(batch_size, conv_impl=conv_impl)
     out["after_compile_peak_rss_mb"] = peak_rss_mb()
@@ -218,12 +249,27 @@ def memory_child(batch_size: int, steps: int, conv_impl: Optional[str] = None) -
     for _ in range(max(steps - 1, 1)):
         bench.run()
     out["peak_rss_mb"] = max(out["peak_rss_mb"], peak_rss_mb())
-    out.update(step_phase_peak_rss_mb=peak_rss_mb() if step_peak else None,
-               ru_maxrss_mb=maxrss_mb(), final_rss_mb=rss_now_mb(), n_params=bench.n_params,
-               loss=bench.last_loss, steps=max(steps, 2), batch=batch_size)
-    if malloc_trim():   # diagnostic: how much of the final RSS was freed-but-retained heap
+    out.update(
+        step_phase_peak_rss_mb=peak_rss_mb() if step_peak else None,
+        ru_maxrss_mb=maxrss_mb(),
+        final_rss_mb=rss_now_mb(),
+        n_params=bench.n_params,
+        loss=bench.last_loss,
+        steps=max(steps, 2),
+        batch=batch_size,
+    )
+    if malloc_trim():  # diagnostic: how much of the final RSS was freed-but-retained heap
         out["final_rss_after_malloc_trim_mb"] = rss_now_mb()
     return out
 
-__all__ = ["CIFAR10_PARAMS", "cifar10_config", "count_params", "TrainBench", "SamplerBench",
-           "BpdBench", "InceptionBench", "memory_child"]
+
+__all__ = [
+    "CIFAR10_PARAMS",
+    "cifar10_config",
+    "count_params",
+    "TrainBench",
+    "SamplerBench",
+    "BpdBench",
+    "InceptionBench",
+    "memory_child",
+]

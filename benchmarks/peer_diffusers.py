@@ -14,6 +14,7 @@ and an EMA (decay 0.9999) of a copy of the parameters with ``torch._foreach_mul_
 
 Importing this module imports torch and diffusers; callers catch ImportError to skip the peer.
 """
+
 from __future__ import annotations
 
 import time
@@ -26,16 +27,29 @@ from diffusers import DDPMScheduler, UNet2DModel
 EXPECTED_PARAMS = 35_746_307
 
 UNET_KWARGS = dict(
-    sample_size=32, in_channels=3, out_channels=3, center_input_sample=False,
-    block_out_channels=(128, 256, 256, 256), layers_per_block=2,
+    sample_size=32,
+    in_channels=3,
+    out_channels=3,
+    center_input_sample=False,
+    block_out_channels=(128, 256, 256, 256),
+    layers_per_block=2,
     down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    mid_block_type="UNetMidBlock2D", add_attention=True,
-    norm_eps=1e-6, norm_num_groups=32, time_embedding_type="positional",
-    flip_sin_to_cos=False, freq_shift=1, act_fn="silu",
-    attention_head_dim=None,          # None: one head as wide as the block (256 here)
-    resnet_time_scale_shift="default", downsample_type="conv", upsample_type="conv",
-    downsample_padding=1, mid_block_scale_factor=1, dropout=0.1,
+    mid_block_type="UNetMidBlock2D",
+    add_attention=True,
+    norm_eps=1e-6,
+    norm_num_groups=32,
+    time_embedding_type="positional",
+    flip_sin_to_cos=False,
+    freq_shift=1,
+    act_fn="silu",
+    attention_head_dim=None,  # None: one head as wide as the block (256 here)
+    resnet_time_scale_shift="default",
+    downsample_type="conv",
+    upsample_type="conv",
+    downsample_padding=1,
+    mid_block_scale_factor=1,
+    dropout=0.1,
 )
 
 
@@ -49,7 +63,9 @@ def build_unet(seed: int = 0) -> UNet2DModel:
     torch.manual_seed(seed)
     model = UNet2DModel(**UNET_KWARGS)
     n = count_params(model)
-    assert n == EXPECTED_PARAMS, f"diffusers UNet2DModel has {n:,} parameters, expected {EXPECTED_PARAMS:,}"
+    assert n == EXPECTED_PARAMS, (
+        f"diffusers UNet2DModel has {n:,} parameters, expected {EXPECTED_PARAMS:,}"
+    )
     return model
 
 
@@ -72,8 +88,15 @@ def _adam(params, lr):
 class PeerTrainer:
     """One DDPM training step of the diffusers U-Net in PyTorch (see the module docstring)."""
 
-    def __init__(self, batch_size: int, seed: int = 0, lr: float = 2e-4, ema_decay: float = 0.9999,
-                 grad_clip: float = 1.0, num_timesteps: int = 1000):
+    def __init__(
+        self,
+        batch_size: int,
+        seed: int = 0,
+        lr: float = 2e-4,
+        ema_decay: float = 0.9999,
+        grad_clip: float = 1.0,
+        num_timesteps: int = 1000,
+    ):
         self.model = build_unet(seed)
         self.model.train()
         self.n_params = count_params(self.model)
@@ -95,7 +118,9 @@ class PeerTrainer:
         B = self.x0.shape[0]
         t = torch.randint(0, self.T, (B,), generator=self.gen)
         noise = torch.randn(self.x0.shape, generator=self.gen)
-        x_t = self.sqrt_ac[t].view(B, 1, 1, 1) * self.x0 + self.sqrt_1mac[t].view(B, 1, 1, 1) * noise
+        x_t = (
+            self.sqrt_ac[t].view(B, 1, 1, 1) * self.x0 + self.sqrt_1mac[t].view(B, 1, 1, 1) * noise
+        )
         out = self.model(x_t, t).sample
         loss = F.mse_loss(out, noise)
         self.opt.zero_grad(set_to_none=True)
@@ -121,16 +146,22 @@ class PeerSampler:
 
     def __init__(self, batch_size: int, steps: int, seed: int = 0):
         self.model = build_unet(seed).eval()
-        self.sched = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
-                                   beta_schedule="linear", variance_type="fixed_large",
-                                   clip_sample=True, prediction_type="epsilon")
+        self.sched = DDPMScheduler(
+            num_train_timesteps=1000,
+            beta_start=1e-4,
+            beta_end=0.02,
+            beta_schedule="linear",
+            variance_type="fixed_large",
+            clip_sample=True,
+            prediction_type="epsilon",
+        )
         self.sched.set_timesteps(steps)
         self.steps = len(self.sched.timesteps)
         self.shape = (batch_size, 3, 32, 32)
         self.gen = torch.Generator().manual_seed(seed)
         self.x = torch.randn(self.shape, generator=self.gen)
         self.t = torch.full((batch_size,), 500, dtype=torch.long)
-        self.run_forward()   # warm-up
+        self.run_forward()  # warm-up
         self.run_chain()
 
     @torch.inference_mode()
@@ -156,8 +187,8 @@ class PeerSampler:
 def memory_child(batch_size: int, steps: int, threads: Optional[int] = None) -> dict:
     """Builds the peer in this (fresh) process, runs ``steps`` train steps, reports RSS (MiB) as
     `benchmarks.ours_jax.memory_child` does."""
-    from benchmarks.common import (malloc_trim, maxrss_mb, peak_rss_mb, reset_peak_rss,
-                                   rss_now_mb)
+    from benchmarks.common import malloc_trim, maxrss_mb, peak_rss_mb, reset_peak_rss, rss_now_mb
+
     if threads:
         set_threads(threads)
     out = {"baseline_rss_mb": rss_now_mb(), "baseline_peak_rss_mb": peak_rss_mb()}
@@ -169,9 +200,15 @@ def memory_child(batch_size: int, steps: int, threads: Optional[int] = None) -> 
     for _ in range(max(steps - 1, 1)):
         trainer.run()
     out["peak_rss_mb"] = max(out["peak_rss_mb"], peak_rss_mb())
-    out.update(step_phase_peak_rss_mb=peak_rss_mb() if step_peak else None,
-               ru_maxrss_mb=maxrss_mb(), final_rss_mb=rss_now_mb(), n_params=trainer.n_params,
-               loss=trainer.last_loss, steps=max(steps, 2), batch=batch_size)
-    if malloc_trim():   # diagnostic: how much of the final RSS was freed-but-retained heap
+    out.update(
+        step_phase_peak_rss_mb=peak_rss_mb() if step_peak else None,
+        ru_maxrss_mb=maxrss_mb(),
+        final_rss_mb=rss_now_mb(),
+        n_params=trainer.n_params,
+        loss=trainer.last_loss,
+        steps=max(steps, 2),
+        batch=batch_size,
+    )
+    if malloc_trim():  # diagnostic: how much of the final RSS was freed-but-retained heap
         out["final_rss_after_malloc_trim_mb"] = rss_now_mb()
     return out

@@ -18,6 +18,7 @@ can exceed the step's wall time (the "CPUs busy" figure).
 
     python -m benchmarks.step_profile --batch 8 --steps 2 --peer
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,7 +78,9 @@ def conv_kind_and_flops(body: list) -> tuple:
         rhs = shapes.get(operands[1]) if len(operands) > 1 else None
         labels = re.search(r"dim_labels=\w+_(\w+)->", ln).group(1)
         window = re.search(r"size=([\dx]+)", ln).group(1)
-        flops = (2.0 * math.prod(out) * math.prod(rhs) / rhs[labels.index("o")]) if rhs else math.nan
+        flops = (
+            (2.0 * math.prod(out) * math.prod(rhs) / rhs[labels.index("o")]) if rhs else math.nan
+        )
         kind = "conv 3x3" if window == "3x3" else ("conv 1x1" if window == "1x1" else "conv wgrad")
         return kind, flops
     return None
@@ -100,8 +103,12 @@ def hlo_op_kinds(hlo_text: str) -> dict:
                 if conv:
                     kinds[inst] = conv
                     continue
-                ops = {mm.group(1) for b in body
-                       for mm in [re.search(r"=\s*\S+\s([a-z][\w\-]*)\(", b)] if mm}
+                ops = {
+                    mm.group(1)
+                    for b in body
+                    for mm in [re.search(r"=\s*\S+\s([a-z][\w\-]*)\(", b)]
+                    if mm
+                }
                 kinds[inst] = (next((k for k in KINDS if k in ops), "elementwise fusion"), 0.0)
             elif op == "convolution":
                 kinds[inst] = conv_kind_and_flops([ln] + lines) or ("other", 0.0)
@@ -123,20 +130,26 @@ def trace_events(log_dir: str) -> list:
 
 def _table(title, wall, steps, secs, flops, count):
     total = sum(secs.values())
-    print(f"\n{title}: {wall / steps:.3f} s/step wall; ops sum to {total / steps:.3f} s/step "
-          f"({total / wall:.2f} CPUs busy)")
+    print(
+        f"\n{title}: {wall / steps:.3f} s/step wall; ops sum to {total / steps:.3f} s/step "
+        f"({total / wall:.2f} CPUs busy)"
+    )
     print(f"{'kind':<28} | {'s/step':>7} | {'share':>6} | {'GFLOP/s':>7} | {'ops/step':>8}")
     for kind, s in secs.most_common():
         gf = f"{flops[kind] / s / 1e9:7.0f}" if flops.get(kind) else f"{'':7}"
-        print(f"{kind:<28} | {s / steps:7.3f} | {s / total:6.1%} | {gf} | {count[kind] / steps:8.0f}")
+        print(
+            f"{kind:<28} | {s / steps:7.3f} | {s / total:6.1%} | {gf} | {count[kind] / steps:8.0f}"
+        )
 
 
 def profile_ours(batch: int, steps: int, top: int, trace_dir=None) -> None:
     import jax
+
     from benchmarks.ours_jax import TrainBench
+
     bench = TrainBench(batch)
     kinds = hlo_op_kinds(bench.compiled.as_text())
-    bench.run()   # warm-up
+    bench.run()  # warm-up
     log_dir = trace_dir or tempfile.mkdtemp(prefix="step_profile_")
     wall = 0.0
     with jax.profiler.trace(log_dir, create_perfetto_trace=True):
@@ -145,7 +158,7 @@ def profile_ours(batch: int, steps: int, top: int, trace_dir=None) -> None:
     secs, flops, count, by_op = (collections.Counter() for _ in range(4))
     for e in trace_events(log_dir):
         if e["name"] not in kinds:
-            continue   # runtime and Python events, not HLO ops
+            continue  # runtime and Python events, not HLO ops
         kind, fl = kinds[e["name"]]
         secs[kind] += e["dur"] * 1e-6
         flops[kind] += fl
@@ -161,19 +174,32 @@ def profile_ours(batch: int, steps: int, top: int, trace_dir=None) -> None:
 
 
 #: aten ops of the peer's step grouped like ours.
-PEER_GROUPS = (("conv", "conv (fwd, bwd-input, wgrad)"), ("addmm", "dot"), ("mm", "dot"),
-               ("bmm", "dot"), ("baddbmm", "dot"), ("group_norm", "group norm (fwd+bwd)"),
-               ("silu", "swish (fwd+bwd)"), ("adam", "optimizer + EMA"), ("lerp", "optimizer + EMA"),
-               ("_foreach", "optimizer + EMA"), ("copy_", "copy"), ("cat", "copy"),
-               ("softmax", "softmax"))
+PEER_GROUPS = (
+    ("conv", "conv (fwd, bwd-input, wgrad)"),
+    ("addmm", "dot"),
+    ("mm", "dot"),
+    ("bmm", "dot"),
+    ("baddbmm", "dot"),
+    ("group_norm", "group norm (fwd+bwd)"),
+    ("silu", "swish (fwd+bwd)"),
+    ("adam", "optimizer + EMA"),
+    ("lerp", "optimizer + EMA"),
+    ("_foreach", "optimizer + EMA"),
+    ("copy_", "copy"),
+    ("cat", "copy"),
+    ("softmax", "softmax"),
+)
 
 
 def profile_peer(batch: int, steps: int, top: int) -> None:
     import time
+
     import torch
+
     from benchmarks.peer_diffusers import PeerTrainer
+
     trainer = PeerTrainer(batch)
-    trainer.step()   # warm-up
+    trainer.step()  # warm-up
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
@@ -189,14 +215,23 @@ def profile_peer(batch: int, steps: int, top: int) -> None:
         secs[group] += s
         count[group] += ev.count
         by_op[ev.key] += s
-    _table(f"peer (diffusers/torch), batch {batch}, {steps} profiled steps", wall, steps, secs, {}, count)
+    _table(
+        f"peer (diffusers/torch), batch {batch}, {steps} profiled steps",
+        wall,
+        steps,
+        secs,
+        {},
+        count,
+    )
     print(f"slowest {top} aten ops by self time (s/step):")
     for name, s in by_op.most_common(top):
         print(f"  {s / steps:7.3f}  {name}")
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=2, help="profiled steps (after one warm-up step)")
     p.add_argument("--top", type=int, default=10, help="print the N slowest ops")
@@ -205,7 +240,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from diffusion import cpu_runtime
-    cpu_runtime.apply_xla_cpu_flags()   # as launch.py does; an XLA_FLAGS value given wins
+
+    cpu_runtime.apply_xla_cpu_flags()  # as launch.py does; an XLA_FLAGS value given wins
     profile_ours(args.batch, args.steps, args.top, args.trace_dir)
     if args.peer:
         profile_peer(args.batch, args.steps, args.top)

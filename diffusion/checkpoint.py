@@ -18,6 +18,7 @@ writes atomically: a step directory appears only once complete).
 A workdir that holds checkpoints of which none restores stops with `NoRestorableCheckpointError`:
 a run never silently starts again from step 0 over a workdir that has (or had) checkpoints.
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,18 +30,33 @@ import orbax.checkpoint as ocp
 
 from diffusion import io
 
-__all__ = ["Checkpointer", "abstract_like", "tree_differences", "CheckpointIncompatibleError",
-           "CheckpointReadError", "NoRestorableCheckpointError", "is_transient_error"]
+__all__ = [
+    "Checkpointer",
+    "abstract_like",
+    "tree_differences",
+    "CheckpointIncompatibleError",
+    "CheckpointReadError",
+    "NoRestorableCheckpointError",
+    "is_transient_error",
+]
 
 #: Parts of the saved `TrainState` that a ``resume='params'`` restore takes from a checkpoint.
 PARAMS_ONLY = ("step", "params", "ema_params")
 
 # TensorStore reports I/O failures as ValueError with an absl status code in the message.
-_TRANSIENT_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED",
-                    "CANCELLED")
+_TRANSIENT_CODES = (
+    "UNAVAILABLE",
+    "DEADLINE_EXCEEDED",
+    "RESOURCE_EXHAUSTED",
+    "ABORTED",
+    "CANCELLED",
+)
 # Orbax's words for a tree or shape that does not match the target (not corruption).
-_MISMATCH_WORDS = ("Structure mismatch", "is not compatible with the stored shape",
-                   "not found in metadata_tree")
+_MISMATCH_WORDS = (
+    "Structure mismatch",
+    "is not compatible with the stored shape",
+    "not found in metadata_tree",
+)
 
 
 class CheckpointIncompatibleError(ValueError):
@@ -57,8 +73,12 @@ class NoRestorableCheckpointError(RuntimeError):
 
 def abstract_like(tree: Any, sharding=None) -> Any:
     """``jax.ShapeDtypeStruct`` leaves (with ``sharding``) to restore ``tree``'s structure into."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding or
-                                                       getattr(x, "sharding", None)), tree)
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(
+            x.shape, x.dtype, sharding=sharding or getattr(x, "sharding", None)
+        ),
+        tree,
+    )
 
 
 def is_transient_error(e: BaseException) -> bool:
@@ -66,7 +86,7 @@ def is_transient_error(e: BaseException) -> bool:
     Orbax step a missing file means damage) and TensorStore's transient status codes."""
     if isinstance(e, FileNotFoundError):
         return False
-    if isinstance(e, OSError):        # includes ConnectionError, TimeoutError, PermissionError
+    if isinstance(e, OSError):  # includes ConnectionError, TimeoutError, PermissionError
         return True
     return any(code in str(e) for code in _TRANSIENT_CODES)
 
@@ -89,8 +109,9 @@ def _shapes_by_path(tree: Any) -> dict:
     return {_path_name(p): tuple(leaf.shape) for p, leaf in leaves if hasattr(leaf, "shape")}
 
 
-def tree_differences(saved: Any, target: Any, *, only: Optional[Sequence[str]] = None,
-                     limit: int = 20) -> List[str]:
+def tree_differences(
+    saved: Any, target: Any, *, only: Optional[Sequence[str]] = None, limit: int = 20
+) -> List[str]:
     """What differs between a saved tree (Orbax metadata) and the ``target`` abstract tree.
 
     Compares leaf paths (``opt_state/1/mu/...``) and shapes; with ``only``, just the subtrees whose
@@ -99,19 +120,25 @@ def tree_differences(saved: Any, target: Any, *, only: Optional[Sequence[str]] =
     """
     a, b = _shapes_by_path(saved), _shapes_by_path(target)
     if only is not None:
-        keep = lambda d: {k: v for k, v in d.items() if k.split("/")[0] in only}   # noqa: E731
+        keep = lambda d: {k: v for k, v in d.items() if k.split("/")[0] in only}  # noqa: E731
         a, b = keep(a), keep(b)
     lines = []
-    for what, keys, shapes in (("in the checkpoint, not built by this config", a.keys() - b, a),
-                               ("built by this config, not in the checkpoint", b.keys() - a, b)):
+    for what, keys, shapes in (
+        ("in the checkpoint, not built by this config", a.keys() - b, a),
+        ("built by this config, not in the checkpoint", b.keys() - a, b),
+    ):
         groups: dict = {}
-        for k in sorted(keys):   # one line per subtree (first two path parts), with a count
+        for k in sorted(keys):  # one line per subtree (first two path parts), with a count
             groups.setdefault("/".join(k.split("/")[:2]), []).append(k)
         for g, ks in groups.items():
-            lines.append(f"{what}: {ks[0]} {shapes[ks[0]]}" if len(ks) == 1
-                         else f"{what}: {g}/... ({len(ks)} arrays)")
-    lines += [f"shape differs: {k} saved {a[k]}, now {b[k]}" for k in sorted(a.keys() & b)
-              if a[k] != b[k]]
+            lines.append(
+                f"{what}: {ks[0]} {shapes[ks[0]]}"
+                if len(ks) == 1
+                else f"{what}: {g}/... ({len(ks)} arrays)"
+            )
+    lines += [
+        f"shape differs: {k} saved {a[k]}, now {b[k]}" for k in sorted(a.keys() & b) if a[k] != b[k]
+    ]
     if len(lines) > limit:
         lines = lines[:limit] + [f"... and {len(lines) - limit} more"]
     return lines
@@ -130,20 +157,35 @@ class Checkpointer:
 
     retry_delays: Tuple[float, ...] = (2.0, 8.0, 30.0)
 
-    def __init__(self, directory: str, *, keep_every: Optional[int] = None, max_to_keep: int = 2,
-                 async_save: bool = True, retry_delays: Optional[Iterable[float]] = None):
-        directory = io.absolute(str(directory))   # Orbax needs absolute paths
+    def __init__(
+        self,
+        directory: str,
+        *,
+        keep_every: Optional[int] = None,
+        max_to_keep: int = 2,
+        async_save: bool = True,
+        retry_delays: Optional[Iterable[float]] = None,
+    ):
+        directory = io.absolute(str(directory))  # Orbax needs absolute paths
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, keep_period=keep_every, create=True,
-            enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
+            max_to_keep=max_to_keep,
+            keep_period=keep_every,
+            create=True,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+        )
         self.directory = str(directory)
         if retry_delays is not None:
             self.retry_delays = tuple(retry_delays)
         # Handlers named up front, so that the saved tree's metadata can be read before any save.
         self.manager = ocp.CheckpointManager(
-            directory, options=options,
-            item_handlers={"state": ocp.StandardCheckpointHandler(),
-                           "config": ocp.JsonCheckpointHandler()})
+            directory,
+            options=options,
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "config": ocp.JsonCheckpointHandler(),
+            },
+        )
 
     @property
     def quarantine_directory(self) -> str:
@@ -167,19 +209,29 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, config_dict: dict, *, force: bool = True) -> bool:
         """Saves (asynchronously) ``state`` and ``config_dict`` at ``step``; every process calls it."""
-        return self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config_dict)), force=force)
+        return self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config_dict)
+            ),
+            force=force,
+        )
 
     def restore(self, step: int, abstract_state: Any) -> Tuple[Any, dict]:
         """Restores the checkpoint at ``step`` into the structure/shardings of ``abstract_state``."""
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), config=ocp.args.JsonRestore()))
+        out = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), config=ocp.args.JsonRestore()
+            ),
+        )
         return out["state"], out["config"]
 
     def restore_config(self, step: int) -> dict:
         """Only the config saved with ``step``."""
-        return self.manager.restore(step, args=ocp.args.Composite(
-            config=ocp.args.JsonRestore()))["config"]
+        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
+            "config"
+        ]
 
     def saved_tree(self, step: int) -> Any:
         """The saved state's tree of array metadata (shapes, dtypes) at ``step``; reads no arrays."""
@@ -188,12 +240,18 @@ class Checkpointer:
 
     def restore_params_only(self, step: int, sharding=None) -> dict:
         """``{'step', 'params', 'ema_params'}`` of ``step`` as saved, whatever its optimizer state."""
+
         def leaf(m):
-            return jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding) \
-                if hasattr(m, "shape") else m
+            return (
+                jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding)
+                if hasattr(m, "shape")
+                else m
+            )
+
         abstract = jax.tree.map(leaf, self.saved_tree(step))
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract)))["state"]
+        out = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+        )["state"]
         return {k: out[k] for k in PARAMS_ONLY}
 
     # ------------------------------------------------------------------ resume
@@ -208,7 +266,8 @@ class Checkpointer:
                 if any(w in str(e) for w in _MISMATCH_WORDS):
                     raise CheckpointIncompatibleError(
                         f"The checkpoint at step {step} in {self.directory} holds a different tree "
-                        f"than this config builds ({str(e)[:500]})") from e
+                        f"than this config builds ({str(e)[:500]})"
+                    ) from e
                 if not is_transient_error(e):
                     raise _Unreadable(f"{type(e).__name__}: {str(e)[:300]}") from e
                 if attempt + 1 == attempts:
@@ -219,14 +278,27 @@ class Checkpointer:
                         "bucket (network, permissions), then relaunch the same command to resume."
                     ) from e
                 delay = self.retry_delays[attempt]
-                logging.warning("Reading the %s of checkpoint step %d failed (%s: %s); retrying in "
-                                "%.0f s (attempt %d of %d).", what, step, type(e).__name__,
-                                str(e)[:200], delay, attempt + 2, attempts)
+                logging.warning(
+                    "Reading the %s of checkpoint step %d failed (%s: %s); retrying in "
+                    "%.0f s (attempt %d of %d).",
+                    what,
+                    step,
+                    type(e).__name__,
+                    str(e)[:200],
+                    delay,
+                    attempt + 2,
+                    attempts,
+                )
                 time.sleep(delay)
 
-    def restore_latest(self, abstract_state: Any, *, params_only: bool = False,
-                       config_differences: Optional[Callable[[dict], List[str]]] = None,
-                       how_to_proceed: str = "") -> Optional[Tuple[Any, dict, int]]:
+    def restore_latest(
+        self,
+        abstract_state: Any,
+        *,
+        params_only: bool = False,
+        config_differences: Optional[Callable[[dict], List[str]]] = None,
+        how_to_proceed: str = "",
+    ) -> Optional[Tuple[Any, dict, int]]:
         """The newest checkpoint that restores, as ``(state, config_dict, step)``; None when the
         directory never held a checkpoint.
 
@@ -249,7 +321,8 @@ class Checkpointer:
                     f"{self.directory} has no usable checkpoint, but earlier launches moved "
                     f"unreadable ones to {self.quarantine_directory} ({', '.join(old)}). Refusing "
                     "to start again from step 0 here: inspect or restore those, or use a new "
-                    "--workdir to start over.")
+                    "--workdir to start over."
+                )
             return None
         moved = []
         for step in reversed(steps):
@@ -257,19 +330,26 @@ class Checkpointer:
                 saved_config = self._read(step, "config", lambda: self.restore_config(step))
                 diffs = list(config_differences(saved_config)) if config_differences else []
                 saved_tree = self._read(step, "tree metadata", lambda: self.saved_tree(step))
-                tree_diffs = tree_differences(saved_tree, abstract_state,
-                                              only=PARAMS_ONLY if params_only else None)
+                tree_diffs = tree_differences(
+                    saved_tree, abstract_state, only=PARAMS_ONLY if params_only else None
+                )
                 if diffs or tree_diffs:
                     lines = [f"config: {d}" for d in diffs] + [f"tree: {d}" for d in tree_diffs]
                     raise CheckpointIncompatibleError(
                         f"The checkpoint at step {step} in {self.directory} does not match what "
                         "this config builds; nothing was moved or changed. Differences:\n  - "
-                        + "\n  - ".join(lines) + ("\n" + how_to_proceed if how_to_proceed else ""))
+                        + "\n  - ".join(lines)
+                        + ("\n" + how_to_proceed if how_to_proceed else "")
+                    )
                 if params_only:
-                    sharding = jax.tree.leaves(abstract_state)[0].sharding \
-                        if jax.tree.leaves(abstract_state) else None
-                    state = self._read(step, "parameters",
-                                       lambda: self.restore_params_only(step, sharding))
+                    sharding = (
+                        jax.tree.leaves(abstract_state)[0].sharding
+                        if jax.tree.leaves(abstract_state)
+                        else None
+                    )
+                    state = self._read(
+                        step, "parameters", lambda: self.restore_params_only(step, sharding)
+                    )
                 else:
                     state, _ = self._read(step, "state", lambda: self.restore(step, abstract_state))
                 return state, saved_config, step
@@ -280,18 +360,26 @@ class Checkpointer:
             except _Unreadable as e:
                 where = self._quarantine(step)
                 moved.append(f"step {step} -> {where}")
-                logging.error("Checkpoint at step %d in %s is unreadable (%s); moved it to %s and "
-                              "trying an older one.", step, self.directory, e, where)
+                logging.error(
+                    "Checkpoint at step %d in %s is unreadable (%s); moved it to %s and "
+                    "trying an older one.",
+                    step,
+                    self.directory,
+                    e,
+                    where,
+                )
         raise NoRestorableCheckpointError(
             f"None of the checkpoints in {self.directory} could be restored; the unreadable ones "
             f"were moved aside (never deleted): {'; '.join(moved)}. Refusing to start again from "
-            "step 0: inspect those, or use a new --workdir to start over.")
+            "step 0: inspect those, or use a new --workdir to start over."
+        )
 
     def _quarantine(self, step: int) -> str:
         """Moves the step directory to ``<directory>_corrupt/<step>-<time>`` (process 0 moves,
         all processes wait), then re-reads the manager's view of the directory. Works on local
         paths and object stores (``gs://``: copy, then delete; see `diffusion.io.move`)."""
         from jax.experimental import multihost_utils
+
         src = f"{self.directory.rstrip('/')}/{step}"
         dst = f"{self.quarantine_directory}/{step}-{int(time.time())}"
         if jax.process_index() == 0 and io.exists(src):

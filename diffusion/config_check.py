@@ -1,6 +1,7 @@
 """Start-up validation of a run's config: every problem found at once, each naming the field,
 the value and what is allowed; and the comparison of a config with the one a workdir was
 started with (resuming a different model is refused)."""
+
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional
@@ -12,18 +13,33 @@ __all__ = ["ConfigError", "config_problems", "validate_config", "incompatible_fi
 
 # Fields that change the shapes or the meaning of saved parameters: a resumed run must match them.
 SHAPE_FIELDS = (
-    "model.name", "model.ch", "model.ch_mult", "model.num_res_blocks", "model.attn_resolutions",
-    "model.resamp_with_conv", "data.image_size", "data.channels", "diffusion.var_type",
-    "diffusion.mean_type", "diffusion.num_timesteps", "diffusion.beta_schedule",
-    "diffusion.beta_start", "diffusion.beta_end",
+    "model.name",
+    "model.ch",
+    "model.ch_mult",
+    "model.num_res_blocks",
+    "model.attn_resolutions",
+    "model.resamp_with_conv",
+    "data.image_size",
+    "data.channels",
+    "diffusion.var_type",
+    "diffusion.mean_type",
+    "diffusion.num_timesteps",
+    "diffusion.beta_schedule",
+    "diffusion.beta_start",
+    "diffusion.beta_end",
 )
 
 # Switches that add or remove an optimizer stage, and so change the saved optimizer state's tree:
 # (description, function of the config giving the value compared).
 OPTIMIZER_STRUCTURE = (
-    ("training.grad_clip > 0 (a clipping stage)", lambda c: float(_get(c, "training.grad_clip")) > 0),
-    ("training.weight_decay > 0 (a weight-decay stage)",
-     lambda c: float(_get(c, "training.weight_decay")) > 0),
+    (
+        "training.grad_clip > 0 (a clipping stage)",
+        lambda c: float(_get(c, "training.grad_clip")) > 0,
+    ),
+    (
+        "training.weight_decay > 0 (a weight-decay stage)",
+        lambda c: float(_get(c, "training.weight_decay")) > 0,
+    ),
 )
 
 
@@ -50,8 +66,9 @@ def _range(problems, config, field, ok, allowed_text, types=(int, float)):
         problems.append(f"config.{field}={value!r} is out of range; allowed: {allowed_text}")
 
 
-def config_problems(config: Any, *, num_devices: Optional[int] = None,
-                    process_count: Optional[int] = None) -> List[str]:
+def config_problems(
+    config: Any, *, num_devices: Optional[int] = None, process_count: Optional[int] = None
+) -> List[str]:
     """Every problem with ``config`` as a list of one-line messages (empty when valid).
 
     Checks enumerated fields (schedule, mean/var/loss types, dataset, model name, dtype), ranges
@@ -59,8 +76,9 @@ def config_problems(config: Any, *, num_devices: Optional[int] = None,
     the U-Net's shape rules against the image size, and that the global batch divides over the
     devices and processes.
     """
-    from diffusion.data import KNOWN_DATASETS   # deferred: imports TensorFlow
+    from diffusion.data import KNOWN_DATASETS  # deferred: imports TensorFlow
     from diffusion.models import MODELS
+
     p: List[str] = []
     _choice(p, config, "diffusion.beta_schedule", BETA_SCHEDULES)
     _choice(p, config, "diffusion.mean_type", gaussian.MEAN_TYPES)
@@ -72,13 +90,16 @@ def config_problems(config: Any, *, num_devices: Optional[int] = None,
     _range(p, config, "diffusion.hybrid_lambda", lambda v: v >= 0, ">= 0")
     if not p:
         try:
-            losses.check_loss_config(config.diffusion.mean_type, config.diffusion.var_type,
-                                     config.diffusion.loss_type)
+            losses.check_loss_config(
+                config.diffusion.mean_type, config.diffusion.var_type, config.diffusion.loss_type
+            )
         except ValueError as e:
             p.append(f"config.diffusion.loss_type / var_type: {e}")
         if config.diffusion.beta_start > config.diffusion.beta_end:
-            p.append(f"config.diffusion.beta_start={config.diffusion.beta_start} must be <= "
-                     f"config.diffusion.beta_end={config.diffusion.beta_end}")
+            p.append(
+                f"config.diffusion.beta_start={config.diffusion.beta_start} must be <= "
+                f"config.diffusion.beta_end={config.diffusion.beta_end}"
+            )
     _choice(p, config, "model.name", MODELS)
     _choice(p, config, "model.dtype", ("float32", "bfloat16"))
     _range(p, config, "model.dropout", lambda v: 0 <= v < 1, "0 <= dropout < 1")
@@ -90,13 +111,20 @@ def config_problems(config: Any, *, num_devices: Optional[int] = None,
     if config.data.dataset in KNOWN_DATASETS and config.data.channels in (1, 3):
         want = KNOWN_DATASETS[config.data.dataset].channels
         if want != config.data.channels:
-            p.append(f"config.data.channels={config.data.channels} but dataset "
-                     f"{config.data.dataset!r} has {want} channel(s); set --config.data.channels={want}")
+            p.append(
+                f"config.data.channels={config.data.channels} but dataset "
+                f"{config.data.dataset!r} has {want} channel(s); set --config.data.channels={want}"
+            )
     shape_bad = any(f in x for x in p for f in ("model.ch=", "model.name", "data.image_size"))
     if config.model.name == "ddpm_unet" and not shape_bad:
         from diffusion.models.unet import validate_unet_config
-        for msg in validate_unet_config(config.data.image_size, config.model.ch,
-                                        tuple(config.model.ch_mult), tuple(config.model.attn_resolutions)):
+
+        for msg in validate_unet_config(
+            config.data.image_size,
+            config.model.ch,
+            tuple(config.model.ch_mult),
+            tuple(config.model.attn_resolutions),
+        ):
             p.append(f"config.model / config.data.image_size: {msg}")
     t = "training."
     _range(p, config, t + "lr", lambda v: v > 0, "lr > 0")
@@ -107,35 +135,63 @@ def config_problems(config: Any, *, num_devices: Optional[int] = None,
     _range(p, config, t + "adam_b2", lambda v: 0 <= v < 1, "0 <= b2 < 1")
     _range(p, config, t + "weight_decay", lambda v: v >= 0, ">= 0")
     _range(p, config, t + "warmup_steps", lambda v: v >= 0, "an integer >= 0", (int,))
-    for f in ("batch_size", "num_train_steps", "log_every", "checkpoint_every", "keep_every",
-              "sample_every", "num_grid_samples", "grid_sample_steps"):
+    for f in (
+        "batch_size",
+        "num_train_steps",
+        "log_every",
+        "checkpoint_every",
+        "keep_every",
+        "sample_every",
+        "num_grid_samples",
+        "grid_sample_steps",
+    ):
         _range(p, config, t + f, lambda v: v >= 1, "an integer >= 1", (int,))
     _choice(p, config, t + "nonfinite", ("raise", "skip"))
     _choice(p, config, t + "resume", ("full", "params"))
     _choice(p, config, t + "tensorboard", (True, False))
-    _range(p, config, t + "grad_clip_groups", lambda v: v >= 0,
-           "an integer >= 0 (0 or 1: clip the mean gradient; N: clip each of N groups)", (int,))
+    _range(
+        p,
+        config,
+        t + "grad_clip_groups",
+        lambda v: v >= 0,
+        "an integer >= 0 (0 or 1: clip the mean gradient; N: clip each of N groups)",
+        (int,),
+    )
     groups, bs = config.training.grad_clip_groups, config.training.batch_size
     if isinstance(groups, int) and groups > 1 and isinstance(bs, int) and bs % groups:
-        p.append(f"config.training.grad_clip_groups={groups} must divide "
-                 f"config.training.batch_size={bs}")
+        p.append(
+            f"config.training.grad_clip_groups={groups} must divide config.training.batch_size={bs}"
+        )
     gsteps = config.training.grid_sample_steps
-    if isinstance(gsteps, int) and isinstance(config.diffusion.num_timesteps, int) \
-            and gsteps > config.diffusion.num_timesteps:
-        p.append(f"config.training.grid_sample_steps={gsteps} exceeds "
-                 f"config.diffusion.num_timesteps={config.diffusion.num_timesteps}")
+    if (
+        isinstance(gsteps, int)
+        and isinstance(config.diffusion.num_timesteps, int)
+        and gsteps > config.diffusion.num_timesteps
+    ):
+        p.append(
+            f"config.training.grid_sample_steps={gsteps} exceeds "
+            f"config.diffusion.num_timesteps={config.diffusion.num_timesteps}"
+        )
     bs = config.training.batch_size
     if isinstance(bs, int) and bs >= 1:
         if num_devices and bs % num_devices:
-            p.append(f"config.training.batch_size={bs} (the global batch) must be divisible by the "
-                     f"number of devices {num_devices}; use a multiple of {num_devices}")
+            p.append(
+                f"config.training.batch_size={bs} (the global batch) must be divisible by the "
+                f"number of devices {num_devices}; use a multiple of {num_devices}"
+            )
         if process_count and bs % process_count:
-            p.append(f"config.training.batch_size={bs} must be divisible by the number of "
-                     f"processes {process_count}")
+            p.append(
+                f"config.training.batch_size={bs} must be divisible by the number of "
+                f"processes {process_count}"
+            )
     if "eval" in config and not any("diffusion." in x for x in p):
-        from diffusion.evaluation.settings import eval_config_problems   # before training starts
-        p.extend(eval_config_problems(config, num_devices=num_devices or 1,
-                                      process_count=process_count or 1))
+        from diffusion.evaluation.settings import eval_config_problems  # before training starts
+
+        p.extend(
+            eval_config_problems(
+                config, num_devices=num_devices or 1, process_count=process_count or 1
+            )
+        )
     return p
 
 
@@ -143,8 +199,10 @@ def validate_config(config: Any, **kwargs) -> None:
     """Raises `ConfigError` listing every problem found by `config_problems`."""
     problems = config_problems(config, **kwargs)
     if problems:
-        raise ConfigError("Invalid config (%d problem%s):\n  - %s" % (
-            len(problems), "" if len(problems) == 1 else "s", "\n  - ".join(problems)))
+        raise ConfigError(
+            "Invalid config (%d problem%s):\n  - %s"
+            % (len(problems), "" if len(problems) == 1 else "s", "\n  - ".join(problems))
+        )
 
 
 def _norm(v):

@@ -50,6 +50,7 @@ state, step), ``config.json`` and ``config.py`` (loads that JSON, for ``launch.p
     python launch.py --config W/config.py --workdir W --mode sample
     python launch.py --config W/config.py --workdir W --mode evaluate
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,10 +66,25 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["ConversionError", "Target", "tf_name_map", "diffusers_name_map", "match_tensors",
-           "abstract_params", "load_diffusers", "load_tf", "config_from_diffusers",
-           "config_from_tf_shapes", "base_config", "convert", "write_workdir", "main",
-           "EMA_SUFFIX", "DIFFUSERS_WEIGHTS", "DIFFUSERS_CONFIG"]
+__all__ = [
+    "ConversionError",
+    "Target",
+    "tf_name_map",
+    "diffusers_name_map",
+    "match_tensors",
+    "abstract_params",
+    "load_diffusers",
+    "load_tf",
+    "config_from_diffusers",
+    "config_from_tf_shapes",
+    "base_config",
+    "convert",
+    "write_workdir",
+    "main",
+    "EMA_SUFFIX",
+    "DIFFUSERS_WEIGHTS",
+    "DIFFUSERS_CONFIG",
+]
 
 EMA_SUFFIX = "ExponentialMovingAverage"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -95,18 +111,19 @@ class Target:
     transform: source array -> Flax array (transpose/reshape), or None for identity.
     alt_shapes: other accepted source shapes (e.g. a 1x1 conv for a Linear), same transform.
     """
+
     names: Tuple[str, ...]
     shape: Tuple[int, ...]
-    kind: str   # 'conv' | 'dense' | 'norm' | 'copy'
+    kind: str  # 'conv' | 'dense' | 'norm' | 'copy'
     alt_shapes: Tuple[Tuple[int, ...], ...] = ()
 
     def transform(self, a: np.ndarray) -> np.ndarray:
         a = np.asarray(a)
-        if self.kind == "conv" and a.ndim == 4:          # OIHW -> HWIO
+        if self.kind == "conv" and a.ndim == 4:  # OIHW -> HWIO
             return np.transpose(a, (2, 3, 1, 0))
-        if self.kind == "dense" and a.ndim == 4:         # 1x1 conv [out, in, 1, 1] -> [in, out]
+        if self.kind == "dense" and a.ndim == 4:  # 1x1 conv [out, in, 1, 1] -> [in, out]
             return a[:, :, 0, 0].T
-        if self.kind == "dense" and a.ndim == 2:         # Linear [out, in] -> [in, out]
+        if self.kind == "dense" and a.ndim == 2:  # Linear [out, in] -> [in, out]
             return a.T
         return a
 
@@ -172,10 +189,21 @@ def tf_name_map(params, scope: str = "model") -> Dict[Tuple[str, ...], Target]:
     return out
 
 
-_DIFFUSERS_RES = {"norm1": "norm1", "norm2": "norm2", "conv1": "conv1", "conv2": "conv2",
-                  "temb_proj": "time_emb_proj", "nin_shortcut": "conv_shortcut"}
-_DIFFUSERS_ATTN = {"norm": ("group_norm",), "q": ("to_q", "query"), "k": ("to_k", "key"),
-                   "v": ("to_v", "value"), "proj_out": ("to_out.0", "proj_attn")}
+_DIFFUSERS_RES = {
+    "norm1": "norm1",
+    "norm2": "norm2",
+    "conv1": "conv1",
+    "conv2": "conv2",
+    "temb_proj": "time_emb_proj",
+    "nin_shortcut": "conv_shortcut",
+}
+_DIFFUSERS_ATTN = {
+    "norm": ("group_norm",),
+    "q": ("to_q", "query"),
+    "k": ("to_k", "key"),
+    "v": ("to_v", "value"),
+    "proj_out": ("to_out.0", "proj_attn"),
+}
 
 
 def diffusers_name_map(params) -> Dict[Tuple[str, ...], Target]:
@@ -206,19 +234,29 @@ def diffusers_name_map(params) -> Dict[Tuple[str, ...], Target]:
             module = sub[0]
         elif m_res:
             side, lvl = m_res[1], int(m_res[2])
-            blk = (f"down_blocks.{lvl}.downsamplers.0" if side == "down"
-                   else f"up_blocks.{levels - 1 - lvl}.upsamplers.0")
+            blk = (
+                f"down_blocks.{lvl}.downsamplers.0"
+                if side == "down"
+                else f"up_blocks.{levels - 1 - lvl}.upsamplers.0"
+            )
             prefixes, module = (f"{blk}.{sub[0]}",), sub[0]
         elif top == "temb":
-            prefixes = ({"dense0": "time_embedding.linear_1",
-                         "dense1": "time_embedding.linear_2"}[sub[0]],)
+            prefixes = (
+                {"dense0": "time_embedding.linear_1", "dense1": "time_embedding.linear_2"}[sub[0]],
+            )
             module = sub[0]
         else:
-            prefixes = ({"conv_in": "conv_in", "conv_out": "conv_out",
-                         "norm_out": "conv_norm_out"}[top],)
+            prefixes = (
+                {"conv_in": "conv_in", "conv_out": "conv_out", "norm_out": "conv_norm_out"}[top],
+            )
             module = top
         if _is_norm(module):
-            leaf_name, kind, tshape, alt = {"scale": "weight", "bias": "bias"}[name], "norm", shape, ()
+            leaf_name, kind, tshape, alt = (
+                {"scale": "weight", "bias": "bias"}[name],
+                "norm",
+                shape,
+                (),
+            )
         elif name == "bias":
             leaf_name, kind, tshape, alt = "bias", "copy", shape, ()
         elif len(shape) == 4:
@@ -227,15 +265,19 @@ def diffusers_name_map(params) -> Dict[Tuple[str, ...], Target]:
         else:
             leaf_name, kind = "weight", "dense"
             tshape, alt = (shape[1], shape[0]), ((shape[1], shape[0], 1, 1),)
-        if module == "nin_shortcut" and name == "kernel":    # a 1x1 conv in diffusers
+        if module == "nin_shortcut" and name == "kernel":  # a 1x1 conv in diffusers
             tshape, alt = (shape[1], shape[0], 1, 1), ((shape[1], shape[0]),)
         out[path] = Target(tuple(f"{p}.{leaf_name}" for p in prefixes), tshape, kind, alt)
     return out
 
 
-def match_tensors(name_map: Dict[Tuple[str, ...], Target], source: Dict[str, Tuple[int, ...]],
-                  *, ignored: Callable[[str], bool] = lambda n: False, what: str = "checkpoint"
-                  ) -> Tuple[Dict[Tuple[str, ...], str], List[str]]:
+def match_tensors(
+    name_map: Dict[Tuple[str, ...], Target],
+    source: Dict[str, Tuple[int, ...]],
+    *,
+    ignored: Callable[[str], bool] = lambda n: False,
+    what: str = "checkpoint",
+) -> Tuple[Dict[Tuple[str, ...], str], List[str]]:
     """Matches source tensor names/shapes to the Flax params, every tensor exactly once.
 
     Args:
@@ -259,13 +301,15 @@ def match_tensors(name_map: Dict[Tuple[str, ...], Target], source: Dict[str, Tup
             missing.append(f"{' or '.join(tgt.names)} {tgt.shape} (for {'/'.join(path)})")
             continue
         if len(present) > 1:
-            wrong.append(f"{' and '.join(present)}: both present, one tensor expected "
-                         f"(for {'/'.join(path)})")
+            wrong.append(
+                f"{' and '.join(present)}: both present, one tensor expected (for {'/'.join(path)})"
+            )
             continue
         n = present[0]
         if tuple(source[n]) != tgt.shape and tuple(source[n]) not in tgt.alt_shapes:
-            wrong.append(f"{n}: shape {tuple(source[n])}, expected {tgt.shape} "
-                         f"(for {'/'.join(path)})")
+            wrong.append(
+                f"{n}: shape {tuple(source[n])}, expected {tgt.shape} (for {'/'.join(path)})"
+            )
             continue
         if n in used:
             wrong.append(f"{n}: claimed by both {'/'.join(used[n])} and {'/'.join(path)}")
@@ -275,11 +319,15 @@ def match_tensors(name_map: Dict[Tuple[str, ...], Target], source: Dict[str, Tup
     skipped = sorted(n for n in source if n not in used and ignored(n))
     extra = sorted(n for n in source if n not in used and not ignored(n))
     if missing or wrong or extra:
-        lines = [f"The {what} does not fit the model ({len(name_map)} parameters expected, "
-                 f"{len(source)} tensors found):"]
-        for title, items in (("missing", missing), ("wrong shape / duplicate", wrong),
-                             ("unexpected (not consumed)", [f"{n} {tuple(source[n])}"
-                                                            for n in extra])):
+        lines = [
+            f"The {what} does not fit the model ({len(name_map)} parameters expected, "
+            f"{len(source)} tensors found):"
+        ]
+        for title, items in (
+            ("missing", missing),
+            ("wrong shape / duplicate", wrong),
+            ("unexpected (not consumed)", [f"{n} {tuple(source[n])}" for n in extra]),
+        ):
             if items:
                 lines.append(f"  {title} ({len(items)}):")
                 lines += [f"    {s}" for s in items[:40]]
@@ -315,18 +363,38 @@ def _infer_base(image_size: int, levels: Optional[int] = None) -> str:
         return "cifar10"
     if image_size == 256 or levels == 6:
         return "celebahq256"
-    raise ConversionError(f"No base experiment for {image_size}x{image_size} images "
-                          f"({levels} levels): pass --base NAME or --base path/to/config.py")
+    raise ConversionError(
+        f"No base experiment for {image_size}x{image_size} images "
+        f"({levels} levels): pass --base NAME or --base path/to/config.py"
+    )
 
 
 #: diffusers UNet2DModel defaults (diffusers 0.42) for fields a config.json may omit.
 _DIFFUSERS_DEFAULTS = dict(
-    in_channels=3, out_channels=3, center_input_sample=False, time_embedding_type="positional",
-    time_embedding_dim=None, freq_shift=0, flip_sin_to_cos=True, mid_block_type="UNetMidBlock2D",
-    layers_per_block=2, mid_block_scale_factor=1, downsample_padding=1, downsample_type="conv",
-    upsample_type="conv", dropout=0.0, act_fn="silu", attention_head_dim=8, norm_num_groups=32,
-    attn_norm_num_groups=None, norm_eps=1e-5, resnet_time_scale_shift="default",
-    add_attention=True, class_embed_type=None, num_class_embeds=None)
+    in_channels=3,
+    out_channels=3,
+    center_input_sample=False,
+    time_embedding_type="positional",
+    time_embedding_dim=None,
+    freq_shift=0,
+    flip_sin_to_cos=True,
+    mid_block_type="UNetMidBlock2D",
+    layers_per_block=2,
+    mid_block_scale_factor=1,
+    downsample_padding=1,
+    downsample_type="conv",
+    upsample_type="conv",
+    dropout=0.0,
+    act_fn="silu",
+    attention_head_dim=8,
+    norm_num_groups=32,
+    attn_norm_num_groups=None,
+    norm_eps=1e-5,
+    resnet_time_scale_shift="default",
+    add_attention=True,
+    class_embed_type=None,
+    num_class_embeds=None,
+)
 
 
 def config_from_diffusers(dcfg: dict, base: Optional[str] = None):
@@ -337,6 +405,7 @@ def config_from_diffusers(dcfg: dict, base: Optional[str] = None):
     listing every field our U-Net cannot reproduce.
     """
     from diffusion.models.layers import GN_EPSILON, NUM_GROUPS
+
     cls = dcfg.get("_class_name", "UNet2DModel")
     c = {**_DIFFUSERS_DEFAULTS, **dcfg}
     problems = []
@@ -350,13 +419,25 @@ def config_from_diffusers(dcfg: dict, base: Optional[str] = None):
             problems.append(f"sample_size={size}: only square images are supported")
         size = size[0]
     if not boc or len(downs) != len(boc) or len(ups) != len(boc):
-        problems.append(f"block_out_channels={boc}, down_block_types={downs}, "
-                        f"up_block_types={ups}: need one of each per level")
-    want = dict(center_input_sample=False, time_embedding_type="positional",
-                time_embedding_dim=None, freq_shift=1, flip_sin_to_cos=False,
-                mid_block_type="UNetMidBlock2D", mid_block_scale_factor=1, act_fn="silu",
-                norm_num_groups=NUM_GROUPS, resnet_time_scale_shift="default", add_attention=True,
-                class_embed_type=None, num_class_embeds=None)
+        problems.append(
+            f"block_out_channels={boc}, down_block_types={downs}, "
+            f"up_block_types={ups}: need one of each per level"
+        )
+    want = dict(
+        center_input_sample=False,
+        time_embedding_type="positional",
+        time_embedding_dim=None,
+        freq_shift=1,
+        flip_sin_to_cos=False,
+        mid_block_type="UNetMidBlock2D",
+        mid_block_scale_factor=1,
+        act_fn="silu",
+        norm_num_groups=NUM_GROUPS,
+        resnet_time_scale_shift="default",
+        add_attention=True,
+        class_embed_type=None,
+        num_class_embeds=None,
+    )
     for k, v in want.items():
         if c.get(k) != v:
             problems.append(f"{k}={c.get(k)!r}: our U-Net has {v!r}")
@@ -365,29 +446,38 @@ def config_from_diffusers(dcfg: dict, base: Optional[str] = None):
     if not np.isclose(float(c["norm_eps"]), GN_EPSILON, rtol=1e-3, atol=0):
         problems.append(f"norm_eps={c['norm_eps']!r}: our GroupNorm has eps {GN_EPSILON}")
     if c["downsample_type"] not in ("conv",) or c["upsample_type"] not in ("conv",):
-        problems.append(f"downsample_type={c['downsample_type']!r}, upsample_type="
-                        f"{c['upsample_type']!r}: only 'conv' resampling is supported")
+        problems.append(
+            f"downsample_type={c['downsample_type']!r}, upsample_type="
+            f"{c['upsample_type']!r}: only 'conv' resampling is supported"
+        )
     if c["downsample_padding"] != 0:
-        problems.append(f"downsample_padding={c['downsample_padding']!r}: our stride-2 conv pads "
-                        "TF 'SAME' (0 before, 1 after) = diffusers downsample_padding 0")
+        problems.append(
+            f"downsample_padding={c['downsample_padding']!r}: our stride-2 conv pads "
+            "TF 'SAME' (0 before, 1 after) = diffusers downsample_padding 0"
+        )
     attn_levels = []
     for lvl, (d, u) in enumerate(zip(downs, reversed(ups))):
         d_attn, u_attn = d == "AttnDownBlock2D", u == "AttnUpBlock2D"
         if d not in ("DownBlock2D", "AttnDownBlock2D"):
             problems.append(f"down_block_types[{lvl}]={d!r}: only DownBlock2D/AttnDownBlock2D")
         if u not in ("UpBlock2D", "AttnUpBlock2D"):
-            problems.append(f"up_block_types[{len(ups) - 1 - lvl}]={u!r}: only UpBlock2D/"
-                            "AttnUpBlock2D")
+            problems.append(
+                f"up_block_types[{len(ups) - 1 - lvl}]={u!r}: only UpBlock2D/AttnUpBlock2D"
+            )
         if d_attn != u_attn:
-            problems.append(f"level {lvl}: attention on the way down ({d}) but not up ({u}) or "
-                            "vice versa; our U-Net has it on both or neither")
+            problems.append(
+                f"level {lvl}: attention on the way down ({d}) but not up ({u}) or "
+                "vice versa; our U-Net has it on both or neither"
+            )
         if d_attn:
             attn_levels.append(lvl)
     hd = c["attention_head_dim"]
     for lvl in attn_levels + ([len(boc) - 1] if boc else []):
         if hd is not None and boc and int(hd) != boc[lvl]:
-            problems.append(f"attention_head_dim={hd}: {boc[lvl] // int(hd)} heads at "
-                            f"{boc[lvl]} channels; our attention has one head (use None)")
+            problems.append(
+                f"attention_head_dim={hd}: {boc[lvl] // int(hd)} heads at "
+                f"{boc[lvl]} channels; our attention has one head (use None)"
+            )
             break
     ch = boc[0] if boc else 0
     if boc and any(b % ch for b in boc):
@@ -395,15 +485,16 @@ def config_from_diffusers(dcfg: dict, base: Optional[str] = None):
     if size is None:
         problems.append("sample_size is missing: the image size is needed")
     if problems:
-        raise ConversionError("The diffusers config.json does not describe our U-Net:\n  - "
-                              + "\n  - ".join(problems))
+        raise ConversionError(
+            "The diffusers config.json does not describe our U-Net:\n  - " + "\n  - ".join(problems)
+        )
     size = int(size)
     config = base_config(base or _infer_base(size))
     m = config.model
     m.ch = ch
     m.ch_mult = tuple(b // ch for b in boc)
     m.num_res_blocks = int(c["layers_per_block"])
-    m.attn_resolutions = tuple(size // 2 ** lvl for lvl in attn_levels)
+    m.attn_resolutions = tuple(size // 2**lvl for lvl in attn_levels)
     m.resamp_with_conv = True
     config.data.image_size = size
     config.data.channels = int(c["in_channels"])
@@ -413,20 +504,31 @@ def config_from_diffusers(dcfg: dict, base: Optional[str] = None):
 
 def _set_out_channels(config, out_ch: int) -> None:
     from diffusion import gaussian
+
     if gaussian.model_output_channels(config.diffusion.var_type, config.data.channels) == out_ch:
         return
     c = config.data.channels
     if out_ch == 2 * c:
         config.diffusion.var_type = "learned_range"
-        logging.warning("%d output channels = 2 x %d: set diffusion.var_type='learned_range' "
-                        "(check that the model was trained with it)", out_ch, c)
+        logging.warning(
+            "%d output channels = 2 x %d: set diffusion.var_type='learned_range' "
+            "(check that the model was trained with it)",
+            out_ch,
+            c,
+        )
         return
-    raise ConversionError(f"{out_ch} output channels do not fit {c} data channels with "
-                          f"var_type={config.diffusion.var_type!r}")
+    raise ConversionError(
+        f"{out_ch} output channels do not fit {c} data channels with "
+        f"var_type={config.diffusion.var_type!r}"
+    )
 
 
-def config_from_tf_shapes(shapes: Dict[str, Tuple[int, ...]], scope: str,
-                          base: Optional[str] = None, image_size: Optional[int] = None):
+def config_from_tf_shapes(
+    shapes: Dict[str, Tuple[int, ...]],
+    scope: str,
+    base: Optional[str] = None,
+    image_size: Optional[int] = None,
+):
     """Our config for a TF checkpoint, the model fields read off its variable shapes.
 
     ch = conv_in's out width; levels = the ``down_{l}`` scopes; ch_mult = each level's
@@ -440,10 +542,13 @@ def config_from_tf_shapes(shapes: Dict[str, Tuple[int, ...]], scope: str,
         in_ch = int(shapes[f"{p}conv_in/W"][2])
         out_ch = int(shapes[f"{p}conv_out/W"][3])
     except KeyError as e:
-        raise ConversionError(f"{e.args[0]} not in the checkpoint: not a DDPM U-Net under the "
-                              f"scope {scope!r}? (pass --scope)") from None
-    levels = sorted({int(m[1]) for n in shapes for m in [re.match(rf"^{re.escape(p)}down_(\d+)/", n)]
-                     if m})
+        raise ConversionError(
+            f"{e.args[0]} not in the checkpoint: not a DDPM U-Net under the "
+            f"scope {scope!r}? (pass --scope)"
+        ) from None
+    levels = sorted(
+        {int(m[1]) for n in shapes for m in [re.match(rf"^{re.escape(p)}down_(\d+)/", n)] if m}
+    )
     if levels != list(range(len(levels))) or not levels:
         raise ConversionError(f"down_* scopes {levels} are not 0..L-1")
     ch_mult, attn_levels = [], []
@@ -452,20 +557,23 @@ def config_from_tf_shapes(shapes: Dict[str, Tuple[int, ...]], scope: str,
         if w is None:
             raise ConversionError(f"{p}down_{lvl}/block_0/conv1/W not in the checkpoint")
         if int(w[3]) % ch:
-            raise ConversionError(f"{p}down_{lvl}/block_0/conv1/W width {w[3]} is not a "
-                                  f"multiple of ch={ch}")
+            raise ConversionError(
+                f"{p}down_{lvl}/block_0/conv1/W width {w[3]} is not a multiple of ch={ch}"
+            )
         ch_mult.append(int(w[3]) // ch)
         if f"{p}down_{lvl}/attn_0/q/W" in shapes:
             attn_levels.append(lvl)
-    nrb = len({m[1] for n in shapes for m in [re.match(rf"^{re.escape(p)}down_0/block_(\d+)/", n)]
-               if m})
+    nrb = len(
+        {m[1] for n in shapes for m in [re.match(rf"^{re.escape(p)}down_0/block_(\d+)/", n)] if m}
+    )
     config = base_config(base or _infer_base(image_size or -1, len(levels)))
     size = int(image_size or config.data.image_size)
     m = config.model
     m.ch, m.ch_mult, m.num_res_blocks = ch, tuple(ch_mult), nrb
-    m.attn_resolutions = tuple(size // 2 ** lvl for lvl in attn_levels)
-    m.resamp_with_conv = any(n.startswith(f"{p}down_0/downsample/conv/") for n in shapes) or \
-        len(levels) == 1
+    m.attn_resolutions = tuple(size // 2**lvl for lvl in attn_levels)
+    m.resamp_with_conv = (
+        any(n.startswith(f"{p}down_0/downsample/conv/") for n in shapes) or len(levels) == 1
+    )
     config.data.image_size = size
     config.data.channels = in_ch
     _set_out_channels(config, out_ch)
@@ -477,12 +585,19 @@ def abstract_params(config):
     """Shapes of the Flax param tree of ``config`` (``jax.eval_shape``, no weights)."""
     import jax
     import jax.numpy as jnp
+
     from diffusion.factories import create_model
+
     model = create_model(config)
     s, c = config.data.image_size, config.data.channels
-    return jax.eval_shape(lambda: model.init({"params": jax.random.key(0)},
-                                             jnp.zeros((1, s, s, c), jnp.float32),
-                                             jnp.zeros((1,), jnp.int32), train=False))["params"]
+    return jax.eval_shape(
+        lambda: model.init(
+            {"params": jax.random.key(0)},
+            jnp.zeros((1, s, s, c), jnp.float32),
+            jnp.zeros((1,), jnp.int32),
+            train=False,
+        )
+    )["params"]
 
 
 def _to_f32(a: np.ndarray, name: str) -> np.ndarray:
@@ -506,33 +621,45 @@ def load_diffusers(folder: str, base: Optional[str] = None):
     The one set of weights is used for both params and ema_params; step 0.
     """
     from safetensors.numpy import load_file
+
     cfg_path = os.path.join(folder, DIFFUSERS_CONFIG)
     w_path = os.path.join(folder, DIFFUSERS_WEIGHTS)
     for p in (cfg_path, w_path):
         if not os.path.isfile(p):
-            raise FileNotFoundError(f"{p} not found: a diffusers model folder holds "
-                                    f"{DIFFUSERS_CONFIG} and {DIFFUSERS_WEIGHTS}")
+            raise FileNotFoundError(
+                f"{p} not found: a diffusers model folder holds "
+                f"{DIFFUSERS_CONFIG} and {DIFFUSERS_WEIGHTS}"
+            )
     with open(cfg_path) as f:
         dcfg = json.load(f)
     config = config_from_diffusers(dcfg, base)
     _apply_scheduler_config(config, folder)
     tensors = load_file(w_path)
     name_map = diffusers_name_map(abstract_params(config))
-    chosen, _ = match_tensors(name_map, {k: v.shape for k, v in tensors.items()},
-                              what=f"diffusers file {w_path}")
+    chosen, _ = match_tensors(
+        name_map, {k: v.shape for k, v in tensors.items()}, what=f"diffusers file {w_path}"
+    )
     params = _build(name_map, chosen, tensors.__getitem__)
-    report = {"source": "diffusers", "input": os.path.abspath(folder), "tensors": len(tensors),
-              "ema": "the file holds one set of weights: used as both params and ema_params",
-              "step": 0, "dtypes": sorted({str(v.dtype) for v in tensors.values()})}
+    report = {
+        "source": "diffusers",
+        "input": os.path.abspath(folder),
+        "tensors": len(tensors),
+        "ema": "the file holds one set of weights: used as both params and ema_params",
+        "step": 0,
+        "dtypes": sorted({str(v.dtype) for v in tensors.values()}),
+    }
     return config, params, params, 0, report
 
 
 def _apply_scheduler_config(config, folder: str) -> None:
     """Checks/sets the diffusion process from a diffusers ``scheduler_config.json`` if present
     (in the folder or its ``scheduler/`` sibling)."""
-    for p in (os.path.join(folder, "scheduler_config.json"),
-              os.path.join(os.path.dirname(os.path.abspath(folder)), "scheduler",
-                           "scheduler_config.json")):
+    for p in (
+        os.path.join(folder, "scheduler_config.json"),
+        os.path.join(
+            os.path.dirname(os.path.abspath(folder)), "scheduler", "scheduler_config.json"
+        ),
+    ):
         if os.path.isfile(p):
             with open(p) as f:
                 s = json.load(f)
@@ -547,10 +674,16 @@ def _apply_scheduler_config(config, folder: str) -> None:
         d.beta_start = float(s.get("beta_start", d.beta_start))
         d.beta_end = float(s.get("beta_end", d.beta_end))
     elif "beta_schedule" in s:
-        logging.warning("scheduler beta_schedule=%r kept as the base config's %r",
-                        s["beta_schedule"], d.beta_schedule)
-    vt = {"fixed_large": "fixedlarge", "fixed_small": "fixedsmall",
-          "fixed_small_log": "fixedsmall"}.get(s.get("variance_type"))
+        logging.warning(
+            "scheduler beta_schedule=%r kept as the base config's %r",
+            s["beta_schedule"],
+            d.beta_schedule,
+        )
+    vt = {
+        "fixed_large": "fixedlarge",
+        "fixed_small": "fixedsmall",
+        "fixed_small_log": "fixedsmall",
+    }.get(s.get("variance_type"))
     if vt:
         d.var_type = vt
     if s.get("prediction_type", "epsilon") != "epsilon":
@@ -559,35 +692,49 @@ def _apply_scheduler_config(config, folder: str) -> None:
 
 def _tf_checkpoint_path(path: str) -> str:
     import tensorflow as tf
+
     if os.path.isdir(path):
         found = tf.train.latest_checkpoint(path)
         if found is None:
-            raise FileNotFoundError(f"No TF checkpoint in {path} (no 'checkpoint' file); pass "
-                                    "the prefix, e.g. .../model.ckpt-790000")
+            raise FileNotFoundError(
+                f"No TF checkpoint in {path} (no 'checkpoint' file); pass "
+                "the prefix, e.g. .../model.ckpt-790000"
+            )
         return found
     for suffix in (".index", ".meta"):
         if path.endswith(suffix):
-            path = path[:-len(suffix)]
+            path = path[: -len(suffix)]
     if ".data-" in path:
         path = path.split(".data-")[0]
     if not os.path.isfile(path + ".index"):
-        raise FileNotFoundError(f"{path}.index not found: pass the checkpoint prefix "
-                                "(model.ckpt-<step>) or its folder")
+        raise FileNotFoundError(
+            f"{path}.index not found: pass the checkpoint prefix (model.ckpt-<step>) or its folder"
+        )
     return path
 
 
 def _detect_scope(shapes) -> str:
-    hits = sorted(n[:-len("temb/dense0/W")].rstrip("/") for n in shapes
-                  if n.endswith("temb/dense0/W"))
+    hits = sorted(
+        n[: -len("temb/dense0/W")].rstrip("/") for n in shapes if n.endswith("temb/dense0/W")
+    )
     if len(hits) != 1:
-        raise ConversionError(f"Cannot tell the model scope: variables ending in temb/dense0/W: "
-                              f"{hits or 'none'}; pass --scope")
+        raise ConversionError(
+            f"Cannot tell the model scope: variables ending in temb/dense0/W: "
+            f"{hits or 'none'}; pass --scope"
+        )
     return hits[0]
 
 
-def load_tf(path: str, base: Optional[str] = None, *, scope: Optional[str] = None,
-            image_size: Optional[int] = None, ema_suffix: str = EMA_SUFFIX,
-            allow_missing_ema: bool = False, ignore: Sequence[str] = ()):
+def load_tf(
+    path: str,
+    base: Optional[str] = None,
+    *,
+    scope: Optional[str] = None,
+    image_size: Optional[int] = None,
+    ema_suffix: str = EMA_SUFFIX,
+    allow_missing_ema: bool = False,
+    ignore: Sequence[str] = (),
+):
     """``(config, params, ema_params, step, report)`` from a released TF1 checkpoint.
 
     Raw weights -> params, ``<weight>/<ema_suffix>`` -> ema_params, ``global_step`` -> step.
@@ -595,6 +742,7 @@ def load_tf(path: str, base: Optional[str] = None, *, scope: Optional[str] = Non
     error). ``ignore``: regexes of further source names not to convert.
     """
     import tensorflow as tf
+
     prefix = _tf_checkpoint_path(path)
     reader = tf.train.load_checkpoint(prefix)
     shapes = {k: tuple(v) for k, v in reader.get_variable_to_shape_map().items()}
@@ -602,8 +750,10 @@ def load_tf(path: str, base: Optional[str] = None, *, scope: Optional[str] = Non
     config = config_from_tf_shapes(shapes, scope, base, image_size)
     name_map = tf_name_map(abstract_params(config), scope)
     weights = {n for t in name_map.values() for n in t.names}
-    ema_map = {path: dataclasses.replace(t, names=tuple(f"{n}/{ema_suffix}" for n in t.names))
-               for path, t in name_map.items()}
+    ema_map = {
+        path: dataclasses.replace(t, names=tuple(f"{n}/{ema_suffix}" for n in t.names))
+        for path, t in name_map.items()
+    }
     has_ema = any(n.endswith("/" + ema_suffix) for n in shapes)
     ignore_re = [re.compile(r) for r in ignore]
 
@@ -617,13 +767,17 @@ def load_tf(path: str, base: Optional[str] = None, *, scope: Optional[str] = Non
 
     raw_src = {n: s for n, s in shapes.items() if not n.endswith("/" + ema_suffix)}
     ema_src = {n: s for n, s in shapes.items() if n.endswith("/" + ema_suffix)}
-    chosen, skipped = match_tensors(name_map, raw_src, ignored=bookkeeping,
-                                    what=f"TF checkpoint {prefix} (raw weights)")
+    chosen, skipped = match_tensors(
+        name_map, raw_src, ignored=bookkeeping, what=f"TF checkpoint {prefix} (raw weights)"
+    )
     params = _build(name_map, chosen, reader.get_tensor)
     if has_ema:
-        ema_chosen, ema_skipped = match_tensors(ema_map, ema_src, ignored=bookkeeping,
-                                                what=f"TF checkpoint {prefix} (EMA, *"
-                                                     f"/{ema_suffix})")
+        ema_chosen, ema_skipped = match_tensors(
+            ema_map,
+            ema_src,
+            ignored=bookkeeping,
+            what=f"TF checkpoint {prefix} (EMA, */{ema_suffix})",
+        )
         ema_params = _build(ema_map, ema_chosen, reader.get_tensor)
         skipped += ema_skipped
         ema_note = f"ema_params from the {len(ema_chosen)} */{ema_suffix} shadow variables"
@@ -631,16 +785,25 @@ def load_tf(path: str, base: Optional[str] = None, *, scope: Optional[str] = Non
         ema_params = params
         ema_note = "no EMA variables in the checkpoint: params copied to ema_params"
     else:
-        raise ConversionError(f"{prefix} has no */{ema_suffix} (EMA) variables; pass "
-                              "--allow-missing-ema to use the raw weights as the EMA weights")
+        raise ConversionError(
+            f"{prefix} has no */{ema_suffix} (EMA) variables; pass "
+            "--allow-missing-ema to use the raw weights as the EMA weights"
+        )
     step = 0
     for n in ("global_step", f"{scope}/global_step"):
         if n in shapes:
             step = int(np.asarray(reader.get_tensor(n)).reshape(()))
             break
-    report = {"source": "tf", "input": prefix, "scope": scope, "tensors": len(shapes),
-              "converted": len(chosen) + (len(ema_chosen) if has_ema else 0),
-              "not_converted": skipped, "ema": ema_note, "step": step}
+    report = {
+        "source": "tf",
+        "input": prefix,
+        "scope": scope,
+        "tensors": len(shapes),
+        "converted": len(chosen) + (len(ema_chosen) if has_ema else 0),
+        "not_converted": skipped,
+        "ema": ema_note,
+        "step": step,
+    }
     return config, params, ema_params, step, report
 
 
@@ -691,8 +854,9 @@ def get_config():
 '''
 
 
-def write_workdir(workdir: str, config, params, ema_params, step: int,
-                  report: Optional[dict] = None) -> str:
+def write_workdir(
+    workdir: str, config, params, ema_params, step: int, report: Optional[dict] = None
+) -> str:
     """Writes ``checkpoints/<step>`` (a TrainState), ``config.json``, ``config.py`` and
     ``convert_report.json`` into ``workdir``. Refuses a workdir that already has checkpoints.
 
@@ -701,9 +865,16 @@ def write_workdir(workdir: str, config, params, ema_params, step: int,
     """
     import jax
     import jax.numpy as jnp
+
     from diffusion.checkpoint import Checkpointer
-    from diffusion.factories import (TrainState, config_to_dict, create_model, init_state,
-                                     make_optimizer)
+    from diffusion.factories import (
+        TrainState,
+        config_to_dict,
+        create_model,
+        init_state,
+        make_optimizer,
+    )
+
     workdir = os.path.abspath(workdir)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
@@ -712,13 +883,18 @@ def write_workdir(workdir: str, config, params, ema_params, step: int,
     tx = make_optimizer(config)
     params = jax.tree.map(jnp.asarray, params)
     ema_params = jax.tree.map(jnp.asarray, ema_params)
-    state = TrainState(step=jnp.asarray(step, jnp.int32), params=params, ema_params=ema_params,
-                       opt_state=tx.init(params))
+    state = TrainState(
+        step=jnp.asarray(step, jnp.int32),
+        params=params,
+        ema_params=ema_params,
+        opt_state=tx.init(params),
+    )
     want = jax.eval_shape(lambda: init_state(config, model, tx))
     got_s = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), state)
     want_s = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), want)
-    if jax.tree.structure(got_s) != jax.tree.structure(want_s) or \
-            jax.tree.leaves(got_s) != jax.tree.leaves(want_s):
+    if jax.tree.structure(got_s) != jax.tree.structure(want_s) or jax.tree.leaves(
+        got_s
+    ) != jax.tree.leaves(want_s):
         raise ConversionError("internal: the converted TrainState does not match init_state's")
     os.makedirs(workdir, exist_ok=True)
     cfg = config_to_dict(config)
@@ -744,8 +920,9 @@ def _detect_source(path: str) -> str:
     return "tf"
 
 
-def convert(input_path: str, workdir: str, *, source: str = "auto", base: Optional[str] = None,
-            **tf_kwargs) -> dict:
+def convert(
+    input_path: str, workdir: str, *, source: str = "auto", base: Optional[str] = None, **tf_kwargs
+) -> dict:
     """Converts ``input_path`` into ``workdir``; returns the report dict (also written to
     ``<workdir>/convert_report.json``)."""
     source = _detect_source(input_path) if source == "auto" else source
@@ -758,10 +935,15 @@ def convert(input_path: str, workdir: str, *, source: str = "auto", base: Option
     else:
         raise ValueError(f"source={source!r}: use 'tf', 'diffusers' or 'auto'")
     n = sum(int(np.prod(a.shape)) for a in _flat(params).values())
-    report.update(num_params=n, model={k: (list(v) if isinstance(v, tuple) else v)
-                                       for k, v in config.model.to_dict().items()},
-                  image_size=config.data.image_size, dataset=config.data.dataset,
-                  workdir=os.path.abspath(workdir))
+    report.update(
+        num_params=n,
+        model={
+            k: (list(v) if isinstance(v, tuple) else v) for k, v in config.model.to_dict().items()
+        },
+        image_size=config.data.image_size,
+        dataset=config.data.dataset,
+        workdir=os.path.abspath(workdir),
+    )
     report["checkpoint_dir"] = write_workdir(workdir, config, params, ema, step, report)
     return report
 
@@ -770,43 +952,73 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m diffusion.convert",
         description="Convert released DDPM weights (the authors' TF1 checkpoints or the diffusers "
-                    "format) into a workdir checkpoint for launch.py --mode sample/evaluate.")
-    p.add_argument("--input", required=True,
-                   help="TF: checkpoint prefix (model.ckpt-790000) or its folder; diffusers: the "
-                        "folder with config.json + diffusion_pytorch_model.safetensors")
+        "format) into a workdir checkpoint for launch.py --mode sample/evaluate.",
+    )
+    p.add_argument(
+        "--input",
+        required=True,
+        help="TF: checkpoint prefix (model.ckpt-790000) or its folder; diffusers: the "
+        "folder with config.json + diffusion_pytorch_model.safetensors",
+    )
     p.add_argument("--workdir", required=True, help="new workdir to write")
     p.add_argument("--source", default="auto", choices=["auto", "tf", "diffusers"])
-    p.add_argument("--base", default=None,
-                   help=f"base experiment ({', '.join(BASES)}) or a config .py; default from the "
-                        "image size (32: cifar10, 256: celebahq256)")
+    p.add_argument(
+        "--base",
+        default=None,
+        help=f"base experiment ({', '.join(BASES)}) or a config .py; default from the "
+        "image size (32: cifar10, 256: celebahq256)",
+    )
     p.add_argument("--scope", default=None, help="TF: variable scope of the model (auto: 'model')")
-    p.add_argument("--image_size", type=int, default=None,
-                   help="TF: image size (default: the base experiment's)")
-    p.add_argument("--allow-missing-ema", action="store_true",
-                   help="TF: without EMA variables, use the raw weights for ema_params too")
-    p.add_argument("--ignore", action="append", default=[],
-                   help="TF: regex of checkpoint variables not to convert (repeatable)")
+    p.add_argument(
+        "--image_size",
+        type=int,
+        default=None,
+        help="TF: image size (default: the base experiment's)",
+    )
+    p.add_argument(
+        "--allow-missing-ema",
+        action="store_true",
+        help="TF: without EMA variables, use the raw weights for ema_params too",
+    )
+    p.add_argument(
+        "--ignore",
+        action="append",
+        default=[],
+        help="TF: regex of checkpoint variables not to convert (repeatable)",
+    )
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")   # quiet Orbax's INFO
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")  # quiet Orbax's INFO
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     kw = {}
     if a.source != "diffusers" and _detect_source(a.input) == "tf":
-        kw = dict(scope=a.scope, image_size=a.image_size,
-                  allow_missing_ema=a.allow_missing_ema, ignore=a.ignore)
+        kw = dict(
+            scope=a.scope,
+            image_size=a.image_size,
+            allow_missing_ema=a.allow_missing_ema,
+            ignore=a.ignore,
+        )
     try:
         report = convert(a.input, a.workdir, source=a.source, base=a.base, **kw)
     except (ConversionError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"Converted {report['num_params']:,} parameters ({report['source']}, step "
-          f"{report['step']}; {report['ema']}) into {report['checkpoint_dir']}")
+    print(
+        f"Converted {report['num_params']:,} parameters ({report['source']}, step "
+        f"{report['step']}; {report['ema']}) into {report['checkpoint_dir']}"
+    )
     if report.get("not_converted"):
-        print(f"Not converted (optimizer/bookkeeping): {len(report['not_converted'])} variables, "
-              "listed in convert_report.json")
-    print(f"Sample:   python launch.py --config {report['workdir']}/config.py "
-          f"--workdir {report['workdir']} --mode sample")
-    print(f"Evaluate: python launch.py --config {report['workdir']}/config.py "
-          f"--workdir {report['workdir']} --mode evaluate")
+        print(
+            f"Not converted (optimizer/bookkeeping): {len(report['not_converted'])} variables, "
+            "listed in convert_report.json"
+        )
+    print(
+        f"Sample:   python launch.py --config {report['workdir']}/config.py "
+        f"--workdir {report['workdir']} --mode sample"
+    )
+    print(
+        f"Evaluate: python launch.py --config {report['workdir']}/config.py "
+        f"--workdir {report['workdir']} --mode evaluate"
+    )
     return 0
 
 

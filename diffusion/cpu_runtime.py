@@ -12,6 +12,7 @@ Measured on 2 CPU cores, CIFAR10 U-Net train step at batch 32 (benchmarks/RESULT
   * ``malloc_trim(0)`` after compiling: glibc keeps ~1 GiB freed by the XLA compiler in its heap,
     which the step's buffers cannot reuse; trimming lowers the whole-process peak RSS by ~0.8 GiB.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -19,19 +20,23 @@ import os
 from typing import MutableMapping, Optional
 
 #: Appended to ``XLA_FLAGS`` by `apply_xla_cpu_flags` unless the user set the same flag.
-XLA_CPU_FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false",
-                 "--xla_cpu_use_xnnpack=true")
+XLA_CPU_FLAGS = (
+    "--xla_cpu_enable_concurrency_optimized_scheduler=false",
+    "--xla_cpu_use_xnnpack=true",
+)
 
 
 def accelerator_plugin_installed() -> bool:
     """True if a TPU (``libtpu``) or GPU (``jax_plugins``, e.g. jax_cuda12_plugin) backend is
     installed, without importing JAX."""
     import importlib.util
+
     return any(importlib.util.find_spec(m) is not None for m in ("libtpu", "jax_plugins"))
 
 
-def apply_xla_cpu_flags(environ: Optional[MutableMapping[str, str]] = None, *,
-                        force: bool = False) -> str:
+def apply_xla_cpu_flags(
+    environ: Optional[MutableMapping[str, str]] = None, *, force: bool = False
+) -> str:
     """Adds `XLA_CPU_FLAGS` to ``environ['XLA_FLAGS']`` (default ``os.environ``), keeping any
     value the user gave for the same flag. Takes effect only if called before JAX creates its
     CPU backend (first ``jax.devices()``/computation). Nothing is added where an accelerator

@@ -58,6 +58,7 @@ Inception features are extracted per process and all-gathered, then every proces
 same metrics (reference statistics are computed once per process and cached); process 0 writes
 results.json, PNGs and TensorBoard.
 """
+
 from __future__ import annotations
 
 import logging
@@ -71,17 +72,38 @@ from diffusion import factories, io, parallel
 from diffusion.checkpoint import Checkpointer
 from diffusion.config_check import ConfigError, incompatible_fields, validate_config
 from diffusion.evaluation import generator
-from diffusion.evaluation.evaluators import (EvalContext, compute_bpd, compute_fid_kid,
-                                             evaluators_from_config)
+from diffusion.evaluation.evaluators import (
+    EvalContext,
+    compute_bpd,
+    compute_fid_kid,
+    evaluators_from_config,
+)
 from diffusion.evaluation.results import from_process_0
+from diffusion.evaluation.settings import (
+    DEFAULT_FID_NUM_REFERENCE,
+    FEATURE_BATCH_SIZE,
+    FID_NETWORK,
+    IS_NOT_AVAILABLE,
+    eval_config_problems,
+    fid_reference_split,
+)
 from diffusion.progress import format_seconds
-from diffusion.evaluation.settings import (DEFAULT_FID_NUM_REFERENCE, FEATURE_BATCH_SIZE,
-                                           FID_NETWORK, IS_NOT_AVAILABLE, eval_config_problems,
-                                           fid_reference_split)
 
-__all__ = ["run", "checkpoint_steps", "restore_ema_params", "make_sample_fn", "generate_samples",
-           "compute_fid_kid", "compute_bpd", "fid_reference_split", "eval_config_problems",
-           "IS_NOT_AVAILABLE", "DEFAULT_FID_NUM_REFERENCE", "FID_NETWORK", "FEATURE_BATCH_SIZE"]
+__all__ = [
+    "run",
+    "checkpoint_steps",
+    "restore_ema_params",
+    "make_sample_fn",
+    "generate_samples",
+    "compute_fid_kid",
+    "compute_bpd",
+    "fid_reference_split",
+    "eval_config_problems",
+    "IS_NOT_AVAILABLE",
+    "DEFAULT_FID_NUM_REFERENCE",
+    "FID_NETWORK",
+    "FEATURE_BATCH_SIZE",
+]
 
 make_sample_fn = generator.make_sample_fn
 generate_samples = generator.generate_samples
@@ -89,11 +111,13 @@ generate_samples = generator.generate_samples
 
 def _validate(config, mesh) -> None:
     nd, pc = int(mesh.devices.size), jax.process_count()
-    validate_config(config, num_devices=nd, process_count=pc)   # includes config.eval
+    validate_config(config, num_devices=nd, process_count=pc)  # includes config.eval
     problems = eval_config_problems(config, num_devices=nd, process_count=pc)
     if problems:
-        raise ConfigError("Invalid config (%d problem%s):\n  - %s" % (
-            len(problems), "" if len(problems) == 1 else "s", "\n  - ".join(problems)))
+        raise ConfigError(
+            "Invalid config (%d problem%s):\n  - %s"
+            % (len(problems), "" if len(problems) == 1 else "s", "\n  - ".join(problems))
+        )
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -101,7 +125,8 @@ def _no_checkpoint_error(workdir: str, ckpt_dir: str) -> FileNotFoundError:
     return FileNotFoundError(
         f"No checkpoint in {ckpt_dir} (workdir {workdir!r}): train first, e.g. `python launch.py "
         f"--config <config> --workdir {workdir} --mode train` (or --mode train_and_evaluate), or "
-        "point --workdir at a trained run.")
+        "point --workdir at a trained run."
+    )
 
 
 def checkpoint_steps(workdir: str, which: str = "latest") -> List[int]:
@@ -133,16 +158,20 @@ def restore_ema_params(ckpt: Checkpointer, step: int, config, model, mesh) -> An
     (`config_check.SHAPE_FIELDS`)."""
     diffs = incompatible_fields(ckpt.restore_config(step), config)
     if diffs:
-        raise ConfigError(f"The checkpoint at step {step} in {ckpt.directory} was trained with a "
-                          "different model/process than this config:\n  - " + "\n  - ".join(diffs)
-                          + "\nEvaluate with the config the run was trained with.")
+        raise ConfigError(
+            f"The checkpoint at step {step} in {ckpt.directory} was trained with a "
+            "different model/process than this config:\n  - "
+            + "\n  - ".join(diffs)
+            + "\nEvaluate with the config the run was trained with."
+        )
     state, _ = ckpt.restore(step, factories.abstract_state(config, model, mesh))
     return state.ema_params
 
 
 # ----------------------------------------------------------------------------- the modes
-def evaluate_step(ctx: EvalContext, evaluators, step: int,
-                  params_fn: Callable[[], Any]) -> Dict[str, Any]:
+def evaluate_step(
+    ctx: EvalContext, evaluators, step: int, params_fn: Callable[[], Any]
+) -> Dict[str, Any]:
     """Runs every evaluator whose stored result (in ``ctx.store``) does not match its current
     settings on the checkpoint at ``step``; ``params_fn()`` restores the EMA parameters only when
     something is to be computed. Returns the step's results entry."""
@@ -170,21 +199,36 @@ def sample_step(ctx: EvalContext, step: int, params) -> str:
     c = ctx.config
     n = int(c.training.get("num_grid_samples", 64) or 64)
     n = math.ceil(n / jax.process_count()) * jax.process_count()
-    logging.info("Step %d: drawing a grid of %d samples with the %s chain", step, n,
-                 generator.describe_chain(c))
+    logging.info(
+        "Step %d: drawing a grid of %d samples with the %s chain",
+        step,
+        n,
+        generator.describe_chain(c),
+    )
     images = generator.generate_samples(c, ctx.model, params, n, mesh=ctx.mesh)
     png = io.join(ctx.eval_dir, f"samples_step_{step:08d}.png")
     if ctx.main:
-        io.write_npz(png[:-4] + ".npz", images=images, step=np.asarray(step),
-                     seed=np.asarray(c.seed), chain=np.asarray(ctx.chain))
+        io.write_npz(
+            png[:-4] + ".npz",
+            images=images,
+            step=np.asarray(step),
+            seed=np.asarray(c.seed),
+            chain=np.asarray(ctx.chain),
+        )
         io.save_image_grid(images, png)
         ctx.writer.write_images(step, {f"samples_{ctx.chain}": images[:16]})
         logging.info("Step %d: wrote %s", step, png)
     return png
 
 
-def run(config, workdir: str, *, mode: str = "evaluate", feature_fn: Optional[Callable] = None,
-        feature_network: Optional[str] = None) -> Dict[int, Any]:
+def run(
+    config,
+    workdir: str,
+    *,
+    mode: str = "evaluate",
+    feature_fn: Optional[Callable] = None,
+    feature_network: Optional[str] = None,
+) -> Dict[int, Any]:
     """Evaluates (``mode='evaluate'``) or samples from (``mode='sample'``) the checkpoints of
     ``workdir`` chosen by ``config.eval.checkpoints``; see the module docstring.
 
@@ -204,22 +248,36 @@ def run(config, workdir: str, *, mode: str = "evaluate", feature_fn: Optional[Ca
       ConfigError: invalid eval settings, or a config that does not match the checkpoint.
     """
     from clu import metric_writers
+
     if mode not in ("evaluate", "sample"):
         raise ValueError(f"mode={mode!r}: use 'evaluate' or 'sample'")
     mesh = parallel.make_mesh()
     _validate(config, mesh)
     steps = checkpoint_steps(workdir, config.eval.checkpoints)
     network = FID_NETWORK if feature_fn is None else (feature_network or "custom")
-    ev = EvalContext(config, workdir, mesh, feature_fn=feature_fn, network=network,
-                     feature_batch_size=FEATURE_BATCH_SIZE)
+    ev = EvalContext(
+        config,
+        workdir,
+        mesh,
+        feature_fn=feature_fn,
+        network=network,
+        feature_batch_size=FEATURE_BATCH_SIZE,
+    )
     evaluators = evaluators_from_config(config)
-    io.makedirs(ev.eval_dir)   # every process: each saves its share of samples
+    io.makedirs(ev.eval_dir)  # every process: each saves its share of samples
     ev.writer = metric_writers.create_default_writer(
-        ev.eval_dir, just_logging=not (ev.main and config.training.get("tensorboard", True)),
-        asynchronous=False)
+        ev.eval_dir,
+        just_logging=not (ev.main and config.training.get("tensorboard", True)),
+        asynchronous=False,
+    )
     ckpt = Checkpointer(io.join(workdir, "checkpoints"), async_save=False)
-    logging.info("%s %d checkpoint(s) of %s: steps %s", "Evaluating" if mode == "evaluate"
-                 else "Sampling from", len(steps), workdir, steps)
+    logging.info(
+        "%s %d checkpoint(s) of %s: steps %s",
+        "Evaluating" if mode == "evaluate" else "Sampling from",
+        len(steps),
+        workdir,
+        steps,
+    )
     out: Dict[int, Any] = {}
     try:
         for i, step in enumerate(steps):
@@ -233,8 +291,10 @@ def run(config, workdir: str, *, mode: str = "evaluate", feature_fn: Optional[Ca
         if mode == "evaluate":
             _log_summary(out)
         if ev.timings:
-            logging.info("Evaluation wall time by stage: %s", ", ".join(
-                f"{k} {format_seconds(v)}" for k, v in ev.timings.items()))
+            logging.info(
+                "Evaluation wall time by stage: %s",
+                ", ".join(f"{k} {format_seconds(v)}" for k, v in ev.timings.items()),
+            )
     finally:
         ckpt.close()
         ev.writer.flush()
@@ -247,14 +307,20 @@ def _log_summary(results: Dict[int, Any]) -> None:
         parts = [f"step {step}:"]
         if "fid" in e:
             f, k = e["fid"], e["kid"]
-            parts.append(f"FID@{f['num_gen']} = {f['value']:.3f} (N_gen={f['num_gen']}, "
-                         f"N_ref={f['num_ref']}), KID = {k['mean']:.5f} ± {k['se']:.5f}")
+            parts.append(
+                f"FID@{f['num_gen']} = {f['value']:.3f} (N_gen={f['num_gen']}, "
+                f"N_ref={f['num_ref']}), KID = {k['mean']:.5f} ± {k['se']:.5f}"
+            )
         for key in sorted(k for k in e if k.startswith("fid@")):
-            parts.append(f"{key}: FID@{e[key]['num_gen']} = {e[key]['value']:.3f} "
-                         f"(N_gen={e[key]['num_gen']}, N_ref={e[key]['num_ref']})")
+            parts.append(
+                f"{key}: FID@{e[key]['num_gen']} = {e[key]['value']:.3f} "
+                f"(N_gen={e[key]['num_gen']}, N_ref={e[key]['num_ref']})"
+            )
         for key in sorted(k for k in e if k == "bpd" or k.startswith("bpd@")):
             b = e[key]
-            parts.append(f"bits/dim{key[3:]} = {b['total']:.4f} ± {b['total_se']:.4f} "
-                         f"(N={b['num_examples']})")
+            parts.append(
+                f"bits/dim{key[3:]} = {b['total']:.4f} ± {b['total_se']:.4f} "
+                f"(N={b['num_examples']})"
+            )
         parts = parts[:1] + ["; ".join(parts[1:])]
         logging.info(" ".join(parts))

@@ -5,6 +5,7 @@ This module sits below the training loop, the evaluation and the tools (`train`,
 `convert`, `experiments.reproduce`): they all build the same objects the same way from here, and
 it imports nothing above it.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,9 +21,18 @@ from diffusion.checkpoint import abstract_like
 from diffusion.parameterization import Parameterization
 from diffusion.schedules import Schedule, make_schedule
 
-__all__ = ["TrainState", "create_model", "schedule_from_config", "parameterization",
-           "learning_rate_fn", "make_optimizer", "init_state", "abstract_state",
-           "make_denoise_fn", "config_to_dict"]
+__all__ = [
+    "TrainState",
+    "create_model",
+    "schedule_from_config",
+    "parameterization",
+    "learning_rate_fn",
+    "make_optimizer",
+    "init_state",
+    "abstract_state",
+    "make_denoise_fn",
+    "config_to_dict",
+]
 
 
 # ----------------------------------------------------------------------------- model, process
@@ -35,6 +45,7 @@ def create_model(config):
     """The registered network of ``config.model`` with ``out_ch`` set by the variance type
     (C, or 2C for learned Σ)."""
     from diffusion.models import get_model
+
     out_ch = parameterization(config).output_channels(config.data.channels)
     return get_model(config.model, out_ch=out_ch)
 
@@ -42,15 +53,18 @@ def create_model(config):
 def schedule_from_config(config) -> Schedule:
     """`Schedule` of ``config.diffusion`` (float64 betas cast to float32)."""
     d = config.diffusion
-    return make_schedule(d.beta_schedule, beta_start=d.beta_start, beta_end=d.beta_end,
-                         num_timesteps=d.num_timesteps)
+    return make_schedule(
+        d.beta_schedule, beta_start=d.beta_start, beta_end=d.beta_end, num_timesteps=d.num_timesteps
+    )
 
 
 def make_denoise_fn(model, params) -> Callable:
     """``denoise_fn(x_t [B,H,W,C], t int32 [B]) -> [B,H,W,C or 2C]`` float32: the network in eval
     mode, the form every sampler and the bound take."""
+
     def denoise_fn(x_t, t):
         return model.apply({"params": params}, x_t, t, train=False).astype(jnp.float32)
+
     return denoise_fn
 
 
@@ -83,7 +97,8 @@ def make_optimizer(config) -> optax.GradientTransformation:
 # ----------------------------------------------------------------------------- state
 class TrainState(flax.struct.PyTreeNode):
     """Everything a run needs to continue: a pytree saved whole by Orbax."""
-    step: jnp.ndarray        # int32 scalar: number of updates applied
+
+    step: jnp.ndarray  # int32 scalar: number of updates applied
     params: Any
     ema_params: Any
     opt_state: Any
@@ -97,8 +112,12 @@ def init_state(config, model, tx, mesh=None) -> TrainState:
         key = rng.stream(config.seed, rng.PARAM_INIT)
         x = jnp.zeros((1, size, size, c), jnp.float32)
         params = model.init({"params": key}, x, jnp.zeros((1,), jnp.int32), train=False)["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params))
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            ema_params=jax.tree.map(jnp.copy, params),
+            opt_state=tx.init(params),
+        )
 
     out_shardings = parallel.replicated_sharding(mesh) if mesh is not None else None
     return jax.jit(init, out_shardings=out_shardings)()
@@ -109,11 +128,17 @@ def abstract_state(config, model, mesh=None) -> TrainState:
     replicated on ``mesh`` when given: the target a checkpoint restores into."""
     tx = make_optimizer(config)
     abstract = jax.eval_shape(lambda: init_state(config, model, tx))
-    return abstract_like(abstract, parallel.replicated_sharding(mesh)) if mesh is not None \
+    return (
+        abstract_like(abstract, parallel.replicated_sharding(mesh))
+        if mesh is not None
         else abstract
+    )
 
 
 def config_to_dict(config) -> dict:
     """A config as a plain JSON-able dict (tuples become lists), as saved with checkpoints."""
-    return json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") \
+    return (
+        json.loads(config.to_json_best_effort())
+        if hasattr(config, "to_json_best_effort")
         else dict(config)
+    )

@@ -27,6 +27,7 @@ Object-store semantics worth knowing (they shape the functions below):
 * Errors of a remote store are turned into a `StorageError` naming the path and the fix by
   `probe_writable`, which callers run on the output folders before any compilation.
 """
+
 from __future__ import annotations
 
 import io as _stdio
@@ -43,11 +44,37 @@ import numpy as np
 from etils import epath
 
 __all__ = [
-    "PathLike", "StorageError", "is_remote", "path", "join", "absolute", "exists", "isdir",
-    "isfile", "listdir", "makedirs", "remove", "rmtree", "read_bytes", "write_bytes",
-    "read_text", "write_text", "read_json", "write_json", "append_line", "read_jsonl",
-    "write_npz", "read_npz", "image_grid", "encode_png", "write_png", "save_image_grid",
-    "save_figure", "copy", "move", "probe_writable",
+    "PathLike",
+    "StorageError",
+    "is_remote",
+    "path",
+    "join",
+    "absolute",
+    "exists",
+    "isdir",
+    "isfile",
+    "listdir",
+    "makedirs",
+    "remove",
+    "rmtree",
+    "read_bytes",
+    "write_bytes",
+    "read_text",
+    "write_text",
+    "read_json",
+    "write_json",
+    "append_line",
+    "read_jsonl",
+    "write_npz",
+    "read_npz",
+    "image_grid",
+    "encode_png",
+    "write_png",
+    "save_image_grid",
+    "save_figure",
+    "copy",
+    "move",
+    "probe_writable",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -77,7 +104,7 @@ def _local(p: PathLike) -> str:
     """A local path as an absolute, user-expanded string (``file://`` stripped)."""
     s = _str(p)
     if s.startswith("file://"):
-        s = s[len("file://"):]
+        s = s[len("file://") :]
     return os.path.abspath(os.path.expanduser(s))
 
 
@@ -185,8 +212,9 @@ def write_bytes(p: PathLike, data: bytes) -> None:
         return
     dst = _local(p)
     os.makedirs(os.path.dirname(dst), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(dst),
-                       f".{os.path.basename(dst)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = os.path.join(
+        os.path.dirname(dst), f".{os.path.basename(dst)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    )
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -250,7 +278,7 @@ def append_line(p: PathLike, line: str) -> None:
             if f.seek(0, os.SEEK_END) > 0:
                 f.seek(-1, os.SEEK_END)
                 if f.read(1) != b"\n":
-                    data = b"\n" + data   # a line cut short by an earlier crash stays apart
+                    data = b"\n" + data  # a line cut short by an earlier crash stays apart
             f.write(data)
         return
     try:
@@ -308,7 +336,9 @@ def image_grid(images: np.ndarray) -> np.ndarray:
     grid = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, c), 255, np.uint8)
     for i in range(n):
         r, q = divmod(i, cols)
-        grid[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + q * (w + 2):2 + q * (w + 2) + w] = images[i]
+        grid[2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + q * (w + 2) : 2 + q * (w + 2) + w] = images[
+            i
+        ]
     return grid
 
 
@@ -317,6 +347,7 @@ def encode_png(image: np.ndarray, scale: int = 1) -> bytes:
     ``scale`` times with nearest-neighbour pixels; encoded in memory with Pillow, byte for byte
     what ``Image.save(<file>.png)`` writes."""
     from PIL import Image
+
     im = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
     if scale != 1:
         im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
@@ -421,13 +452,30 @@ def _kind(e: BaseException) -> str:
     status = {int(m) for m in re.findall(r"(?<![\w.:/-])(40[134])(?![\w.])", text)}
     if code in (401, 403):
         status.add(code)
-    if isinstance(e, PermissionError) or name in ("PermissionDeniedError", "UnauthenticatedError") \
-            or status & {401, 403} or any(k in text for k in (
-                "forbidden", "unauthorized", "permission denied", "access denied",
-                "does not have storage")):
+    if (
+        isinstance(e, PermissionError)
+        or name in ("PermissionDeniedError", "UnauthenticatedError")
+        or status & {401, 403}
+        or any(
+            k in text
+            for k in (
+                "forbidden",
+                "unauthorized",
+                "permission denied",
+                "access denied",
+                "does not have storage",
+            )
+        )
+    ):
         return "permission"
-    if isinstance(e, FileNotFoundError) or name == "NotFoundError" or code == 404 \
-            or 404 in status or "bucket does not exist" in text or "no such bucket" in text:
+    if (
+        isinstance(e, FileNotFoundError)
+        or name == "NotFoundError"
+        or code == 404
+        or 404 in status
+        or "bucket does not exist" in text
+        or "no such bucket" in text
+    ):
         return "missing"
     return "other"
 
@@ -465,22 +513,30 @@ def probe_writable(d: PathLike, *, what: str = "directory") -> str:
 def _probe_message(d: str, what: str, step: str, e: BaseException) -> str:
     cause = f"{type(e).__name__}: {str(e).strip()[:400]}"
     if not is_remote(d):
-        return (f"The {what} {d!r} is not writable (could not {step} a file there: {cause}). "
-                "Choose another path, or fix its permissions.")
+        return (
+            f"The {what} {d!r} is not writable (could not {step} a file there: {cause}). "
+            "Choose another path, or fix its permissions."
+        )
     bucket = _bucket(d)
     kind = _kind(e)
     if kind == "missing" or (kind == "other" and _bucket_missing(bucket)):
-        return (f"The {what} {d!r} is in bucket {bucket}, which does not exist (or is not "
-                f"visible to these credentials): {cause}. Create it (e.g. `gcloud storage "
-                f"buckets create {bucket} --location=<region of the TPUs>`) or fix the path.")
+        return (
+            f"The {what} {d!r} is in bucket {bucket}, which does not exist (or is not "
+            f"visible to these credentials): {cause}. Create it (e.g. `gcloud storage "
+            f"buckets create {bucket} --location=<region of the TPUs>`) or fix the path."
+        )
     if kind == "permission":
-        return (f"Permission denied to {step} objects in the {what} {d!r}: {cause}. Grant the "
-                f"credentials in use (the TPU VM's service account, or "
-                f"GOOGLE_APPLICATION_CREDENTIALS / `gcloud auth application-default login`) "
-                f"object create, read and delete on {bucket} (e.g. roles/storage.objectAdmin), "
-                "or choose a bucket they can write.")
-    return (f"Could not {step} a file in the {what} {d!r}: {cause}. Check the path, the "
-            f"network and the credentials for {bucket}.")
+        return (
+            f"Permission denied to {step} objects in the {what} {d!r}: {cause}. Grant the "
+            f"credentials in use (the TPU VM's service account, or "
+            f"GOOGLE_APPLICATION_CREDENTIALS / `gcloud auth application-default login`) "
+            f"object create, read and delete on {bucket} (e.g. roles/storage.objectAdmin), "
+            "or choose a bucket they can write."
+        )
+    return (
+        f"Could not {step} a file in the {what} {d!r}: {cause}. Check the path, the "
+        f"network and the credentials for {bucket}."
+    )
 
 
 def _bucket_missing(bucket: Optional[str]) -> bool:

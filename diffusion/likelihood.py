@@ -8,6 +8,7 @@ example with its standard error (`bound_estimate`, K + 1 network calls instead o
 ``x0`` holds data in [−1, 1] (8-bit data for the discrete decoder term to be a code length).
 Wrap in ``jax.jit`` (closing over ``denoise_fn`` and the keyword options).
 """
+
 from __future__ import annotations
 
 import math
@@ -24,8 +25,16 @@ from diffusion.schedules import Schedule
 __all__ = ["bits_per_dim", "rate_distortion", "bound_estimate", "aggregate_bound_estimates"]
 
 
-def bits_per_dim(schedule: Schedule, denoise_fn: Callable, x0, key, *, mean_type: str,
-                 var_type: str, clip_denoised: bool = False) -> Dict[str, jnp.ndarray]:
+def bits_per_dim(
+    schedule: Schedule,
+    denoise_fn: Callable,
+    x0,
+    key,
+    *,
+    mean_type: str,
+    var_type: str,
+    clip_denoised: bool = False,
+) -> Dict[str, jnp.ndarray]:
     """Every term of the variational bound (paper Eq. 5) for each example, in bits/dim.
 
     L = L_T + Σ_{t>0} L_{t−1} + L_0: for code index t = T−1 down to 0 (one ``lax.scan``, T network
@@ -57,18 +66,34 @@ def bits_per_dim(schedule: Schedule, denoise_fn: Callable, x0, key, *, mean_type
         t_b = jnp.full((B,), t, dtype=jnp.int32)
         noise = jax.random.normal(jax.random.fold_in(key, t), x0.shape, dtype=jnp.float32)
         x_t = gaussian.q_sample(schedule, x0, t_b, noise)
-        terms, pred_xstart = vb_terms_bpd(schedule, denoise_fn(x_t, t_b), x0, x_t, t_b,
-                                          mean_type=mean_type, var_type=var_type,
-                                          clip_denoised=clip_denoised)
-        return carry, (terms, mean_flat(jnp.square(pred_xstart - x0)),
-                       mean_flat(jnp.square(jnp.clip(pred_xstart, -1.0, 1.0) - x0)))
+        terms, pred_xstart = vb_terms_bpd(
+            schedule,
+            denoise_fn(x_t, t_b),
+            x0,
+            x_t,
+            t_b,
+            mean_type=mean_type,
+            var_type=var_type,
+            clip_denoised=clip_denoised,
+        )
+        return carry, (
+            terms,
+            mean_flat(jnp.square(pred_xstart - x0)),
+            mean_flat(jnp.square(jnp.clip(pred_xstart, -1.0, 1.0) - x0)),
+        )
 
-    _, (terms_tb, mse_tb, msec_tb) = jax.lax.scan(body, None,
-                                                  jnp.arange(T - 1, -1, -1, dtype=jnp.int32))
-    terms_bt = terms_tb[::-1].T     # scan ran t = T−1..0; column t is step t
+    _, (terms_tb, mse_tb, msec_tb) = jax.lax.scan(
+        body, None, jnp.arange(T - 1, -1, -1, dtype=jnp.int32)
+    )
+    terms_bt = terms_tb[::-1].T  # scan ran t = T−1..0; column t is step t
     prior = prior_bpd(schedule, x0)
-    return {"total_bpd": jnp.sum(terms_bt, axis=1) + prior, "terms_bpd": terms_bt,
-            "prior_bpd": prior, "mse": mse_tb[::-1].T, "mse_clipped": msec_tb[::-1].T}
+    return {
+        "total_bpd": jnp.sum(terms_bt, axis=1) + prior,
+        "terms_bpd": terms_bt,
+        "prior_bpd": prior,
+        "mse": mse_tb[::-1].T,
+        "mse_clipped": msec_tb[::-1].T,
+    }
 
 
 def rate_distortion(bpd: Dict[str, jnp.ndarray]) -> Dict[str, jnp.ndarray]:
@@ -86,32 +111,45 @@ def rate_distortion(bpd: Dict[str, jnp.ndarray]) -> Dict[str, jnp.ndarray]:
     """
     terms = bpd["terms_bpd"]
     prior = bpd["prior_bpd"]
-    after = jnp.cumsum(terms[:, ::-1], axis=1)[:, ::-1] - terms   # Σ_{s > t}
-    return {"rate_bpd": after + prior[:, None],
-            "distortion_rmse": jnp.sqrt(bpd["mse"]) * 127.5,
-            "rate": jnp.sum(terms[:, 1:], axis=1) + prior,
-            "distortion": terms[:, 0]}
+    after = jnp.cumsum(terms[:, ::-1], axis=1)[:, ::-1] - terms  # Σ_{s > t}
+    return {
+        "rate_bpd": after + prior[:, None],
+        "distortion_rmse": jnp.sqrt(bpd["mse"]) * 127.5,
+        "rate": jnp.sum(terms[:, 1:], axis=1) + prior,
+        "distortion": terms[:, 0],
+    }
 
 
 # fold_in data of the key that picks the sampled steps: no step index t < T can equal it, so the
 # choice is independent of every ε (those come from fold_in(key, t), as in `bits_per_dim`).
-_STEP_CHOICE_SALT = 2 ** 31 - 1
+_STEP_CHOICE_SALT = 2**31 - 1
 
 
 def _check_num_sampled(k, num_timesteps: int) -> int:
     n = num_timesteps - 1
     if n < 1:
         raise ValueError(
-            f"bound_estimate needs a schedule with T >= 2 steps, got T = {num_timesteps}")
+            f"bound_estimate needs a schedule with T >= 2 steps, got T = {num_timesteps}"
+        )
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
-        raise ValueError(f"num_sampled_timesteps must be an integer in [1, T-1] = [1, {n}] "
-                         f"(T = {num_timesteps}), got {k!r}")
+        raise ValueError(
+            f"num_sampled_timesteps must be an integer in [1, T-1] = [1, {n}] "
+            f"(T = {num_timesteps}), got {k!r}"
+        )
     return int(k)
 
 
-def bound_estimate(schedule: Schedule, denoise_fn: Callable, x0, key, *,
-                   num_sampled_timesteps: int, mean_type: str, var_type: str,
-                   clip_denoised: bool = False) -> Dict[str, jnp.ndarray]:
+def bound_estimate(
+    schedule: Schedule,
+    denoise_fn: Callable,
+    x0,
+    key,
+    *,
+    num_sampled_timesteps: int,
+    mean_type: str,
+    var_type: str,
+    clip_denoised: bool = False,
+) -> Dict[str, jnp.ndarray]:
     """Unbiased estimate of `bits_per_dim`'s ``total_bpd`` (the bound of paper Eq. 5) per example
     from K = ``num_sampled_timesteps`` random steps, with its standard error; K + 1 network calls
     instead of T.
@@ -166,32 +204,40 @@ def bound_estimate(schedule: Schedule, denoise_fn: Callable, x0, key, *,
     # S_b: the first K of a random permutation of 1..T−1, one per example.
     choice_keys = jax.random.split(jax.random.fold_in(key, _STEP_CHOICE_SALT), B)
     sampled = jax.vmap(lambda k: jax.random.permutation(k, N)[:K])(choice_keys)
-    sampled = sampled.astype(jnp.int32) + 1                                          # [B, K]
+    sampled = sampled.astype(jnp.int32) + 1  # [B, K]
     # Position p = 0..K of each (example, t) in the network scan: 0 is t = 0 (the decoder, every
     # example), p = k + 1 is sampled[:, k]; K + 1 (out of range, dropped) where t is not sampled.
     rows = jnp.arange(B)
     position = jnp.full((B, T), K + 1, jnp.int32).at[:, 0].set(0)
     position = position.at[rows[:, None], sampled].set(jnp.arange(1, K + 1, dtype=jnp.int32))
 
-    def draw(buf, t):   # bits_per_dim's ε for step t, each row to where its example uses t
+    def draw(buf, t):  # bits_per_dim's ε for step t, each row to where its example uses t
         noise = jax.random.normal(jax.random.fold_in(key, t), x0.shape, dtype=jnp.float32)
         return buf.at[position[:, t], rows].set(noise, mode="drop"), None
 
-    noise, _ = jax.lax.scan(draw, jnp.zeros((K + 1,) + x0.shape, jnp.float32),
-                            jnp.arange(T, dtype=jnp.int32))
-    steps = jnp.concatenate([jnp.zeros((B, 1), jnp.int32), sampled], axis=1).T   # [K+1, B]
+    noise, _ = jax.lax.scan(
+        draw, jnp.zeros((K + 1,) + x0.shape, jnp.float32), jnp.arange(T, dtype=jnp.int32)
+    )
+    steps = jnp.concatenate([jnp.zeros((B, 1), jnp.int32), sampled], axis=1).T  # [K+1, B]
 
     def body(carry, xs):
         t_b, eps = xs
         x_t = gaussian.q_sample(schedule, x0, t_b, eps)
-        terms, _ = vb_terms_bpd(schedule, denoise_fn(x_t, t_b), x0, x_t, t_b,
-                                mean_type=mean_type, var_type=var_type,
-                                clip_denoised=clip_denoised)
+        terms, _ = vb_terms_bpd(
+            schedule,
+            denoise_fn(x_t, t_b),
+            x0,
+            x_t,
+            t_b,
+            mean_type=mean_type,
+            var_type=var_type,
+            clip_denoised=clip_denoised,
+        )
         return carry, terms
 
-    _, terms_pb = jax.lax.scan(body, None, (steps, noise))    # [K+1, B]
-    decoder, terms = terms_pb[0], terms_pb[1:].T               # [B], [B, K]
-    estimate = jnp.sum(terms, axis=1) * (N / K)                # N/K = 1.0 exactly at K = N
+    _, terms_pb = jax.lax.scan(body, None, (steps, noise))  # [K+1, B]
+    decoder, terms = terms_pb[0], terms_pb[1:].T  # [B], [B, K]
+    estimate = jnp.sum(terms, axis=1) * (N / K)  # N/K = 1.0 exactly at K = N
     if K == N:
         se = jnp.zeros((B,), jnp.float32)
     elif K == 1:
@@ -201,13 +247,19 @@ def bound_estimate(schedule: Schedule, denoise_fn: Callable, x0, key, *,
         s2 = jnp.sum(jnp.square(dev), axis=1) / (K - 1)
         se = N * jnp.sqrt((1.0 - K / N) * s2 / K)
     prior = prior_bpd(schedule, x0)
-    return {"total_bpd": prior + decoder + estimate, "total_bpd_se": se, "prior_bpd": prior,
-            "decoder_bpd": decoder, "timesteps": sampled, "terms_bpd": terms,
-            "num_sampled_timesteps": K}
+    return {
+        "total_bpd": prior + decoder + estimate,
+        "total_bpd_se": se,
+        "prior_bpd": prior,
+        "decoder_bpd": decoder,
+        "timesteps": sampled,
+        "terms_bpd": terms,
+        "num_sampled_timesteps": K,
+    }
 
 
 def aggregate_bound_estimates(
-        estimates: Union[Mapping[str, jnp.ndarray], Iterable[Mapping[str, jnp.ndarray]]]
+    estimates: Union[Mapping[str, jnp.ndarray], Iterable[Mapping[str, jnp.ndarray]]],
 ) -> Dict[str, float]:
     """Dataset mean of `bound_estimate` results (one dict or an iterable of per-batch dicts; drop
     padded rows first) and two standard errors of it, in bits/dim (host-side, float64).
@@ -235,14 +287,15 @@ def aggregate_bound_estimates(
     if not estimates:
         raise ValueError("aggregate_bound_estimates needs at least one bound_estimate result")
     y = np.concatenate([np.asarray(e["total_bpd"], np.float64).reshape(-1) for e in estimates])
-    se = np.concatenate([np.asarray(e["total_bpd_se"], np.float64).reshape(-1)
-                         for e in estimates])
+    se = np.concatenate([np.asarray(e["total_bpd_se"], np.float64).reshape(-1) for e in estimates])
     n = y.size
     if n == 0:
         raise ValueError("aggregate_bound_estimates got no examples")
     ks = sorted({int(e["num_sampled_timesteps"]) for e in estimates})
-    return {"total_bpd": float(np.mean(y)),
-            "total_bpd_se": float(np.std(y, ddof=1) / math.sqrt(n)) if n > 1 else math.nan,
-            "timestep_se": float(math.sqrt(np.sum(np.square(se))) / n),
-            "num_examples": n,
-            "num_sampled_timesteps": ks[0] if len(ks) == 1 else ks}
+    return {
+        "total_bpd": float(np.mean(y)),
+        "total_bpd_se": float(np.std(y, ddof=1) / math.sqrt(n)) if n > 1 else math.nan,
+        "timestep_se": float(math.sqrt(np.sum(np.square(se))) / n),
+        "num_examples": n,
+        "num_sampled_timesteps": ks[0] if len(ks) == 1 else ks,
+    }

@@ -5,6 +5,7 @@ are sharded on 'data', parameters and optimizer state replicated. The same code 
 one GPU and a multi-host TPU pod; on one machine a real multi-process run uses CPU devices and
 gloo collectives (see tests/test_train.py::test_two_processes_with_gloo_equal_one_device).
 """
+
 from __future__ import annotations
 
 import os
@@ -12,17 +13,27 @@ from typing import Any, Optional
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-__all__ = ["maybe_initialize_distributed", "make_mesh", "replicated_sharding", "batch_sharding",
-           "global_batch_from_local", "is_main_process"]
+__all__ = [
+    "maybe_initialize_distributed",
+    "make_mesh",
+    "replicated_sharding",
+    "batch_sharding",
+    "global_batch_from_local",
+    "is_main_process",
+]
 
 
-def maybe_initialize_distributed(*, coordinator_address: Optional[str] = None,
-                                 num_processes: Optional[int] = None,
-                                 process_id: Optional[int] = None,
-                                 initialization_timeout: int = 300,
-                                 heartbeat_timeout_seconds: Optional[int] = None) -> bool:
+def maybe_initialize_distributed(
+    *,
+    coordinator_address: Optional[str] = None,
+    num_processes: Optional[int] = None,
+    process_id: Optional[int] = None,
+    initialization_timeout: int = 300,
+    heartbeat_timeout_seconds: Optional[int] = None,
+) -> bool:
     """Initialises ``jax.distributed`` when this is a multi-process run; returns whether it did.
 
     Explicit arguments (or the env vars DDPM_COORDINATOR, DDPM_NUM_PROCESSES, DDPM_PROCESS_ID)
@@ -43,16 +54,21 @@ def maybe_initialize_distributed(*, coordinator_address: Optional[str] = None,
         process_id = int(os.environ["DDPM_PROCESS_ID"])
     if coordinator_address:
         if num_processes is None or process_id is None:
-            raise ValueError("A multi-process run needs coordinator_address, num_processes and "
-                             "process_id (flags --coordinator_address/--num_processes/--process_id "
-                             "or env DDPM_COORDINATOR/DDPM_NUM_PROCESSES/DDPM_PROCESS_ID)")
+            raise ValueError(
+                "A multi-process run needs coordinator_address, num_processes and "
+                "process_id (flags --coordinator_address/--num_processes/--process_id "
+                "or env DDPM_COORDINATOR/DDPM_NUM_PROCESSES/DDPM_PROCESS_ID)"
+            )
         # CPU devices need gloo for cross-process collectives; harmless for GPU/TPU backends.
         # (Asking jax.default_backend() here would initialise XLA before distributed init.)
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=coordinator_address,
-                                   num_processes=num_processes, process_id=process_id,
-                                   initialization_timeout=initialization_timeout,
-                                   heartbeat_timeout_seconds=heartbeat_timeout_seconds)
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+            initialization_timeout=initialization_timeout,
+            heartbeat_timeout_seconds=heartbeat_timeout_seconds,
+        )
         return True
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
     if len([h for h in hosts.split(",") if h]) > 1:
@@ -85,10 +101,13 @@ def global_batch_from_local(local_batch: Any, mesh: Mesh) -> Any:
     leaves = jax.tree.leaves(local_batch)
     global_b = leaves[0].shape[0] * jax.process_count()
     if global_b % n:
-        raise ValueError(f"The global batch {global_b} must be divisible by the number of devices "
-                         f"{n}: set --config.training.batch_size to a multiple of {n}")
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-                        local_batch)
+        raise ValueError(
+            f"The global batch {global_b} must be divisible by the number of devices "
+            f"{n}: set --config.training.batch_size to a multiple of {n}"
+        )
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
+    )
 
 
 def is_main_process() -> bool:

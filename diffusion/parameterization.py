@@ -13,6 +13,7 @@ check; the spec is hashable, so it can be a static argument of ``jax.jit``.
 - loss (Sec. 3.4): ``mse`` (L_simple, Eq. 14), ``kl`` (the true bound L, Eq. 5), ``hybrid``
   (Improved DDPM: L_simple + λ L_vb, the vb term training the variance only).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -65,6 +66,7 @@ assert set(LossType) == set(losses.LOSS_TYPES)
 @dataclasses.dataclass(frozen=True)
 class Parameterization:
     """A valid (mean, var, loss) combination and the hybrid loss weight λ."""
+
     mean: MeanType = MeanType.EPS
     var: VarType = VarType.FIXEDLARGE
     loss: LossType = LossType.MSE
@@ -76,8 +78,9 @@ class Parameterization:
             try:
                 object.__setattr__(self, field, cls(value))
             except ValueError:
-                raise ValueError(f"Unknown {field}_type {value!r}; valid: "
-                                 f"{[m.value for m in cls]}") from None
+                raise ValueError(
+                    f"Unknown {field}_type {value!r}; valid: {[m.value for m in cls]}"
+                ) from None
         losses.check_loss_config(self.mean.value, self.var.value, self.loss.value)
 
     @classmethod
@@ -85,8 +88,12 @@ class Parameterization:
         """From ``config.diffusion`` (``mean_type``, ``var_type``, ``loss_type``,
         ``hybrid_lambda``); raises ValueError naming a bad value or combination."""
         d = diffusion_config
-        return cls(mean=d.mean_type, var=d.var_type, loss=d.loss_type,
-                   hybrid_lambda=float(d.get("hybrid_lambda", 0.001)))
+        return cls(
+            mean=d.mean_type,
+            var=d.var_type,
+            loss=d.loss_type,
+            hybrid_lambda=float(d.get("hybrid_lambda", 0.001)),
+        )
 
     @property
     def model_kwargs(self) -> Dict[str, Any]:
@@ -96,8 +103,12 @@ class Parameterization:
     @property
     def loss_kwargs(self) -> Dict[str, Any]:
         """Keywords of `losses.training_losses` / `losses.loss_from_output`."""
-        return {"mean_type": self.mean, "var_type": self.var, "loss_type": self.loss,
-                "hybrid_lambda": self.hybrid_lambda}
+        return {
+            "mean_type": self.mean,
+            "var_type": self.var,
+            "loss_type": self.loss,
+            "hybrid_lambda": self.hybrid_lambda,
+        }
 
     def output_channels(self, image_channels: int) -> int:
         """Network output channels: 2C for a learned variance (mean ‖ variance), else C."""

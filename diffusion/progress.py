@@ -1,4 +1,5 @@
 """Progress lines with rate and ETA for the long stages of a run (features, bound, sampling)."""
+
 from __future__ import annotations
 
 import logging
@@ -21,8 +22,14 @@ class Progress:
     """Logs "<what>: k/total <unit> (rate/s, elapsed, ETA)" at most every ``every_s`` seconds and
     at the end. ``update(n)`` adds n done units."""
 
-    def __init__(self, what: str, total: int, unit: str = "images", every_s: float = 30.0,
-                 log: Optional[Callable[[str], None]] = None):
+    def __init__(
+        self,
+        what: str,
+        total: int,
+        unit: str = "images",
+        every_s: float = 30.0,
+        log: Optional[Callable[[str], None]] = None,
+    ):
         self.what, self.total, self.unit, self.every_s = what, int(total), unit, every_s
         self.done, self.t0 = 0, time.time()
         self.last = self.t0
@@ -40,5 +47,7 @@ class Progress:
         rate = self.done / max(elapsed, 1e-9)
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
         tail = "done" if self.done >= self.total else f"ETA {format_seconds(eta)}"
-        return (f"{self.what}: {self.done}/{self.total} {self.unit} ({rate:.1f} {self.unit}/s, "
-                f"{format_seconds(elapsed)} elapsed, {tail})")
+        return (
+            f"{self.what}: {self.done}/{self.total} {self.unit} ({rate:.1f} {self.unit}/s, "
+            f"{format_seconds(elapsed)} elapsed, {tail})"
+        )

@@ -1,4 +1,5 @@
 """Keeps our own progress lines readable: drops the INFO chatter of Orbax, TensorStore and etils."""
+
 import logging
 
 _NOISY = ("/orbax/", "/tensorstore/", "/etils/")

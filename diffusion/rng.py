@@ -27,15 +27,24 @@ reproduce: Fig. 6      ``seed + 7``    `experiments.reproduce` progressive x̂_0
 reproduce: Fig. 8      ``seed + 8``    `experiments.reproduce` interpolation panel
 =====================  ==============  ======================================================
 """
+
 from __future__ import annotations
 
 import jax
 
-__all__ = ["PARAM_INIT", "GRID_SAMPLES", "EVAL_SAMPLES", "BPD_NOISE", "DATA_FLIP",
-           "FIG6_SEED_OFFSET", "FIG8_SEED_OFFSET", "stream"]
+__all__ = [
+    "PARAM_INIT",
+    "GRID_SAMPLES",
+    "EVAL_SAMPLES",
+    "BPD_NOISE",
+    "DATA_FLIP",
+    "FIG6_SEED_OFFSET",
+    "FIG8_SEED_OFFSET",
+    "stream",
+]
 
 PARAM_INIT = 0x1417
-GRID_SAMPLES = 2 ** 31 - 1
+GRID_SAMPLES = 2**31 - 1
 EVAL_SAMPLES = 0x5A3E
 BPD_NOISE = 0xB9D
 DATA_FLIP = 1

@@ -3,6 +3,7 @@
 Everything is computed in float64 NumPy (the released DDPM code does the same) and cast once to
 float32 when a `Schedule` is built. Code index ``t`` runs 0..T-1; paper time is ``t + 1``.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,7 +21,7 @@ def _linear(beta_start, beta_end, T):
 
 
 def _quad(beta_start, beta_end, T):
-    return np.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=np.float64) ** 2
+    return np.linspace(beta_start**0.5, beta_end**0.5, T, dtype=np.float64) ** 2
 
 
 def _const(beta_start, beta_end, T):
@@ -62,8 +63,9 @@ BETA_SCHEDULES: Dict[str, Callable[[float, float, int], np.ndarray]] = {
 }
 
 
-def get_beta_schedule(name: str, *, beta_start: float = 1e-4, beta_end: float = 0.02,
-                      num_timesteps: int = 1000) -> np.ndarray:
+def get_beta_schedule(
+    name: str, *, beta_start: float = 1e-4, beta_end: float = 0.02, num_timesteps: int = 1000
+) -> np.ndarray:
     """Returns the betas β_1..β_T of a named schedule, float64 ``[T]``.
 
     ``linear`` is the paper's (Sec. 4: 1e-4 → 0.02 over T = 1000); ``quad``, ``const``, ``jsd``,
@@ -76,7 +78,8 @@ def get_beta_schedule(name: str, *, beta_start: float = 1e-4, beta_end: float = 
         raise ValueError(f"num_timesteps must be a positive integer, got {num_timesteps!r}")
     if name != "cosine" and not (0 < beta_start <= beta_end <= 1):
         raise ValueError(
-            f"Need 0 < beta_start <= beta_end <= 1, got beta_start={beta_start}, beta_end={beta_end}")
+            f"Need 0 < beta_start <= beta_end <= 1, got beta_start={beta_start}, beta_end={beta_end}"
+        )
     betas = BETA_SCHEDULES[name](float(beta_start), float(beta_end), int(num_timesteps))
     assert betas.shape == (num_timesteps,)
     return betas
@@ -89,21 +92,22 @@ class Schedule:
     Index with an int array ``t`` of shape ``[B]``: ``schedule.betas[t]``. Built with
     `Schedule.from_betas`; the derivations live in docs/math.md.
     """
-    betas: jnp.ndarray                          # β_t
-    alphas: jnp.ndarray                         # α_t = 1 − β_t
-    alphas_cumprod: jnp.ndarray                 # ᾱ_t = Π_{s≤t} α_s
-    alphas_cumprod_prev: jnp.ndarray            # ᾱ_{t−1}, with ᾱ_{−1} = 1
-    sqrt_alphas_cumprod: jnp.ndarray            # √ᾱ_t
+
+    betas: jnp.ndarray  # β_t
+    alphas: jnp.ndarray  # α_t = 1 − β_t
+    alphas_cumprod: jnp.ndarray  # ᾱ_t = Π_{s≤t} α_s
+    alphas_cumprod_prev: jnp.ndarray  # ᾱ_{t−1}, with ᾱ_{−1} = 1
+    sqrt_alphas_cumprod: jnp.ndarray  # √ᾱ_t
     sqrt_one_minus_alphas_cumprod: jnp.ndarray  # √(1−ᾱ_t)
-    log_one_minus_alphas_cumprod: jnp.ndarray   # log(1−ᾱ_t)
-    sqrt_recip_alphas_cumprod: jnp.ndarray      # √(1/ᾱ_t)
-    sqrt_recipm1_alphas_cumprod: jnp.ndarray    # √(1/ᾱ_t − 1)
-    log_betas: jnp.ndarray                      # log β_t
-    fixedlarge_log_variance: jnp.ndarray        # log([β̃_1, β_1..]) i.e. log β with t=0 → log β̃[1]
-    posterior_variance: jnp.ndarray             # β̃_t = β_t (1−ᾱ_{t−1})/(1−ᾱ_t)
+    log_one_minus_alphas_cumprod: jnp.ndarray  # log(1−ᾱ_t)
+    sqrt_recip_alphas_cumprod: jnp.ndarray  # √(1/ᾱ_t)
+    sqrt_recipm1_alphas_cumprod: jnp.ndarray  # √(1/ᾱ_t − 1)
+    log_betas: jnp.ndarray  # log β_t
+    fixedlarge_log_variance: jnp.ndarray  # log([β̃_1, β_1..]) i.e. log β with t=0 → log β̃[1]
+    posterior_variance: jnp.ndarray  # β̃_t = β_t (1−ᾱ_{t−1})/(1−ᾱ_t)
     posterior_log_variance_clipped: jnp.ndarray  # log([β̃[1], β̃[1:]])
-    posterior_mean_coef1: jnp.ndarray           # β_t √ᾱ_{t−1} / (1−ᾱ_t)      (multiplies x0)
-    posterior_mean_coef2: jnp.ndarray           # (1−ᾱ_{t−1}) √α_t / (1−ᾱ_t)   (multiplies x_t)
+    posterior_mean_coef1: jnp.ndarray  # β_t √ᾱ_{t−1} / (1−ᾱ_t)      (multiplies x0)
+    posterior_mean_coef2: jnp.ndarray  # (1−ᾱ_{t−1}) √α_t / (1−ᾱ_t)   (multiplies x_t)
 
     @property
     def num_timesteps(self) -> int:
@@ -121,8 +125,10 @@ class Schedule:
             raise ValueError(f"betas must be a non-empty 1-D array [T], got shape {betas.shape}")
         if not np.all(np.isfinite(betas)) or not ((betas > 0).all() and (betas <= 1).all()):
             bad = np.flatnonzero(~((betas > 0) & (betas <= 1)))[:5]
-            raise ValueError(f"betas must lie in (0, 1]; offending indices {bad.tolist()} "
-                             f"with values {betas[bad].tolist()}")
+            raise ValueError(
+                f"betas must lie in (0, 1]; offending indices {bad.tolist()} "
+                f"with values {betas[bad].tolist()}"
+            )
         T = betas.shape[0]
         alphas = 1.0 - betas
         ac = np.cumprod(alphas)
@@ -142,19 +148,34 @@ class Schedule:
             sqrt_recipm1_ac = np.sqrt(1.0 / ac - 1.0)
         f32 = lambda a: jnp.asarray(a, dtype=jnp.float32)
         return cls(
-            betas=f32(betas), alphas=f32(alphas), alphas_cumprod=f32(ac), alphas_cumprod_prev=f32(ac_prev),
-            sqrt_alphas_cumprod=f32(np.sqrt(ac)), sqrt_one_minus_alphas_cumprod=f32(np.sqrt(1.0 - ac)),
+            betas=f32(betas),
+            alphas=f32(alphas),
+            alphas_cumprod=f32(ac),
+            alphas_cumprod_prev=f32(ac_prev),
+            sqrt_alphas_cumprod=f32(np.sqrt(ac)),
+            sqrt_one_minus_alphas_cumprod=f32(np.sqrt(1.0 - ac)),
             log_one_minus_alphas_cumprod=f32(log_one_minus_ac),
             sqrt_recip_alphas_cumprod=f32(sqrt_recip_ac),
             sqrt_recipm1_alphas_cumprod=f32(sqrt_recipm1_ac),
-            log_betas=f32(log_betas), fixedlarge_log_variance=f32(fixedlarge_logvar),
-            posterior_variance=f32(post_var), posterior_log_variance_clipped=f32(post_logvar),
-            posterior_mean_coef1=f32(coef1), posterior_mean_coef2=f32(coef2),
+            log_betas=f32(log_betas),
+            fixedlarge_log_variance=f32(fixedlarge_logvar),
+            posterior_variance=f32(post_var),
+            posterior_log_variance_clipped=f32(post_logvar),
+            posterior_mean_coef1=f32(coef1),
+            posterior_mean_coef2=f32(coef2),
         )
 
 
-def make_schedule(name: str = "linear", *, beta_start: float = 1e-4, beta_end: float = 0.02,
-                  num_timesteps: int = 1000) -> Schedule:
+def make_schedule(
+    name: str = "linear",
+    *,
+    beta_start: float = 1e-4,
+    beta_end: float = 0.02,
+    num_timesteps: int = 1000,
+) -> Schedule:
     """`Schedule.from_betas(get_beta_schedule(...))`: the usual way to get a schedule."""
-    return Schedule.from_betas(get_beta_schedule(
-        name, beta_start=beta_start, beta_end=beta_end, num_timesteps=num_timesteps))
+    return Schedule.from_betas(
+        get_beta_schedule(
+            name, beta_start=beta_start, beta_end=beta_end, num_timesteps=num_timesteps
+        )
+    )

@@ -6,6 +6,7 @@ samples). Randomness is stateless: the step's key is
 ``fold_in(key(seed), step)``, the data order a pure function of (seed, step), so a resumed run
 draws exactly what an uninterrupted one would.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,14 +24,35 @@ import optax
 from diffusion import cpu_runtime, io, losses, parallel, rng, samplers, sampling
 from diffusion.checkpoint import Checkpointer, CheckpointIncompatibleError
 from diffusion.config_check import ConfigError, incompatible_fields, validate_config
-from diffusion.factories import (TrainState, abstract_state, config_to_dict, create_model,
-                                 init_state, learning_rate_fn, make_denoise_fn, make_optimizer,
-                                 parameterization, schedule_from_config)
+from diffusion.factories import (
+    TrainState,
+    abstract_state,
+    config_to_dict,
+    create_model,
+    init_state,
+    learning_rate_fn,
+    make_denoise_fn,
+    make_optimizer,
+    parameterization,
+    schedule_from_config,
+)
 from diffusion.schedules import Schedule
 
-__all__ = ["TrainState", "NonFiniteError", "ResumeMismatchError", "create_model", "schedule_from_config",
-           "make_optimizer", "learning_rate_fn", "init_state", "make_train_step",
-           "make_denoise_fn", "train_and_evaluate", "config_to_dict", "save_image_grid"]
+__all__ = [
+    "TrainState",
+    "NonFiniteError",
+    "ResumeMismatchError",
+    "create_model",
+    "schedule_from_config",
+    "make_optimizer",
+    "learning_rate_fn",
+    "init_state",
+    "make_train_step",
+    "make_denoise_fn",
+    "train_and_evaluate",
+    "config_to_dict",
+    "save_image_grid",
+]
 
 
 # ----------------------------------------------------------------------------- step
@@ -57,7 +79,7 @@ def make_train_step(config, model, schedule: Schedule, tx, mesh=None) -> Callabl
     lr_fn = learning_rate_fn(config)
     skip_nonfinite = tr.nonfinite == "skip"
     groups = tr.grad_clip_groups if tr.grad_clip > 0 else 0
-    param = parameterization(config)   # validated once
+    param = parameterization(config)  # validated once
 
     def step_fn(state: TrainState, batch: Dict[str, jnp.ndarray], base_key):
         x0 = batch["image"]
@@ -68,11 +90,14 @@ def make_train_step(config, model, schedule: Schedule, tx, mesh=None) -> Callabl
         noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
 
         def loss_fn(params, x0, x_t_noise, t, dropout_key):
-            def denoise_fn(x_t, t):   # the network in training mode (dropout on)
-                return model.apply({"params": params}, x_t, t, train=True,
-                                   rngs={"dropout": dropout_key}).astype(jnp.float32)
-            per_ex, _ = losses.training_losses(schedule, denoise_fn, x0, t, x_t_noise,
-                                               **param.loss_kwargs)
+            def denoise_fn(x_t, t):  # the network in training mode (dropout on)
+                return model.apply(
+                    {"params": params}, x_t, t, train=True, rngs={"dropout": dropout_key}
+                ).astype(jnp.float32)
+
+            per_ex, _ = losses.training_losses(
+                schedule, denoise_fn, x0, t, x_t_noise, **param.loss_kwargs
+            )
             return per_ex.mean(), per_ex
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -83,16 +108,16 @@ def make_train_step(config, model, schedule: Schedule, tx, mesh=None) -> Callabl
             # The released TPU code: each core clips the gradient of its own share of the batch
             # to grad_clip, then the clipped gradients are averaged (the optimizer's global clip
             # that follows is then a no-op: a mean of vectors of norm <= c has norm <= c).
-            split = lambda a: a.reshape((groups, B // groups) + a.shape[1:])   # noqa: E731
+            split = lambda a: a.reshape((groups, B // groups) + a.shape[1:])  # noqa: E731
             keys = jax.random.split(dropout_key, groups)
             (losses_g, per_ex_g), grads_g = jax.vmap(grad_fn, in_axes=(None, 0, 0, 0, 0))(
-                state.params, split(x0), split(noise), split(t), keys)
+                state.params, split(x0), split(noise), split(t), keys
+            )
             loss, per_ex = losses_g.mean(), per_ex_g.reshape(B)
             grad_norm = optax.tree.norm(jax.tree.map(lambda g: g.mean(0), grads_g))
             norms = jax.vmap(optax.tree.norm)(grads_g)
             scale = jnp.minimum(1.0, tr.grad_clip / jnp.maximum(norms, 1e-30))
-            grads = jax.tree.map(
-                lambda g: jnp.tensordot(scale, g, axes=1) / groups, grads_g)
+            grads = jax.tree.map(lambda g: jnp.tensordot(scale, g, axes=1) / groups, grads_g)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         decay = tr.ema_decay
@@ -100,19 +125,25 @@ def make_train_step(config, model, schedule: Schedule, tx, mesh=None) -> Callabl
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new = TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
         if skip_nonfinite:
-            new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new,
-                               state.replace(step=state.step + 1))
+            new = jax.tree.map(
+                lambda n, o: jnp.where(finite, n, o), new, state.replace(step=state.step + 1)
+            )
         q = _quartile_means(per_ex, t, T)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_fn(state.step),
-                   "finite": finite.astype(jnp.float32),
-                   **{f"loss_q{i}": q[i] for i in range(4)}}
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": lr_fn(state.step),
+            "finite": finite.astype(jnp.float32),
+            **{f"loss_q{i}": q[i] for i in range(4)},
+        }
         return new, metrics
 
     if mesh is None:
         return jax.jit(step_fn, donate_argnums=(0,))
     rep, data = parallel.replicated_sharding(mesh), parallel.batch_sharding(mesh)
-    return jax.jit(step_fn, in_shardings=(rep, data, rep), out_shardings=(rep, rep),
-                   donate_argnums=(0,))
+    return jax.jit(
+        step_fn, in_shardings=(rep, data, rep), out_shardings=(rep, rep), donate_argnums=(0,)
+    )
 
 
 # ----------------------------------------------------------------------------- loop helpers
@@ -136,16 +167,18 @@ class _Preemption:
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._old[sig] = signal.signal(sig, self._handler)
-            except ValueError:   # not the main thread: rely on Orbax's preemption check only
+            except ValueError:  # not the main thread: rely on Orbax's preemption check only
                 pass
         return self
 
     def _handler(self, signum, frame):
         if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt   # second Ctrl-C: stop now
+            raise KeyboardInterrupt  # second Ctrl-C: stop now
         self.signal = signum
-        logging.warning("Received %s: saving a checkpoint at the current step, then exiting.",
-                        signal.Signals(signum).name)
+        logging.warning(
+            "Received %s: saving a checkpoint at the current step, then exiting.",
+            signal.Signals(signum).name,
+        )
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -171,8 +204,12 @@ def _grid_sampler(config, model, schedule) -> Callable:
         steps = 0
     spec = samplers.spec_from_config(config, steps=steps)
     spec = samplers.SamplerSpec(spec.method, spec.steps, spec.eta, clip_denoised=True)
-    shape = (tr.num_grid_samples, config.data.image_size, config.data.image_size,
-             config.data.channels)
+    shape = (
+        tr.num_grid_samples,
+        config.data.image_size,
+        config.data.image_size,
+        config.data.channels,
+    )
 
     @jax.jit
     def sample(params, key):
@@ -197,10 +234,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     ``samples/step_*.png``. Returns the final `TrainState`.
     """
     from clu import metric_writers, periodic_actions
+
     from diffusion.data import create_input_pipeline
 
     # --- validate, mesh
-    workdir = io.absolute(workdir)   # Orbax needs absolute paths
+    workdir = io.absolute(workdir)  # Orbax needs absolute paths
     mesh = parallel.make_mesh()
     validate_config(config, num_devices=mesh.devices.size, process_count=jax.process_count())
     _check_workdir(workdir)
@@ -215,53 +253,73 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     tx = make_optimizer(config)
     train_step = make_train_step(config, model, schedule, tx, mesh)
     # Built under jit so that it is a global replicated array on multi-host meshes too.
-    base_key = jax.jit(lambda: jax.random.key(config.seed),
-                       out_shardings=parallel.replicated_sharding(mesh))()
+    base_key = jax.jit(
+        lambda: jax.random.key(config.seed), out_shardings=parallel.replicated_sharding(mesh)
+    )()
 
     # --- checkpoint: resume or start
     ckpt = Checkpointer(io.join(workdir, "checkpoints"), keep_every=tr.keep_every)
     abstract = abstract_state(config, model, mesh)
     params_only = tr.resume == "params"
-    how = (f"To continue: relaunch with the config this workdir was started with (saved in "
-           f"{workdir}/config.json), or use a new --workdir, or add "
-           "--config.training.resume=params to take the parameters and EMA from the checkpoint "
-           "into a fresh optimizer state.")
+    how = (
+        f"To continue: relaunch with the config this workdir was started with (saved in "
+        f"{workdir}/config.json), or use a new --workdir, or add "
+        "--config.training.resume=params to take the parameters and EMA from the checkpoint "
+        "into a fresh optimizer state."
+    )
     try:
         restored = ckpt.restore_latest(
-            abstract, params_only=params_only, how_to_proceed=how,
-            config_differences=lambda saved: incompatible_fields(saved, config,
-                                                                 optimizer=not params_only))
+            abstract,
+            params_only=params_only,
+            how_to_proceed=how,
+            config_differences=lambda saved: incompatible_fields(
+                saved, config, optimizer=not params_only
+            ),
+        )
     except CheckpointIncompatibleError as e:
         raise ResumeMismatchError(str(e)) from e
     if restored is None:
         state = init_state(config, model, tx, mesh)
     elif params_only:
         saved, _, at = restored
-        new_opt = jax.jit(tx.init, out_shardings=parallel.replicated_sharding(mesh))(saved["params"])
-        state = TrainState(step=saved["step"], params=saved["params"],
-                           ema_params=saved["ema_params"], opt_state=new_opt)
-        logging.warning("Resumed parameters and EMA from step %d in %s with a NEW optimizer state "
-                        "(training.resume=params).", at, workdir)
+        new_opt = jax.jit(tx.init, out_shardings=parallel.replicated_sharding(mesh))(
+            saved["params"]
+        )
+        state = TrainState(
+            step=saved["step"],
+            params=saved["params"],
+            ema_params=saved["ema_params"],
+            opt_state=new_opt,
+        )
+        logging.warning(
+            "Resumed parameters and EMA from step %d in %s with a NEW optimizer state "
+            "(training.resume=params).",
+            at,
+            workdir,
+        )
     else:
         state, _, at = restored
         logging.info("Resumed from step %d in %s", at, workdir)
     start = int(jax.device_get(state.step))
     if main:
-        io.write_json(io.join(workdir, "config.json"), config_to_dict(config), indent=2,
-                      sort_keys=True)
+        io.write_json(
+            io.join(workdir, "config.json"), config_to_dict(config), indent=2, sort_keys=True
+        )
 
     # --- input, logging
     batches = pipeline.iterator(start)
     # TensorBoard event files go through TensorFlow's file system (gs:// included).
     writer = metric_writers.create_default_writer(
-        workdir, just_logging=not (main and tr.get("tensorboard", True)))
+        workdir, just_logging=not (main and tr.get("tensorboard", True))
+    )
     if start == 0:
         writer.write_hparams({k: v for k, v in _flatten(config_to_dict(config)).items()})
-    report = periodic_actions.ReportProgress(num_train_steps=tr.num_train_steps, writer=writer,
-                                             every_steps=tr.log_every)
+    report = periodic_actions.ReportProgress(
+        num_train_steps=tr.num_train_steps, writer=writer, every_steps=tr.log_every
+    )
     grid_sampler = None
     grid_key = rng.stream(config.seed, rng.GRID_SAMPLES)
-    pending = []   # device metrics since the last host sync
+    pending = []  # device metrics since the last host sync
     last_saved = start
 
     def flush(step):
@@ -279,35 +337,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     f"Non-finite {what} at step {bad_step} (loss={m['loss']}, grad_norm="
                     f"{m['grad_norm']}). The state was not saved; the last good checkpoint is step "
                     f"{last_saved} in {ckpt.directory}. Lower --config.training.lr, check the data, "
-                    "or set --config.training.nonfinite=skip.")
+                    "or set --config.training.nonfinite=skip."
+                )
         return got
 
     def save(step):
         nonlocal last_saved
-        flush(step)   # never save a state that went non-finite
+        flush(step)  # never save a state that went non-finite
         try:
             ckpt.save(step, state, config_to_dict(config))
         except OSError as e:
-            raise OSError(f"Could not save the checkpoint at step {step} in {ckpt.directory} "
-                          f"({e}). The last good checkpoint, step {last_saved}, is untouched; free "
-                          "space or fix the workdir, then relaunch to resume from it.") from e
+            raise OSError(
+                f"Could not save the checkpoint at step {step} in {ckpt.directory} "
+                f"({e}). The last good checkpoint, step {last_saved}, is untouched; free "
+                "space or fix the workdir, then relaunch to resume from it."
+            ) from e
         last_saved = step
 
     compiled_step = None
-    in_flight = None   # metrics of the step dispatched last
+    in_flight = None  # metrics of the step dispatched last
     with _Preemption() as preempt:
         step = start
         try:
             while step < tr.num_train_steps:
                 batch = parallel.global_batch_from_local(next(batches), mesh)
-                if compiled_step is None:   # compile ahead (a wrapped step is used as is)
+                if compiled_step is None:  # compile ahead (a wrapped step is used as is)
                     t_compile = time.time()
-                    logging.info("Compiling the train step (once per launch; seconds for small "
-                                 "models, a minute or more for the CIFAR10 U-Net on a CPU) ...")
-                    compiled_step = (train_step.lower(state, batch, base_key).compile()
-                                     if hasattr(train_step, "lower") else train_step)
-                    logging.info("Compiled the train step in %.1f s; training from step %d.",
-                                 time.time() - t_compile, step)
+                    logging.info(
+                        "Compiling the train step (once per launch; seconds for small "
+                        "models, a minute or more for the CIFAR10 U-Net on a CPU) ..."
+                    )
+                    compiled_step = (
+                        train_step.lower(state, batch, base_key).compile()
+                        if hasattr(train_step, "lower")
+                        else train_step
+                    )
+                    logging.info(
+                        "Compiled the train step in %.1f s; training from step %d.",
+                        time.time() - t_compile,
+                        step,
+                    )
                     # The compiler's freed memory stays in glibc's heap, where the step's
                     # buffers cannot reuse it: give it back (~0.8 GiB for the CIFAR10 model).
                     cpu_runtime.release_free_heap()
@@ -327,23 +396,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     scalars["skipped_steps"] = float(sum(1 - m["finite"] for m in got))
                     writer.write_scalars(step, scalars)
                     if main:
-                        io.append_line(io.join(workdir, "metrics.jsonl"),
-                                       json.dumps({"step": step, **scalars}))
+                        io.append_line(
+                            io.join(workdir, "metrics.jsonl"), json.dumps({"step": step, **scalars})
+                        )
                 preempted = preempt.signal is not None or ckpt.manager.reached_preemption(step)
-                if (step % tr.checkpoint_every == 0 or step % tr.keep_every == 0
-                        or step == tr.num_train_steps or preempted):
+                if (
+                    step % tr.checkpoint_every == 0
+                    or step % tr.keep_every == 0
+                    or step == tr.num_train_steps
+                    or preempted
+                ):
                     save(step)
                 if step % tr.sample_every == 0 or step == tr.num_train_steps:
                     flush(step)
                     grid_sampler = grid_sampler or _grid_sampler(config, model, schedule)
-                    images = grid_sampler(state.ema_params, grid_key)   # same noise every time
+                    images = grid_sampler(state.ema_params, grid_key)  # same noise every time
                     if main:
-                        io.save_image_grid(images, io.join(workdir, "samples",
-                                                           f"step_{step:08d}.png"))
+                        io.save_image_grid(
+                            images, io.join(workdir, "samples", f"step_{step:08d}.png")
+                        )
                         writer.write_images(step, {"ema_samples": images[:16]})
                 if preempted:
-                    logging.warning("Preempted: checkpoint saved at step %d; relaunch the same "
-                                    "command to resume.", step)
+                    logging.warning(
+                        "Preempted: checkpoint saved at step %d; relaunch the same "
+                        "command to resume.",
+                        step,
+                    )
                     break
         finally:
             if hasattr(batches, "close"):

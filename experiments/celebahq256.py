@@ -6,6 +6,7 @@ Needs TFDS `celeb_a_hq/256` prepared by hand (manual download) in --config.data.
 
     python launch.py --config experiments/celebahq256.py --workdir gs://BUCKET/ddpm/celebahq256
 """
+
 from experiments import default
 
 
@@ -13,9 +14,9 @@ def get_config():
     config = default.get_config()
     config.data.dataset = "celeb_a_hq/256"
     config.data.image_size = 256
-    config.data.in_memory = False       # 30k images x 196,608 bytes: stream with tf.data
+    config.data.in_memory = False  # 30k images x 196,608 bytes: stream with tf.data
     config.data.random_flip = True
-    config.diffusion.var_type = "fixedsmall"   # as the released 256x256 code samples
+    config.diffusion.var_type = "fixedsmall"  # as the released 256x256 code samples
     config.model.ch_mult = (1, 1, 2, 2, 4, 4)
     config.model.dropout = 0.0
     config.model.remat = False

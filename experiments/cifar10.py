@@ -6,6 +6,7 @@ Needs the TFDS `cifar10` data prepared in --config.data.data_dir (no download at
 
     python launch.py --config experiments/cifar10.py --workdir gs://BUCKET/ddpm/cifar10
 """
+
 from experiments import default
 
 

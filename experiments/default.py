@@ -4,6 +4,7 @@ Other configs start from this one and override. Run any config with
     python launch.py --config experiments/default.py --workdir /tmp/ddpm_default
 and override any field: --config.training.batch_size=64 --config.diffusion.loss_type=kl
 """
+
 import ml_collections
 
 
@@ -13,13 +14,13 @@ def get_config():
 
     # The forward process and the objective (docs/reference.md, "The process, losses and decoder").
     config.diffusion = d = ml_collections.ConfigDict()
-    d.beta_schedule = "linear"      # linear | quad | const | jsd | warmup10 | warmup50 | cosine
+    d.beta_schedule = "linear"  # linear | quad | const | jsd | warmup10 | warmup50 | cosine
     d.beta_start = 1e-4
     d.beta_end = 0.02
     d.num_timesteps = 1000
-    d.mean_type = "eps"             # eps | xstart | xprev | v
-    d.var_type = "fixedlarge"       # fixedlarge | fixedsmall | learned | learned_range
-    d.loss_type = "mse"             # mse (L_simple) | kl (true bound L) | hybrid (Improved DDPM)
+    d.mean_type = "eps"  # eps | xstart | xprev | v
+    d.var_type = "fixedlarge"  # fixedlarge | fixedsmall | learned | learned_range
+    d.loss_type = "mse"  # mse (L_simple) | kl (true bound L) | hybrid (Improved DDPM)
     d.hybrid_lambda = 0.001
 
     # The U-Net (docs/reference.md, "The U-Net"); name selects a registered model.
@@ -31,66 +32,66 @@ def get_config():
     m.attn_resolutions = (16,)
     m.dropout = 0.1
     m.resamp_with_conv = True
-    m.dtype = "float32"             # compute dtype: float32 | bfloat16 (params stay float32)
-    m.remat = False                 # rematerialise each block (memory for 256x256)
-    m.conv_impl = "auto"            # auto | xla | winograd | winograd4 | mixed (3x3 conv compute)
+    m.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+    m.remat = False  # rematerialise each block (memory for 256x256)
+    m.conv_impl = "auto"  # auto | xla | winograd | winograd4 | mixed (3x3 conv compute)
 
     # Optimisation, EMA, logging and checkpoint cadence (docs/reference.md, "Training hyperparameters").
     config.training = t = ml_collections.ConfigDict()
-    t.batch_size = 128              # global batch over all devices and processes
+    t.batch_size = 128  # global batch over all devices and processes
     t.num_train_steps = 800_000
     t.lr = 2e-4
     t.warmup_steps = 5000
     t.grad_clip = 1.0
-    t.grad_clip_groups = 0          # 0/1: clip the mean gradient; N: clip each of N equal groups
-                                    # of the batch, then average (released TPU code: N = cores, 8)
+    t.grad_clip_groups = 0  # 0/1: clip the mean gradient; N: clip each of N equal groups
+    # of the batch, then average (released TPU code: N = cores, 8)
     t.adam_b1 = 0.9
     t.adam_b2 = 0.999
     t.adam_eps = 1e-8
     t.weight_decay = 0.0
     t.ema_decay = 0.9999
     t.log_every = 100
-    t.checkpoint_every = 5000       # rolling checkpoint to resume from
-    t.keep_every = 50_000           # permanent checkpoints (evaluation sweeps)
-    t.sample_every = 50_000         # EMA sample grid (PNG + TensorBoard)
+    t.checkpoint_every = 5000  # rolling checkpoint to resume from
+    t.keep_every = 50_000  # permanent checkpoints (evaluation sweeps)
+    t.sample_every = 50_000  # EMA sample grid (PNG + TensorBoard)
     t.num_grid_samples = 64
-    t.grid_sample_steps = 100       # respaced chain for the grid (the full chain is for eval)
-    t.nonfinite = "raise"           # raise | skip: what a non-finite loss/gradient does
-    t.tensorboard = True            # TensorBoard event files (through TensorFlow's file system)
-    t.resume = "full"               # full | params: params = take params/EMA/step from the
-                                    # checkpoint into a new optimizer state (explicit opt-in)
+    t.grid_sample_steps = 100  # respaced chain for the grid (the full chain is for eval)
+    t.nonfinite = "raise"  # raise | skip: what a non-finite loss/gradient does
+    t.tensorboard = True  # TensorBoard event files (through TensorFlow's file system)
+    t.resume = "full"  # full | params: params = take params/EMA/step from the
+    # checkpoint into a new optimizer state (explicit opt-in)
 
     # The sampler of the training grid, --mode sample and --mode evaluate (diffusion/samplers.py);
     # its step count is per use: training.grid_sample_steps, eval.sample_steps.
     config.sample = s = ml_collections.ConfigDict()
-    s.method = "ancestral"          # ancestral (Algorithm 2; respaced when steps > 0) | ddim
-    s.eta = 0.0                     # DDIM's eta: 0 deterministic, 1 the ancestral fixedsmall step
+    s.method = "ancestral"  # ancestral (Algorithm 2; respaced when steps > 0) | ddim
+    s.eta = 0.0  # DDIM's eta: 0 deterministic, 1 the ancestral fixedsmall step
 
     # Input pipeline.
     config.data = dd = ml_collections.ConfigDict()
-    dd.dataset = "cifar10"          # mnist5k | emoji32 | cifar10 | celeb_a_hq/256 | lsun/bedroom ...
+    dd.dataset = "cifar10"  # mnist5k | emoji32 | cifar10 | celeb_a_hq/256 | lsun/bedroom ...
     dd.image_size = 32
     dd.channels = 3
     dd.random_flip = True
-    dd.data_dir = ml_collections.config_dict.placeholder(str)   # TFDS data dir; None: TFDS default
-    dd.in_memory = True             # load the split into RAM: batches are a pure fn of (seed, step)
+    dd.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data dir; None: TFDS default
+    dd.in_memory = True  # load the split into RAM: batches are a pure fn of (seed, step)
 
     # Evaluation (launch.py --mode evaluate).
     config.eval = e = ml_collections.ConfigDict()
     e.num_samples = 50_000
     e.batch_size = 256
-    e.sample_steps = 0              # 0: the full T-step chain; K > 0: K respaced/strided steps
-    e.clip_denoised = True          # clip x0-hat to [-1, 1] in the samplers and the bound
-    e.fid_split = "train"           # the paper's Table 1 FID uses training-set statistics;
-                                    # 'train,test': FID against both in one pass (first = primary)
-    e.bpd_split = "test"            # 'test,train[:10000]': the bound on both (first = primary)
-    e.inception_weights = ml_collections.config_dict.placeholder(str)   # a file with the logits
-                                    # layer (pytorch-fid's pt_inception-2015-12-05-6726825d.pth)
-                                    # for the Inception Score; None: IS not computed
-    e.real_floor_split = "auto"     # real images scored like the samples (same N and reference)
-                                    # for the FID floor: auto | '' (skip) | a split like 'test[:512]'
+    e.sample_steps = 0  # 0: the full T-step chain; K > 0: K respaced/strided steps
+    e.clip_denoised = True  # clip x0-hat to [-1, 1] in the samplers and the bound
+    e.fid_split = "train"  # the paper's Table 1 FID uses training-set statistics;
+    # 'train,test': FID against both in one pass (first = primary)
+    e.bpd_split = "test"  # 'test,train[:10000]': the bound on both (first = primary)
+    e.inception_weights = ml_collections.config_dict.placeholder(str)  # a file with the logits
+    # layer (pytorch-fid's pt_inception-2015-12-05-6726825d.pth)
+    # for the Inception Score; None: IS not computed
+    e.real_floor_split = "auto"  # real images scored like the samples (same N and reference)
+    # for the FID floor: auto | '' (skip) | a split like 'test[:512]'
     e.bpd_num_examples = 10_000
-    e.bpd_timesteps = 0             # 0: the full bound (T network calls per example); K: an
-                                    # unbiased estimate from K random timesteps, with its s.e.
-    e.checkpoints = "latest"        # latest | all (sweep every permanent checkpoint)
+    e.bpd_timesteps = 0  # 0: the full bound (T network calls per example); K: an
+    # unbiased estimate from K random timesteps, with its s.e.
+    e.checkpoints = "latest"  # latest | all (sweep every permanent checkpoint)
     return config

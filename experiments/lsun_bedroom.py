@@ -10,6 +10,7 @@ on Bedroom, =True on Cat. TFDS `lsun/bedroom` must be prepared in
 
     python launch.py --config experiments/lsun_bedroom.py --workdir gs://BUCKET/ddpm/lsun_bedroom
 """
+
 from experiments import celebahq256
 
 

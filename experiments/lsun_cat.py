@@ -10,6 +10,7 @@ on Bedroom, =True on Cat. TFDS `lsun/cat` must be prepared in
 
     python launch.py --config experiments/lsun_cat.py --workdir gs://BUCKET/ddpm/lsun_cat
 """
+
 from experiments import celebahq256
 
 

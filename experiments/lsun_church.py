@@ -10,6 +10,7 @@ on Bedroom, =True on Cat. TFDS `lsun/church_outdoor` must be prepared in
 
     python launch.py --config experiments/lsun_church.py --workdir gs://BUCKET/ddpm/lsun_church
 """
+
 from experiments import celebahq256
 
 

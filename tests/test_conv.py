@@ -17,7 +17,7 @@ import pytest
 from diffusion.models import conv, get_model
 from diffusion.models.unet import UNet
 
-TOL = {'xla': 1e-6, 'w2': 2e-6, 'w4': 2e-5}
+TOL = {"xla": 1e-6, "w2": 2e-6, "w4": 2e-5}
 SHAPES = [  # (N, H, W, Cin, Cout): even, odd and tiny spatial sizes, 1 and many channels
     (2, 8, 8, 4, 5),
     (1, 7, 5, 3, 6),
@@ -27,85 +27,100 @@ SHAPES = [  # (N, H, W, Cin, Cout): even, odd and tiny spatial sizes, 1 and many
 
 
 def _rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
 def _data(shape, seed=0):
-  n, h, w, cin, cout = shape
-  rng = np.random.default_rng(seed)
-  x = rng.standard_normal((n, h, w, cin)).astype(np.float32)
-  k = (rng.standard_normal((3, 3, cin, cout)) / np.sqrt(9 * cin)).astype(np.float32)
-  g = rng.standard_normal((n, h, w, cout)).astype(np.float32)
-  return jnp.asarray(x), jnp.asarray(k), jnp.asarray(g)
+    n, h, w, cin, cout = shape
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, h, w, cin)).astype(np.float32)
+    k = (rng.standard_normal((3, 3, cin, cout)) / np.sqrt(9 * cin)).astype(np.float32)
+    g = rng.standard_normal((n, h, w, cout)).astype(np.float32)
+    return jnp.asarray(x), jnp.asarray(k), jnp.asarray(g)
 
 
 def _ref_grads(x, k, g):
-  return jax.grad(lambda x, k: jnp.sum(conv.xla_conv(x, k) * g), argnums=(0, 1))(x, k)
+    return jax.grad(lambda x, k: jnp.sum(conv.xla_conv(x, k) * g), argnums=(0, 1))(x, k)
 
 
-@pytest.mark.parametrize('shape', SHAPES)
-@pytest.mark.parametrize('method', ['w2', 'w4'])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("method", ["w2", "w4"])
 def test_winograd_forward_matches_lax_conv(shape, method):
-  x, k, _ = _data(shape)
-  m = {'w2': 2, 'w4': 4}[method]
-  y = jax.jit(lambda x, k: conv.winograd_conv(x, k, m))(x, k)
-  assert y.shape == shape[:3] + (shape[4],) and y.dtype == jnp.float32
-  assert _rel(y, conv.xla_conv(x, k)) < TOL[method]
+    x, k, _ = _data(shape)
+    m = {"w2": 2, "w4": 4}[method]
+    y = jax.jit(lambda x, k: conv.winograd_conv(x, k, m))(x, k)
+    assert y.shape == shape[:3] + (shape[4],) and y.dtype == jnp.float32
+    assert _rel(y, conv.xla_conv(x, k)) < TOL[method]
 
 
+@pytest.mark.slow
 def test_winograd_error_comes_from_fp32_rounding():
-  """In float64 both transforms are exact to ~1e-15: the fp32 error above is rounding only."""
-  x, k, _ = _data((2, 8, 8, 8, 4))
-  x64, k64 = np.asarray(x, np.float64), np.asarray(k, np.float64)
-  xp = np.pad(x64, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  ref = sum(np.einsum('nhwc,ck->nhwk', xp[:, i:i + 8, j:j + 8], k64[i, j])
-            for i in range(3) for j in range(3))
-  with jax.enable_x64(True):
-    for m in (2, 4):
-      y = conv.winograd_conv(jnp.asarray(x64), jnp.asarray(k64), m)
-      assert y.dtype == jnp.float64
-      assert _rel(y, ref) < 1e-12, m
+    """In float64 both transforms are exact to ~1e-15: the fp32 error above is rounding only."""
+    x, k, _ = _data((2, 8, 8, 8, 4))
+    x64, k64 = np.asarray(x, np.float64), np.asarray(k, np.float64)
+    xp = np.pad(x64, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    ref = sum(
+        np.einsum("nhwc,ck->nhwk", xp[:, i : i + 8, j : j + 8], k64[i, j])
+        for i in range(3)
+        for j in range(3)
+    )
+    with jax.enable_x64(True):
+        for m in (2, 4):
+            y = conv.winograd_conv(jnp.asarray(x64), jnp.asarray(k64), m)
+            assert y.dtype == jnp.float64
+            assert _rel(y, ref) < 1e-12, m
 
 
-@pytest.mark.parametrize('shape', SHAPES)
-@pytest.mark.parametrize('plan', [('w2', 'w2', 'w2'), ('w4', 'w4', 'w4'), ('xla', 'xla', 'w2'),
-                                  ('xla', 'w4', 'xla'), ('w2', 'xla', 'w4')])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize(
+    "plan",
+    [
+        ("w2", "w2", "w2"),
+        ("w4", "w4", "w4"),
+        ("xla", "xla", "w2"),
+        ("xla", "w4", "xla"),
+        ("w2", "xla", "w4"),
+    ],
+)
+@pytest.mark.slow
 def test_planned_conv_output_and_gradients(shape, plan):
-  """conv3x3 with every direction's method: y, dL/dx and dL/dw against lax.conv's autodiff."""
-  x, k, g = _data(shape, seed=1)
-  y = jax.jit(lambda x, k: conv.conv3x3(x, k, plan))(x, k)
-  dx, dk = jax.jit(jax.grad(lambda x, k: jnp.sum(conv.conv3x3(x, k, plan) * g),
-                            argnums=(0, 1)))(x, k)
-  rdx, rdk = _ref_grads(x, k, g)
-  assert _rel(y, conv.xla_conv(x, k)) < TOL[plan[0]]
-  assert _rel(dx, rdx) < TOL[plan[1]]
-  assert _rel(dk, rdk) < TOL[plan[2]]
-  assert dx.shape == x.shape and dk.shape == k.shape
+    """conv3x3 with every direction's method: y, dL/dx and dL/dw against lax.conv's autodiff."""
+    x, k, g = _data(shape, seed=1)
+    y = jax.jit(lambda x, k: conv.conv3x3(x, k, plan))(x, k)
+    dx, dk = jax.jit(jax.grad(lambda x, k: jnp.sum(conv.conv3x3(x, k, plan) * g), argnums=(0, 1)))(
+        x, k
+    )
+    rdx, rdk = _ref_grads(x, k, g)
+    assert _rel(y, conv.xla_conv(x, k)) < TOL[plan[0]]
+    assert _rel(dx, rdx) < TOL[plan[1]]
+    assert _rel(dk, rdk) < TOL[plan[2]]
+    assert dx.shape == x.shape and dk.shape == k.shape
 
 
+@pytest.mark.slow
 def test_winograd_wgrad_function():
-  x, k, g = _data((2, 9, 7, 6, 3), seed=2)
-  _, rdk = _ref_grads(x, k, g)
-  for m, method in ((2, 'w2'), (4, 'w4')):
-    assert _rel(conv.winograd_wgrad(x, g, m), rdk) < TOL[method]
+    x, k, g = _data((2, 9, 7, 6, 3), seed=2)
+    _, rdk = _ref_grads(x, k, g)
+    for m, method in ((2, "w2"), (4, "w4")):
+        assert _rel(conv.winograd_wgrad(x, g, m), rdk) < TOL[method]
 
 
 def test_xla_plan_is_plain_lax_conv():
-  """The all-XLA plan is exactly lax.conv (no custom_vjp in the program)."""
-  x, k, _ = _data(SHAPES[0])
-  jaxpr = str(jax.make_jaxpr(lambda x, k: conv.conv3x3(x, k, conv.PLANS['xla']))(x, k))
-  assert 'custom_vjp' not in jaxpr and 'conv_general_dilated' in jaxpr
-  jaxpr = str(jax.make_jaxpr(lambda x, k: conv.conv3x3(x, k, conv.PLANS['winograd']))(x, k))
-  assert 'conv_general_dilated' not in jaxpr   # no XLA conv left with Winograd
+    """The all-XLA plan is exactly lax.conv (no custom_vjp in the program)."""
+    x, k, _ = _data(SHAPES[0])
+    jaxpr = str(jax.make_jaxpr(lambda x, k: conv.conv3x3(x, k, conv.PLANS["xla"]))(x, k))
+    assert "custom_vjp" not in jaxpr and "conv_general_dilated" in jaxpr
+    jaxpr = str(jax.make_jaxpr(lambda x, k: conv.conv3x3(x, k, conv.PLANS["winograd"]))(x, k))
+    assert "conv_general_dilated" not in jaxpr  # no XLA conv left with Winograd
 
 
 def test_conv3x3_rejects_bad_plans():
-  x, k, _ = _data(SHAPES[0])
-  with pytest.raises(ValueError, match='plan must be'):
-    conv.conv3x3(x, k, ('w3', 'xla', 'xla'))
-  with pytest.raises(ValueError, match='kernel'):
-    conv.conv3x3(x, jnp.zeros((1, 1, 4, 5)), conv.PLANS['winograd'])
+    x, k, _ = _data(SHAPES[0])
+    with pytest.raises(ValueError, match="plan must be"):
+        conv.conv3x3(x, k, ("w3", "xla", "xla"))
+    with pytest.raises(ValueError, match="kernel"):
+        conv.conv3x3(x, jnp.zeros((1, 1, 4, 5)), conv.PLANS["winograd"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,125 +130,154 @@ TINY = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), out_
 
 
 def _random_params(params, seed=3):
-  """Non-trivial values for every leaf (the 'zero' layers included)."""
-  leaves, treedef = jax.tree_util.tree_flatten(params)
-  rng = np.random.default_rng(seed)
-  out = []
-  for leaf in leaves:
-    fan_in = int(np.prod(leaf.shape[:-1])) if leaf.ndim > 1 else 1
-    scale = 1.0 / np.sqrt(fan_in) if leaf.ndim > 1 else 0.1
-    out.append(jnp.asarray(rng.standard_normal(leaf.shape) * scale, jnp.float32))
-  return jax.tree_util.tree_unflatten(treedef, out)
+    """Non-trivial values for every leaf (the 'zero' layers included)."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    rng = np.random.default_rng(seed)
+    out = []
+    for leaf in leaves:
+        fan_in = int(np.prod(leaf.shape[:-1])) if leaf.ndim > 1 else 1
+        scale = 1.0 / np.sqrt(fan_in) if leaf.ndim > 1 else 0.1
+        out.append(jnp.asarray(rng.standard_normal(leaf.shape) * scale, jnp.float32))
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def _unet_setup():
-  rng = np.random.default_rng(4)
-  x = jnp.asarray(rng.standard_normal((2, 8, 8, 3)), jnp.float32)
-  t = jnp.asarray([3, 700], jnp.int32)
-  params = UNet(**TINY, conv_impl='xla').init(jax.random.PRNGKey(0), x, t, train=False)['params']
-  return x, t, _random_params(params)
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((2, 8, 8, 3)), jnp.float32)
+    t = jnp.asarray([3, 700], jnp.int32)
+    params = UNet(**TINY, conv_impl="xla").init(jax.random.PRNGKey(0), x, t, train=False)["params"]
+    return x, t, _random_params(params)
 
 
 def _loss_and_grads(conv_impl, params, x, t):
-  model = UNet(**TINY, conv_impl=conv_impl)
+    model = UNet(**TINY, conv_impl=conv_impl)
 
-  def loss(p, x):
-    out = model.apply({'params': p}, x, t, train=False)
-    return jnp.sum(out * jnp.cos(out)), out
-  (_, out), (gp, gx) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
-  return out, gp, gx
+    def loss(p, x):
+        out = model.apply({"params": p}, x, t, train=False)
+        return jnp.sum(out * jnp.cos(out)), out
+
+    (_, out), (gp, gx) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+    return out, gp, gx
 
 
-@pytest.mark.parametrize('conv_impl', ['winograd', 'mixed', 'winograd4', 'auto'])
+@pytest.mark.slow
+@pytest.mark.parametrize("conv_impl", ["winograd", "mixed", "winograd4", "auto"])
 def test_unet_output_and_gradients_match_xla(conv_impl):
-  """The whole tiny U-Net: output, input gradient and every parameter gradient within 1e-5
-  relative of the lax.conv version for F(2,3) ('winograd', 'mixed'; also 'auto', which uses
-  F(2,3)/F(4,3) per layer on CPU) and 1e-4 for F(4,3) everywhere ('winograd4')."""
-  tol = 1e-4 if conv_impl in ('winograd4', 'auto') else 1e-5
-  x, t, params = _unet_setup()
-  ref_out, ref_gp, ref_gx = _loss_and_grads('xla', params, x, t)
-  out, gp, gx = _loss_and_grads(conv_impl, params, x, t)
-  assert _rel(out, ref_out) < tol
-  assert _rel(gx, ref_gx) < tol
-  flat_ref = jax.tree_util.tree_leaves_with_path(ref_gp)
-  flat = jax.tree_util.tree_leaves(gp)
-  scale = max(float(np.abs(b).max()) for _, b in flat_ref)
-  errs = []
-  for (path, b), a in zip(flat_ref, flat):
-    name = jax.tree_util.keystr(path)
-    if float(np.abs(b).max()) < 1e-4 * scale:
-      # Gradients that are 0 analytically hold only rounding noise in both versions (relative
-      # error ~1 by construction): the attention key bias (softmax ignores a per-row constant)
-      # and, with 1 channel per GroupNorm group (ch=32, 32 groups), the timestep projection of
-      # the first level (GroupNorm removes a per-channel constant). Judge those against the
-      # largest gradient of the network instead.
-      errs.append((float(np.abs(np.asarray(a) - np.asarray(b)).max()) / scale, name))
-      continue
-    errs.append((_rel(a, b), name))
-  assert max(errs)[0] < tol, max(errs)
+    """The whole tiny U-Net: output, input gradient and every parameter gradient within 1e-5
+    relative of the lax.conv version for F(2,3) ('winograd', 'mixed'; also 'auto', which uses
+    F(2,3)/F(4,3) per layer on CPU) and 1e-4 for F(4,3) everywhere ('winograd4')."""
+    tol = 1e-4 if conv_impl in ("winograd4", "auto") else 1e-5
+    x, t, params = _unet_setup()
+    ref_out, ref_gp, ref_gx = _loss_and_grads("xla", params, x, t)
+    out, gp, gx = _loss_and_grads(conv_impl, params, x, t)
+    assert _rel(out, ref_out) < tol
+    assert _rel(gx, ref_gx) < tol
+    flat_ref = jax.tree_util.tree_leaves_with_path(ref_gp)
+    flat = jax.tree_util.tree_leaves(gp)
+    scale = max(float(np.abs(b).max()) for _, b in flat_ref)
+    errs = []
+    for (path, b), a in zip(flat_ref, flat):
+        name = jax.tree_util.keystr(path)
+        if float(np.abs(b).max()) < 1e-4 * scale:
+            # Gradients that are 0 analytically hold only rounding noise in both versions (relative
+            # error ~1 by construction): the attention key bias (softmax ignores a per-row constant)
+            # and, with 1 channel per GroupNorm group (ch=32, 32 groups), the timestep projection of
+            # the first level (GroupNorm removes a per-channel constant). Judge those against the
+            # largest gradient of the network instead.
+            errs.append((float(np.abs(np.asarray(a) - np.asarray(b)).max()) / scale, name))
+            continue
+        errs.append((_rel(a, b), name))
+    assert max(errs)[0] < tol, max(errs)
 
 
 def test_unet_winograd_really_replaces_the_convs():
-  x, t, params = _unet_setup()
-  n_conv = {}
-  for impl in ('xla', 'winograd'):
-    jaxpr = jax.make_jaxpr(lambda p: UNet(**TINY, conv_impl=impl).apply(
-        {'params': p}, x, t, train=False))(params)
-    n_conv[impl] = str(jaxpr).count('conv_general_dilated')
-  # XLA: conv_in, 2 per ResBlock (2 down + 2 mid + 4 up), the up-level upsample conv, conv_out
-  # (19 stride-1 3x3) + the stride-2 downsample conv; Winograd leaves only the stride-2 one.
-  assert n_conv['xla'] == 20 and n_conv['winograd'] == 1, n_conv
+    x, t, params = _unet_setup()
+    n_conv = {}
+    for impl in ("xla", "winograd"):
+        jaxpr = jax.make_jaxpr(
+            lambda p: UNet(**TINY, conv_impl=impl).apply({"params": p}, x, t, train=False)
+        )(params)
+        n_conv[impl] = str(jaxpr).count("conv_general_dilated")
+    # XLA: conv_in, 2 per ResBlock (2 down + 2 mid + 4 up), the up-level upsample conv, conv_out
+    # (19 stride-1 3x3) + the stride-2 downsample conv; Winograd leaves only the stride-2 one.
+    assert n_conv["xla"] == 20 and n_conv["winograd"] == 1, n_conv
 
 
+@pytest.mark.slow
 def test_parameter_tree_identical_across_impls():
-  x = jax.ShapeDtypeStruct((1, 8, 8, 3), jnp.float32)
-  t = jax.ShapeDtypeStruct((1,), jnp.int32)
-  trees = {}
-  for impl in conv.IMPLS:
-    shapes = jax.eval_shape(lambda x, t: UNet(**TINY, conv_impl=impl).init(
-        jax.random.PRNGKey(0), x, t, train=False), x, t)
-    trees[impl] = jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), shapes)
-  for impl in conv.IMPLS:
-    assert trees[impl] == trees['xla'], impl
+    x = jax.ShapeDtypeStruct((1, 8, 8, 3), jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.int32)
+    trees = {}
+    for impl in conv.IMPLS:
+        shapes = jax.eval_shape(
+            lambda x, t: UNet(**TINY, conv_impl=impl).init(
+                jax.random.PRNGKey(0), x, t, train=False
+            ),
+            x,
+            t,
+        )
+        trees[impl] = jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), shapes)
+    for impl in conv.IMPLS:
+        assert trees[impl] == trees["xla"], impl
 
 
+@pytest.mark.slow
 def test_init_values_identical_across_impls():
-  x, t = jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,), jnp.int32)
-  ref = UNet(**TINY, conv_impl='xla').init(jax.random.PRNGKey(0), x, t, train=False)
-  other = UNet(**TINY, conv_impl='winograd').init(jax.random.PRNGKey(0), x, t, train=False)
-  jax.tree_util.tree_map(np.testing.assert_array_equal, ref, other)
+    x, t = jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,), jnp.int32)
+    ref = UNet(**TINY, conv_impl="xla").init(jax.random.PRNGKey(0), x, t, train=False)
+    other = UNet(**TINY, conv_impl="winograd").init(jax.random.PRNGKey(0), x, t, train=False)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, ref, other)
 
 
 def test_invalid_conv_impl_raises_clear_error():
-  with pytest.raises(ValueError, match=r"conv_impl='fast'.*'auto'.*'xla'.*'winograd'"):
-    get_model({'name': 'ddpm_unet', **{k: v for k, v in TINY.items() if k != 'out_ch'},
-               'conv_impl': 'fast'}, out_ch=3)
-  x, t = jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,), jnp.int32)
-  with pytest.raises(ValueError, match=r"model.conv_impl='fast' is not one of"):
-    UNet(**TINY, conv_impl='fast').init(jax.random.PRNGKey(0), x, t, train=False)
-  with pytest.raises(ValueError, match='conv_impl'):
-    conv.check_conv_impl(None)
+    with pytest.raises(ValueError, match=r"conv_impl='fast'.*'auto'.*'xla'.*'winograd'"):
+        get_model(
+            {
+                "name": "ddpm_unet",
+                **{k: v for k, v in TINY.items() if k != "out_ch"},
+                "conv_impl": "fast",
+            },
+            out_ch=3,
+        )
+    x, t = jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,), jnp.int32)
+    with pytest.raises(ValueError, match=r"model.conv_impl='fast' is not one of"):
+        UNet(**TINY, conv_impl="fast").init(jax.random.PRNGKey(0), x, t, train=False)
+    with pytest.raises(ValueError, match="conv_impl"):
+        conv.check_conv_impl(None)
 
 
 def test_get_model_accepts_every_conv_impl():
-  for impl in conv.IMPLS:
-    model = get_model({'name': 'ddpm_unet', **{k: v for k, v in TINY.items() if k != 'out_ch'},
-                       'conv_impl': impl}, out_ch=3)
-    assert model.conv_impl == impl
+    for impl in conv.IMPLS:
+        model = get_model(
+            {
+                "name": "ddpm_unet",
+                **{k: v for k, v in TINY.items() if k != "out_ch"},
+                "conv_impl": impl,
+            },
+            out_ch=3,
+        )
+        assert model.conv_impl == impl
 
 
 def test_auto_is_xla_off_cpu_and_for_bf16():
-  for backend in ('gpu', 'tpu', 'cuda', 'rocm'):
-    assert conv.auto_choice((8, 32, 32, 128), 128, jnp.float32, backend=backend) == conv.PLANS['xla']
-  assert conv.auto_choice((8, 32, 32, 128), 128, jnp.bfloat16, backend='cpu') == conv.PLANS['xla']
-  plan = conv.auto_choice((8, 32, 32, 128), 128, jnp.float32, backend='cpu')
-  assert len(plan) == 3 and all(p in conv.METHODS for p in plan)
-  # a 3-channel layer (the RGB in/out convs) stays on XLA's conv on CPU
-  assert conv.auto_choice((8, 32, 32, 3), 128, jnp.float32, backend="cpu") == conv.PLANS["xla"]
-  assert conv.auto_choice((8, 4, 4, 256), 256, jnp.float32, backend="cpu") == conv.PLANS["xla"]
-  assert conv.auto_choice((8, 16, 16, 256), 256, jnp.float32, backend="cpu") == conv.PLANS["winograd"]
+    for backend in ("gpu", "tpu", "cuda", "rocm"):
+        assert (
+            conv.auto_choice((8, 32, 32, 128), 128, jnp.float32, backend=backend)
+            == conv.PLANS["xla"]
+        )
+    assert conv.auto_choice((8, 32, 32, 128), 128, jnp.bfloat16, backend="cpu") == conv.PLANS["xla"]
+    plan = conv.auto_choice((8, 32, 32, 128), 128, jnp.float32, backend="cpu")
+    assert len(plan) == 3 and all(p in conv.METHODS for p in plan)
+    # a 3-channel layer (the RGB in/out convs) stays on XLA's conv on CPU
+    assert conv.auto_choice((8, 32, 32, 3), 128, jnp.float32, backend="cpu") == conv.PLANS["xla"]
+    assert conv.auto_choice((8, 4, 4, 256), 256, jnp.float32, backend="cpu") == conv.PLANS["xla"]
+    assert (
+        conv.auto_choice((8, 16, 16, 256), 256, jnp.float32, backend="cpu")
+        == conv.PLANS["winograd"]
+    )
 
 
 def test_default_config_has_conv_impl():
-  from experiments import default
-  assert default.get_config().model.conv_impl in conv.IMPLS
+    from experiments import default
+
+    assert default.get_config().model.conv_impl in conv.IMPLS

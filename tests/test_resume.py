@@ -1,6 +1,7 @@
 """Resuming never silently restarts: a checkpoint that does not match the config is refused with
 the differences named (nothing moved), transient read errors are retried, only undecodable data
 is quarantined, and a workdir whose checkpoints all fail stops instead of starting from step 0."""
+
 import os
 import subprocess
 import sys
@@ -9,23 +10,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from train_worker import small_config
 
 from diffusion import checkpoint, train
-from diffusion.checkpoint import (Checkpointer, CheckpointIncompatibleError, CheckpointReadError,
-                                  NoRestorableCheckpointError, abstract_like)
+from diffusion.checkpoint import (
+    Checkpointer,
+    CheckpointIncompatibleError,
+    CheckpointReadError,
+    NoRestorableCheckpointError,
+    abstract_like,
+)
 from diffusion.config_check import incompatible_fields
-from train_worker import small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _toy_state(seed, tx, shape=(64, 64)):
     rng = np.random.default_rng(seed)
-    params = {"w": jnp.asarray(rng.standard_normal(shape), jnp.float32),
-              "b": jnp.asarray(rng.standard_normal(shape[-1]), jnp.float32)}
-    return train.TrainState(step=jnp.array(seed, jnp.int32), params=params,
-                            ema_params=jax.tree.map(lambda x: 0.5 * x, params),
-                            opt_state=tx.init(params))
+    params = {
+        "w": jnp.asarray(rng.standard_normal(shape), jnp.float32),
+        "b": jnp.asarray(rng.standard_normal(shape[-1]), jnp.float32),
+    }
+    return train.TrainState(
+        step=jnp.array(seed, jnp.int32),
+        params=params,
+        ema_params=jax.tree.map(lambda x: 0.5 * x, params),
+        opt_state=tx.init(params),
+    )
 
 
 def _saved_dir(tmp_path, steps=(1, 2), config=None):
@@ -34,15 +45,19 @@ def _saved_dir(tmp_path, steps=(1, 2), config=None):
     d = str(tmp_path / "checkpoints")
     ck = Checkpointer(d, max_to_keep=5)
     for s in steps:
-        ck.save(s, _toy_state(s, tx), {"step": s, "training": {"grad_clip": c.training.grad_clip,
-                                                                "weight_decay": 0.0}})
+        ck.save(
+            s,
+            _toy_state(s, tx),
+            {"step": s, "training": {"grad_clip": c.training.grad_clip, "weight_decay": 0.0}},
+        )
     ck.close()
     return d, tx
 
 
 def _listing(d):
-    return sorted(os.listdir(d)), (sorted(os.listdir(d + "_corrupt"))
-                                   if os.path.exists(d + "_corrupt") else [])
+    return sorted(os.listdir(d)), (
+        sorted(os.listdir(d + "_corrupt")) if os.path.exists(d + "_corrupt") else []
+    )
 
 
 def _abstract(tx, shape=(64, 64)):
@@ -54,23 +69,29 @@ def test_optimizer_stage_change_is_refused_with_the_differences_and_nothing_move
     d, _ = _saved_dir(tmp_path)
     before = _listing(d)
     c = small_config("unused", 1)
-    c.training.grad_clip = 0.0                 # the chain loses its clipping stage
+    c.training.grad_clip = 0.0  # the chain loses its clipping stage
     tx = train.make_optimizer(c)
     ck = Checkpointer(d)
     with pytest.raises(CheckpointIncompatibleError) as e:
-        ck.restore_latest(_abstract(tx), how_to_proceed="HOW",
-                          config_differences=lambda saved: incompatible_fields(saved, c))
+        ck.restore_latest(
+            _abstract(tx),
+            how_to_proceed="HOW",
+            config_differences=lambda saved: incompatible_fields(saved, c),
+        )
     msg = str(e.value)
     assert "step 2" in msg and "nothing was moved" in msg and msg.rstrip().endswith("HOW")
     assert "training.grad_clip > 0 (a clipping stage): True (saved) -> False (now)" in msg
-    assert "opt_state/0/" in msg and "opt_state/2/count" in msg      # the tree paths that differ
-    assert _listing(d) == before                                        # untouched, not quarantined
+    assert "opt_state/0/" in msg and "opt_state/2/count" in msg  # the tree paths that differ
+    assert _listing(d) == before  # untouched, not quarantined
 
 
 def test_parameter_shape_change_is_refused_naming_the_path(tmp_path):
     d, tx = _saved_dir(tmp_path)
     before = _listing(d)
-    with pytest.raises(CheckpointIncompatibleError, match=r"shape differs: params/w saved \(64, 64\), now \(32, 64\)"):
+    with pytest.raises(
+        CheckpointIncompatibleError,
+        match=r"shape differs: params/w saved \(64, 64\), now \(32, 64\)",
+    ):
         Checkpointer(d).restore_latest(_abstract(tx, (32, 64)))
     assert _listing(d) == before
 
@@ -90,7 +111,7 @@ def test_every_tree_changing_switch_is_a_resume_difference():
         assert jax.tree.structure(t1) != jax.tree.structure(t2)
         assert incompatible_fields(saved, c2, optimizer=False) == []
     c3 = small_config("unused", 1)
-    c3.training.grad_clip = 0.5       # a different value of the same stage: same tree, resumable
+    c3.training.grad_clip = 0.5  # a different value of the same stage: same tree, resumable
     assert incompatible_fields(saved, c3) == []
 
 
@@ -119,6 +140,7 @@ def test_transient_oserror_is_retried_and_resumes_at_the_newest_step(tmp_path, m
         if len(calls) == 1:
             raise OSError(5, "Input/output error (injected)")
         return real(self, step, abstract)
+
     monkeypatch.setattr(Checkpointer, "restore", flaky)
     state, cfg, step = Checkpointer(d, retry_delays=(0.01, 0.01)).restore_latest(_abstract(tx))
     assert step == 2 and calls == [2, 2] and cfg["step"] == 2
@@ -127,7 +149,8 @@ def test_transient_oserror_is_retried_and_resumes_at_the_newest_step(tmp_path, m
 
 
 def test_tensorstore_unavailable_is_transient_and_a_persistent_one_stops_naming_the_step(
-        tmp_path, monkeypatch):
+    tmp_path, monkeypatch
+):
     assert checkpoint.is_transient_error(ValueError("UNAVAILABLE: connection reset"))
     assert not checkpoint.is_transient_error(ValueError("DATA_LOSS: bad checksum"))
     assert not checkpoint.is_transient_error(FileNotFoundError("gone"))
@@ -136,10 +159,11 @@ def test_tensorstore_unavailable_is_transient_and_a_persistent_one_stops_naming_
 
     def down(self, step, abstract):
         raise ValueError("UNAVAILABLE: the bucket did not answer (injected)")
+
     monkeypatch.setattr(Checkpointer, "restore", down)
     with pytest.raises(CheckpointReadError, match=r"step 2 .*after 3 attempts.*not moved"):
         Checkpointer(d, retry_delays=(0.01, 0.01)).restore_latest(_abstract(tx))
-    assert _listing(d) == before            # a read error is not corruption: nothing quarantined
+    assert _listing(d) == before  # a read error is not corruption: nothing quarantined
 
 
 # ----------------------------------------------------------------------------- (c) corrupt
@@ -158,7 +182,7 @@ def test_all_checkpoints_corrupt_stops_instead_of_starting_over(tmp_path):
     with pytest.raises(NoRestorableCheckpointError, match="Refusing to start again from step 0"):
         Checkpointer(d).restore_latest(_abstract(tx))
     steps, quarantined = _listing(d)
-    assert [q.split("-")[0] for q in quarantined] == ["1", "2"]       # kept, not deleted
+    assert [q.split("-")[0] for q in quarantined] == ["1", "2"]  # kept, not deleted
     # A second launch finds no step left, but remembers there were some.
     with pytest.raises(NoRestorableCheckpointError, match="earlier launches moved"):
         Checkpointer(d).restore_latest(_abstract(tx))
@@ -177,13 +201,30 @@ def test_relaunch_with_grad_clip_off_exits_nonzero_and_keeps_the_checkpoint(tmp_
     ck_dir = os.path.join(wd, "checkpoints")
     before = _listing(ck_dir)
     assert before[0][-1] == "4"
-    cmd = [sys.executable, os.path.join(ROOT, "launch.py"), "--config", "experiments/tiny.py",
-           "--workdir", wd, "--mode", "train_and_evaluate", f"--config.data.data_dir={data_dir}",
-           "--config.data.image_size=16", "--config.model.ch_mult=(1, 2)",
-           "--config.model.attn_resolutions=(8,)", "--config.training.num_train_steps=8",
-           "--config.training.grad_clip=0"]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "PYTHONPATH": ROOT})
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "launch.py"),
+        "--config",
+        "experiments/tiny.py",
+        "--workdir",
+        wd,
+        "--mode",
+        "train_and_evaluate",
+        f"--config.data.data_dir={data_dir}",
+        "--config.data.image_size=16",
+        "--config.model.ch_mult=(1, 2)",
+        "--config.model.attn_resolutions=(8,)",
+        "--config.training.num_train_steps=8",
+        "--config.training.grad_clip=0",
+    ]
+    p = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
     assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-3000:]
     assert "does not match what this config builds" in p.stderr
     assert "training.grad_clip > 0" in p.stderr and "resume=params" in p.stderr

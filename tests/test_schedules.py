@@ -1,4 +1,5 @@
 """Schedules against the paper's / released code's reference values and exact high-precision math."""
+
 import math
 from decimal import Decimal, getcontext
 
@@ -47,9 +48,13 @@ def test_buffers_match_50_digit_arithmetic_to_1e6_relative(sched):
         a_prev = ac[t - 1] if t > 0 else Decimal(1)
         alpha = 1 - b
         want = {
-            "betas": b, "alphas_cumprod": a, "alphas_cumprod_prev": a_prev,
-            "sqrt_alphas_cumprod": a.sqrt(), "sqrt_one_minus_alphas_cumprod": (1 - a).sqrt(),
-            "sqrt_recip_alphas_cumprod": (1 / a).sqrt(), "sqrt_recipm1_alphas_cumprod": (1 / a - 1).sqrt(),
+            "betas": b,
+            "alphas_cumprod": a,
+            "alphas_cumprod_prev": a_prev,
+            "sqrt_alphas_cumprod": a.sqrt(),
+            "sqrt_one_minus_alphas_cumprod": (1 - a).sqrt(),
+            "sqrt_recip_alphas_cumprod": (1 / a).sqrt(),
+            "sqrt_recipm1_alphas_cumprod": (1 / a - 1).sqrt(),
             "posterior_mean_coef1": b * a_prev.sqrt() / (1 - a),
             "posterior_mean_coef2": (1 - a_prev) * alpha.sqrt() / (1 - a),
             "log_one_minus_alphas_cumprod": (1 - a).ln(),
@@ -65,7 +70,9 @@ def test_buffers_match_50_digit_arithmetic_to_1e6_relative(sched):
 
 def test_buffers_are_float32_pytree_and_jittable(sched):
     leaves = jax.tree.leaves(sched)
-    assert len(leaves) == 15 and all(leaf.dtype == np.float32 and leaf.shape == (1000,) for leaf in leaves)
+    assert len(leaves) == 15 and all(
+        leaf.dtype == np.float32 and leaf.shape == (1000,) for leaf in leaves
+    )
     assert sched.num_timesteps == 1000
     doubled = jax.jit(lambda s: jax.tree.map(lambda x: 2 * x, s))(sched)
     assert isinstance(doubled, Schedule)
@@ -91,7 +98,7 @@ def test_all_named_schedules_closed_forms():
     c = get_beta_schedule("cosine")
     f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
     ac = np.cumprod(1 - c)
-    for t in [0, 100, 500, 900]:   # unclipped region: ᾱ_t = f((t+1)/T) / f(0)
+    for t in [0, 100, 500, 900]:  # unclipped region: ᾱ_t = f((t+1)/T) / f(0)
         assert ac[t] == pytest.approx(f((t + 1) / T) / f(0), rel=1e-9)
     assert c.max() == pytest.approx(0.999)
 

@@ -1,6 +1,7 @@
 """The step profiler's HLO reading (`benchmarks.step_profile`): convolutions found in the
 optimized HLO are classified (3×3 forward/backward-input vs backward-filter) and their FLOPs
 match the closed form 2·B·H·W·C_in·C_out·9 of each of a conv layer's three convolutions."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,8 +10,9 @@ from benchmarks.step_profile import hlo_op_kinds
 
 
 def _conv(x, w):
-    return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jax.lax.conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
 
 
 def test_conv_kinds_and_flops_of_a_conv_layer_forward_and_backward():

@@ -1,5 +1,6 @@
 """The training system: paper configs, a real run on offline data, checkpoints, resume, and
 data-parallel equivalence over 4 CPU devices and over 2 jax.distributed processes."""
+
 import json
 import os
 import socket
@@ -23,40 +24,73 @@ WORKER = os.path.join(ROOT, "tests", "train_worker.py")
 def _num_params(config):
     model = train.create_model(config)
     s = config.data.image_size
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, s, s, config.data.channels)),
-                                               jnp.zeros((1,), jnp.int32), train=False))
+    shapes = jax.eval_shape(
+        lambda: model.init(
+            jax.random.key(0),
+            jnp.zeros((1, s, s, config.data.channels)),
+            jnp.zeros((1,), jnp.int32),
+            train=False,
+        )
+    )
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
 
 
 def test_cifar10_config_is_the_papers():
     c = cifar10.get_config()
     assert _num_params(c) == 35_746_307
-    assert (c.diffusion.beta_schedule, c.diffusion.beta_start, c.diffusion.beta_end,
-            c.diffusion.num_timesteps) == ("linear", 1e-4, 0.02, 1000)
-    assert (c.diffusion.mean_type, c.diffusion.var_type, c.diffusion.loss_type) == ("eps", "fixedlarge", "mse")
+    assert (
+        c.diffusion.beta_schedule,
+        c.diffusion.beta_start,
+        c.diffusion.beta_end,
+        c.diffusion.num_timesteps,
+    ) == ("linear", 1e-4, 0.02, 1000)
+    assert (c.diffusion.mean_type, c.diffusion.var_type, c.diffusion.loss_type) == (
+        "eps",
+        "fixedlarge",
+        "mse",
+    )
     t = c.training
-    assert (t.lr, t.warmup_steps, t.grad_clip, t.batch_size, t.ema_decay) == (2e-4, 5000, 1.0, 128, 0.9999)
-    assert (t.adam_b1, t.adam_b2, t.adam_eps, t.weight_decay, t.num_train_steps) == (0.9, 0.999, 1e-8, 0.0, 800_000)
+    assert (t.lr, t.warmup_steps, t.grad_clip, t.batch_size, t.ema_decay) == (
+        2e-4,
+        5000,
+        1.0,
+        128,
+        0.9999,
+    )
+    assert (t.adam_b1, t.adam_b2, t.adam_eps, t.weight_decay, t.num_train_steps) == (
+        0.9,
+        0.999,
+        1e-8,
+        0.0,
+        800_000,
+    )
     assert c.model.dropout == 0.1 and c.data.random_flip and c.data.dataset == "cifar10"
-    assert (c.model.ch, tuple(c.model.ch_mult), c.model.num_res_blocks, tuple(c.model.attn_resolutions)) == (
-        128, (1, 2, 2, 2), 2, (16,))
+    assert (
+        c.model.ch,
+        tuple(c.model.ch_mult),
+        c.model.num_res_blocks,
+        tuple(c.model.attn_resolutions),
+    ) == (128, (1, 2, 2, 2), 2, (16,))
     # The optimizer: linear warm-up to 2e-4 over 5000 steps, then constant.
     lr = train.learning_rate_fn(c)
-    np.testing.assert_allclose([lr(0), lr(2500), lr(5000), lr(10 ** 6)], [0, 1e-4, 2e-4, 2e-4], rtol=1e-6)
+    np.testing.assert_allclose(
+        [lr(0), lr(2500), lr(5000), lr(10**6)], [0, 1e-4, 2e-4, 2e-4], rtol=1e-6
+    )
     # Adam with eps 1e-8 after clipping to global norm 1: a first step with gradient g moves each
     # parameter by lr·g/(|g| + eps) (bias-corrected), whatever the clipping factor.
     tx = train.make_optimizer(c)
     p = {"w": jnp.zeros(3)}
-    g = {"w": jnp.array([3e-8, -4e-8, 0.0])}   # norm 5e-8 < 1: not clipped, eps matters
+    g = {"w": jnp.array([3e-8, -4e-8, 0.0])}  # norm 5e-8 < 1: not clipped, eps matters
     st = tx.init(p)
     _, st = tx.update(g, st, p)  # step 0 has lr 0
     u, _ = tx.update(g, st, p)
     # second step: m̂ = g, v̂ = g² ⇒ update = −lr(1)·g/(|g| + 1e-8)
     want = -lr(1) * np.array([3e-8, -4e-8, 0.0]) / (np.array([3e-8, 4e-8, 0.0]) + 1e-8)
     np.testing.assert_allclose(u["w"], want, rtol=1e-4)
-    big = {"w": jnp.array([300.0, 400.0, 0.0])}   # clipped to norm 1 before Adam
+    big = {"w": jnp.array([300.0, 400.0, 0.0])}  # clipped to norm 1 before Adam
     clip_state = tx.init(p)[0]
     import optax
+
     clipped, _ = optax.clip_by_global_norm(1.0).update(big, clip_state)
     np.testing.assert_allclose(clipped["w"], [0.6, 0.8, 0.0], rtol=1e-6)
 
@@ -86,10 +120,19 @@ def test_invalid_config_lists_every_problem():
     c.model.attn_resolutions = (7,)
     problems = config_problems(c, num_devices=3)
     text = "\n".join(problems)
-    for needle in ["config.diffusion.beta_schedule='cosin'", "'cosine'", "config.diffusion.mean_type='epsilon'",
-                   "config.model.dropout=1.5", "0 <= dropout < 1", "config.training.lr=-1.0",
-                   "config.training.ema_decay=1.0", "config.data.dataset='imagenet'", "'mnist5k'",
-                   "never occur", "divisible by the number of devices 3"]:
+    for needle in [
+        "config.diffusion.beta_schedule='cosin'",
+        "'cosine'",
+        "config.diffusion.mean_type='epsilon'",
+        "config.model.dropout=1.5",
+        "0 <= dropout < 1",
+        "config.training.lr=-1.0",
+        "config.training.ema_decay=1.0",
+        "config.data.dataset='imagenet'",
+        "'mnist5k'",
+        "never occur",
+        "divisible by the number of devices 3",
+    ]:
         assert needle in text, needle
     with pytest.raises(ConfigError, match=r"Invalid config \(\d+ problems\)"):
         validate_config(c, num_devices=3)
@@ -103,11 +146,17 @@ def test_checkpoint_save_restore_is_identical(tmp_path):
     c = tiny.get_config()
     tx = train.make_optimizer(c)
     rng = np.random.default_rng(0)
-    params = {"a": {"w": jnp.asarray(rng.standard_normal((3, 4)), jnp.float32)},
-              "b": jnp.asarray(rng.standard_normal(5), jnp.float32)}
-    state = train.TrainState(step=jnp.array(7, jnp.int32), params=params,
-                             ema_params=jax.tree.map(lambda x: x * 0.5, params), opt_state=tx.init(params))
-    _, state_opt = tx.update(params, state.opt_state, params)   # non-trivial Adam moments
+    params = {
+        "a": {"w": jnp.asarray(rng.standard_normal((3, 4)), jnp.float32)},
+        "b": jnp.asarray(rng.standard_normal(5), jnp.float32),
+    }
+    state = train.TrainState(
+        step=jnp.array(7, jnp.int32),
+        params=params,
+        ema_params=jax.tree.map(lambda x: x * 0.5, params),
+        opt_state=tx.init(params),
+    )
+    _, state_opt = tx.update(params, state.opt_state, params)  # non-trivial Adam moments
     state = state.replace(opt_state=state_opt)
     ck = Checkpointer(str(tmp_path / "ckpt"), keep_every=100)
     ck.save(7, state, c.to_dict())
@@ -154,11 +203,11 @@ def test_real_run_writes_checkpoints_events_samples_and_loss_falls(tiny_run):
 
 def test_relaunch_resumes_at_the_saved_step(tiny_run):
     workdir, first, both, state20, state30 = tiny_run
-    second = both[len(first):]
-    assert [m["step"] for m in second] == list(range(21, 31))   # resumed at 20, not from 0
+    second = both[len(first) :]
+    assert [m["step"] for m in second] == list(range(21, 31))  # resumed at 20, not from 0
     assert int(state30.step) == 30
     steps = Checkpointer(os.path.join(workdir, "checkpoints")).all_steps()
-    assert 20 in steps and 30 in steps and 10 not in steps   # keep_every=20 kept, rolling pruned
+    assert 20 in steps and 30 in steps and 10 not in steps  # keep_every=20 kept, rolling pruned
 
 
 def test_resume_with_a_different_model_is_refused(tiny_run, data_dir):
@@ -173,11 +222,26 @@ def test_resume_with_a_different_model_is_refused(tiny_run, data_dir):
 
 def _run_worker(tmp, data_dir, name, devices, steps=3, extra=(), background=False):
     out = os.path.join(tmp, f"{name}.npz")
-    cmd = [sys.executable, WORKER, "--workdir", os.path.join(tmp, name), "--data_dir", data_dir,
-           "--steps", str(steps), "--devices", str(devices), "--out", out, *extra]
+    cmd = [
+        sys.executable,
+        WORKER,
+        "--workdir",
+        os.path.join(tmp, name),
+        "--data_dir",
+        data_dir,
+        "--steps",
+        str(steps),
+        "--devices",
+        str(devices),
+        "--out",
+        out,
+        *extra,
+    ]
     env = {**os.environ, "PYTHONPATH": ROOT}
     if background:
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), out
+        return subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        ), out
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return dict(np.load(out))
@@ -211,9 +275,18 @@ def test_two_processes_with_gloo_equal_one_device(single_device_run, tmp_path, d
         port = s.getsockname()[1]
     procs = []
     for pid in range(2):
-        extra = ("--coordinator", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(pid))
+        extra = (
+            "--coordinator",
+            f"127.0.0.1:{port}",
+            "--num_processes",
+            "2",
+            "--process_id",
+            str(pid),
+        )
         # both processes share one workdir (Orbax coordinates the save) and write their own npz
-        p, out = _run_worker(str(tmp_path), data_dir, "multi", devices=2, extra=extra, background=True)
+        p, out = _run_worker(
+            str(tmp_path), data_dir, "multi", devices=2, extra=extra, background=True
+        )
         procs.append((p, out))
     outs = []
     for p, _ in procs:
@@ -229,7 +302,7 @@ def test_two_processes_with_gloo_equal_one_device(single_device_run, tmp_path, d
     res1 = dict(np.load(os.path.join(str(tmp_path), "multi_p1.npz")))
     assert int(res["devices"]) == 4 and int(res["processes"]) == 2
     _assert_same_run(single_device_run, res)
-    for k in res1:   # process 1 holds the same replicated parameters
+    for k in res1:  # process 1 holds the same replicated parameters
         if k.startswith("leaf_"):
             np.testing.assert_array_equal(res[k], res1[k])
 
@@ -237,13 +310,24 @@ def test_two_processes_with_gloo_equal_one_device(single_device_run, tmp_path, d
 def test_every_experiment_config_is_valid_and_documents_its_command():
     import importlib
     import pkgutil
+
     import experiments
+
     names = [m.name for m in pkgutil.iter_modules(experiments.__path__)]
-    assert {"default", "cifar10", "celebahq256", "lsun_bedroom", "lsun_church", "lsun_cat",
-            "mnist5k", "emoji32", "tiny"} <= set(names)
+    assert {
+        "default",
+        "cifar10",
+        "celebahq256",
+        "lsun_bedroom",
+        "lsun_church",
+        "lsun_cat",
+        "mnist5k",
+        "emoji32",
+        "tiny",
+    } <= set(names)
     for name in names:
         module = importlib.import_module(f"experiments.{name}")
-        if name == "reproduce":   # the reproduction driver, not a config
+        if name == "reproduce":  # the reproduction driver, not a config
             assert "python -m experiments.reproduce" in module.__doc__ and callable(module.main)
             continue
         assert "launch.py --config experiments/" in module.__doc__, name

@@ -6,6 +6,7 @@ hence a separate process.
 
     python tests/train_worker.py --workdir W --data_dir D --steps 4 --devices 4 --out result.npz
 """
+
 import argparse
 import json
 import os
@@ -17,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def small_config(data_dir: str, steps: int, batch_size: int = 8):
     """tiny.py shrunk further (16x16 inputs, one level pair) so that compiling takes seconds."""
     from experiments import tiny
+
     config = tiny.get_config()
     config.data.data_dir = data_dir
     config.data.image_size = 16
@@ -28,7 +30,7 @@ def small_config(data_dir: str, steps: int, batch_size: int = 8):
     config.training.log_every = 1
     config.training.checkpoint_every = steps
     config.training.keep_every = steps
-    config.training.sample_every = 10 ** 9
+    config.training.sample_every = 10**9
     return config
 
 
@@ -43,37 +45,60 @@ def main():
     ap.add_argument("--coordinator", default=None)
     ap.add_argument("--out", required=True)
     ap.add_argument("--checkpoint_every", type=int, default=None)
-    ap.add_argument("--heartbeat", type=int, default=None, help="jax.distributed heartbeat timeout (s)")
-    ap.add_argument("--step_delay", type=float, default=0.0,
-                    help="sleep this long after each step (gives fault-injection tests time to act)")
-    ap.add_argument("--device_delay", type=int, default=0,
-                    help="append this many 512x512 matmuls to each step, on the device and "
-                         "asynchronously (a step that is slow the way a big model's is)")
+    ap.add_argument(
+        "--heartbeat", type=int, default=None, help="jax.distributed heartbeat timeout (s)"
+    )
+    ap.add_argument(
+        "--step_delay",
+        type=float,
+        default=0.0,
+        help="sleep this long after each step (gives fault-injection tests time to act)",
+    )
+    ap.add_argument(
+        "--device_delay",
+        type=int,
+        default=0,
+        help="append this many 512x512 matmuls to each step, on the device and "
+        "asynchronously (a step that is slow the way a big model's is)",
+    )
     ap.add_argument("--log_every", type=int, default=1)
-    ap.add_argument("--mode", default="train", choices=["train", "train_and_evaluate"],
-                    help="train_and_evaluate goes through launch.run (evaluates unless preempted)")
+    ap.add_argument(
+        "--mode",
+        default="train",
+        choices=["train", "train_and_evaluate"],
+        help="train_and_evaluate goes through launch.run (evaluates unless preempted)",
+    )
     args = ap.parse_args()
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import logging
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s %(module)s] %(message)s")
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname).1s %(module)s] %(message)s"
+    )
     import jax
+
     # (tests/conftest.py sets JAX_COMPILATION_CACHE_DIR, which this process inherits)
     import numpy as np
+
     from diffusion import parallel, train
+
     if args.coordinator:
-        parallel.maybe_initialize_distributed(coordinator_address=args.coordinator,
-                                              num_processes=args.num_processes,
-                                              process_id=args.process_id,
-                                              initialization_timeout=120,
-                                              heartbeat_timeout_seconds=args.heartbeat)
+        parallel.maybe_initialize_distributed(
+            coordinator_address=args.coordinator,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+            initialization_timeout=120,
+            heartbeat_timeout_seconds=args.heartbeat,
+        )
     config = small_config(args.data_dir, args.steps)
     if args.checkpoint_every:
         config.training.checkpoint_every = args.checkpoint_every
     config.training.log_every = args.log_every
     if args.device_delay:
         import jax.numpy as jnp
+
         make_step_ = train.make_train_step
 
         def burning_make_train_step(*a, **k):
@@ -87,9 +112,11 @@ def main():
 
             # One jitted program (so the loop compiles it ahead, like the real step).
             return jax.jit(lambda *args_: burn(*step(*args_)), donate_argnums=(0,))
+
         train.make_train_step = burning_make_train_step
     if args.step_delay:
         import time
+
         make_step = train.make_train_step
 
         def slow_make_train_step(*a, **k):
@@ -100,10 +127,13 @@ def main():
                 jax.block_until_ready(out)
                 time.sleep(args.step_delay)
                 return out
+
             return slow_step
+
         train.make_train_step = slow_make_train_step
     if args.mode == "train_and_evaluate":
         import launch
+
         launch.run(config, args.workdir, "train_and_evaluate")
         return
     state = train.train_and_evaluate(config, args.workdir)
@@ -118,7 +148,7 @@ def main():
             out["losses"] = np.array([json.loads(line)["loss"] for line in f])
     path = args.out
     if jax.process_count() > 1:
-        path = path[:-len(".npz")] + f"_p{jax.process_index()}.npz"
+        path = path[: -len(".npz")] + f"_p{jax.process_index()}.npz"
     np.savez(path, **out)
 
 

@@ -128,8 +128,16 @@ def _specs() -> Dict[str, DatasetSpec]:
     add("emoji32", "emoji32", True, "train", "test", 32, 3)
     add("cifar10", "cifar10", False, "train", "test", 32, 3)
     for res in (64, 128, 256, 512, 1024):
-        add(f"celeb_a_hq/{res}", f"celeb_a_hq/{res}", False, "train", "train", res, 3,
-            manual_download=True)
+        add(
+            f"celeb_a_hq/{res}",
+            f"celeb_a_hq/{res}",
+            False,
+            "train",
+            "train",
+            res,
+            3,
+            manual_download=True,
+        )
     add("celebahq256", "celeb_a_hq/256", False, "train", "train", 256, 3, manual_download=True)
     for cat in ("bedroom", "church_outdoor"):
         add(f"lsun/{cat}", f"lsun/{cat}", False, "train", "validation", None, 3)
@@ -179,8 +187,10 @@ def _not_available_message(spec: DatasetSpec, data_dir: str) -> str:
     found = ""
     ds_dir = io.join(data_dir, *spec.tfds_name.split("/"))
     if io.isdir(ds_dir):
-        found = f" (found {ds_dir} with {io.listdir(ds_dir)}, but no complete version " \
-                "matching this TFDS release)"
+        found = (
+            f" (found {ds_dir} with {io.listdir(ds_dir)}, but no complete version "
+            "matching this TFDS release)"
+        )
     lines = [
         f"Dataset {spec.name!r} (TFDS {spec.tfds_name!r}) is not prepared in data_dir "
         f"{data_dir!r}{found}, and this code never downloads at run time.",
@@ -241,7 +251,7 @@ def preprocess_image(image, image_size: int):
     h, w = shape[0], shape[1]
     side = tf.minimum(h, w)
     top, left = (h - side) // 2, (w - side) // 2
-    image = image[top:top + side, left:left + side]
+    image = image[top : top + side, left : left + side]
     size = [image_size, image_size]
     resized = tf.cond(
         side > image_size,
@@ -285,10 +295,14 @@ def load_split(
     _check_image_size(image_size)
     builder = get_builder(dataset, data_dir)
     tf = _tf()
-    ds = builder.as_dataset(split=split, shuffle_files=False,
-                            read_config=tfds.ReadConfig(try_autocache=False))
-    ds = ds.map(lambda ex: preprocess_image(ex["image"], image_size),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = builder.as_dataset(
+        split=split, shuffle_files=False, read_config=tfds.ReadConfig(try_autocache=False)
+    )
+    ds = ds.map(
+        lambda ex: preprocess_image(ex["image"], image_size),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
     chunks = [np.asarray(x) for x in tfds.as_numpy(ds.batch(1024).prefetch(2))]
     if not chunks:
         return np.zeros((0, image_size, image_size, spec.channels), np.uint8)
@@ -301,22 +315,27 @@ def normalize_images(images: np.ndarray) -> np.ndarray:
 
 
 def _check_image_size(image_size) -> None:
-    if not isinstance(image_size, (int, np.integer)) or isinstance(image_size, bool) \
-            or image_size <= 0:
+    if (
+        not isinstance(image_size, (int, np.integer))
+        or isinstance(image_size, bool)
+        or image_size <= 0
+    ):
         raise ValueError(f"config.data.image_size must be a positive int, got {image_size!r}.")
 
 
 def _check_batch(global_batch_size: int, process_count: int) -> int:
     if not isinstance(global_batch_size, (int, np.integer)) or global_batch_size <= 0:
         raise ValueError(
-            f"config.training.batch_size must be a positive int, got {global_batch_size!r}.")
+            f"config.training.batch_size must be a positive int, got {global_batch_size!r}."
+        )
     if process_count <= 0:
         raise ValueError(f"process_count must be >= 1, got {process_count}.")
     if global_batch_size % process_count:
         raise ValueError(
             f"config.training.batch_size={global_batch_size} (the global batch) must be "
             f"divisible by the number of processes ({process_count}); use a multiple of "
-            f"{process_count}.")
+            f"{process_count}."
+        )
     return global_batch_size // process_count
 
 
@@ -355,16 +374,16 @@ class BatchIterator:
     thread, so forgetting to close never blocks interpreter exit.
     """
 
-    def __init__(self, batch_fn: Callable[[int], Batch], start_step: int = 0,
-                 prefetch: int = 2):
+    def __init__(self, batch_fn: Callable[[int], Batch], start_step: int = 0, prefetch: int = 2):
         if prefetch < 1:
             raise ValueError(f"prefetch must be >= 1, got {prefetch}")
         self.step = int(start_step)
         self._fn = batch_fn
         self._queue: "queue.Queue[Any]" = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._work, args=(self.step,),
-                                        name="diffusion-data-prefetch", daemon=True)
+        self._thread = threading.Thread(
+            target=self._work, args=(self.step,), name="diffusion-data-prefetch", daemon=True
+        )
         self._thread.start()
 
     def _put(self, item) -> bool:
@@ -397,7 +416,7 @@ class BatchIterator:
                 break
             except queue.Empty:
                 if not self._thread.is_alive() and self._queue.empty():
-                    raise RuntimeError("data prefetch thread died without a result")
+                    raise RuntimeError("data prefetch thread died without a result") from None
         if isinstance(item, _Raised):
             self.close()
             raise item.exc
@@ -445,20 +464,28 @@ class InputPipeline:
       prefetch: queue length of :meth:`iterator` (2-4).
     """
 
-    def __init__(self, images: np.ndarray, *, global_batch_size: int, seed: int,
-                 random_flip: bool, process_index: Optional[int] = None,
-                 process_count: Optional[int] = None, prefetch: int = 2):
+    def __init__(
+        self,
+        images: np.ndarray,
+        *,
+        global_batch_size: int,
+        seed: int,
+        random_flip: bool,
+        process_index: Optional[int] = None,
+        process_count: Optional[int] = None,
+        prefetch: int = 2,
+    ):
         images = np.asarray(images)
         if images.ndim != 4 or images.dtype != np.uint8:
             raise ValueError(
-                f"images must be uint8 [N, H, W, C], got {images.dtype} {images.shape}")
+                f"images must be uint8 [N, H, W, C], got {images.dtype} {images.shape}"
+            )
         if len(images) == 0:
             raise ValueError("images is empty")
         self.images = images
         self.seed = _check_seed(seed)
         self.random_flip = bool(random_flip)
-        self.process_index, self.process_count = _process_defaults(process_index,
-                                                                    process_count)
+        self.process_index, self.process_count = _process_defaults(process_index, process_count)
         self.global_batch_size = int(global_batch_size)
         self.local_batch_size = _check_batch(global_batch_size, self.process_count)
         self.prefetch = prefetch
@@ -485,8 +512,7 @@ class InputPipeline:
         with self._lock:
             perm = self._perm_cache.get(epoch)
             if perm is None:
-                perm = np.random.default_rng([self.seed, int(epoch)]).permutation(
-                    self.num_examples)
+                perm = np.random.default_rng([self.seed, int(epoch)]).permutation(self.num_examples)
                 if len(self._perm_cache) >= 4:
                     self._perm_cache.pop(min(self._perm_cache))
                 self._perm_cache[epoch] = perm
@@ -539,13 +565,24 @@ class InputPipeline:
         return self.batch(step)
 
 
-def make_batch_fn(images: np.ndarray, *, global_batch_size: int, seed: int,
-                  random_flip: bool, process_index: Optional[int] = None,
-                  process_count: Optional[int] = None) -> Callable[[int], Batch]:
+def make_batch_fn(
+    images: np.ndarray,
+    *,
+    global_batch_size: int,
+    seed: int,
+    random_flip: bool,
+    process_index: Optional[int] = None,
+    process_count: Optional[int] = None,
+) -> Callable[[int], Batch]:
     """Returns ``batch_fn(step) -> {'image': float32 [B_local, H, W, C]}`` (see InputPipeline)."""
-    return InputPipeline(images, global_batch_size=global_batch_size, seed=seed,
-                         random_flip=random_flip, process_index=process_index,
-                         process_count=process_count).batch
+    return InputPipeline(
+        images,
+        global_batch_size=global_batch_size,
+        seed=seed,
+        random_flip=random_flip,
+        process_index=process_index,
+        process_count=process_count,
+    ).batch
 
 
 # --------------------------------------------------------------------------- #
@@ -572,18 +609,28 @@ class StreamingInputPipeline:
       prefetch: batches prefetched by tf.data.
     """
 
-    def __init__(self, dataset: str, split: str, *, data_dir: Optional[str],
-                 image_size: int, global_batch_size: int, seed: int, random_flip: bool,
-                 process_index: Optional[int] = None, process_count: Optional[int] = None,
-                 shuffle_buffer: int = 10_000, prefetch: int = 2):
+    def __init__(
+        self,
+        dataset: str,
+        split: str,
+        *,
+        data_dir: Optional[str],
+        image_size: int,
+        global_batch_size: int,
+        seed: int,
+        random_flip: bool,
+        process_index: Optional[int] = None,
+        process_count: Optional[int] = None,
+        shuffle_buffer: int = 10_000,
+        prefetch: int = 2,
+    ):
         import tensorflow_datasets as tfds
 
         _check_image_size(image_size)
         self.spec = get_dataset_spec(dataset)
         self.seed = _check_seed(seed)
         self.random_flip = bool(random_flip)
-        self.process_index, self.process_count = _process_defaults(process_index,
-                                                                    process_count)
+        self.process_index, self.process_count = _process_defaults(process_index, process_count)
         self.global_batch_size = int(global_batch_size)
         self.local_batch_size = _check_batch(global_batch_size, self.process_count)
         self.image_size = int(image_size)
@@ -591,12 +638,17 @@ class StreamingInputPipeline:
         self.prefetch = prefetch
         self.builder = get_builder(dataset, data_dir)
         self.split = tfds.split_for_jax_process(
-            split, process_index=self.process_index, process_count=self.process_count,
-            drop_remainder=True)
+            split,
+            process_index=self.process_index,
+            process_count=self.process_count,
+            drop_remainder=True,
+        )
         self.num_local_examples = int(self.builder.info.splits[self.split].num_examples)
         if self.num_local_examples < 1:
-            raise ValueError(f"split {split!r} of {dataset!r} has no examples for process "
-                             f"{self.process_index} of {self.process_count}.")
+            raise ValueError(
+                f"split {split!r} of {dataset!r} has no examples for process "
+                f"{self.process_index} of {self.process_count}."
+            )
 
     @property
     def image_shape(self) -> tuple:
@@ -609,9 +661,11 @@ class StreamingInputPipeline:
 
         tf = _tf()
         raw = self.builder.as_dataset(
-            split=self.split, shuffle_files=False,
+            split=self.split,
+            shuffle_files=False,
             decoders={"image": tfds.decode.SkipDecoding()},
-            read_config=tfds.ReadConfig(try_autocache=False))
+            read_config=tfds.ReadConfig(try_autocache=False),
+        )
         raw = raw.map(lambda ex: ex["image"])
         n = self.num_local_examples
         seed = self.seed
@@ -622,7 +676,7 @@ class StreamingInputPipeline:
             return d.enumerate().map(lambda j, x: (epoch * n + j, x))
 
         start = int(start_step) * self.local_batch_size
-        ds = tf.data.Dataset.range(start // n, 2 ** 62).flat_map(one_epoch)
+        ds = tf.data.Dataset.range(start // n, 2**62).flat_map(one_epoch)
         ds = ds.skip(start % n)
         feature = self.builder.info.features["image"]
         size, flip, p = self.image_size, self.random_flip, self.process_index
@@ -631,7 +685,8 @@ class StreamingInputPipeline:
             image = preprocess_image(feature.decode_example(encoded), size)
             if flip:
                 u = tf.random.stateless_uniform(
-                    [], seed=tf.stack([tf.cast(seed, tf.int64) * 65_537 + p, g]))
+                    [], seed=tf.stack([tf.cast(seed, tf.int64) * 65_537 + p, g])
+                )
                 image = tf.cond(u < 0.5, lambda: image[:, ::-1], lambda: image)
             return image
 
@@ -685,9 +740,14 @@ class _StreamIterator:
 # --------------------------------------------------------------------------- #
 
 
-def create_input_pipeline(config, *, split: Optional[str] = None,
-                          process_index: Optional[int] = None,
-                          process_count: Optional[int] = None, prefetch: int = 2):
+def create_input_pipeline(
+    config,
+    *,
+    split: Optional[str] = None,
+    process_index: Optional[int] = None,
+    process_count: Optional[int] = None,
+    prefetch: int = 2,
+):
     """Builds the training input pipeline from an ``ml_collections.ConfigDict``.
 
     Reads ``config.data.{dataset, image_size, random_flip, data_dir, in_memory}``,
@@ -708,12 +768,23 @@ def create_input_pipeline(config, *, split: Optional[str] = None,
     image_size = data.get("image_size", None) or spec.native_size
     process_index, process_count = _process_defaults(process_index, process_count)
     _check_batch(config.training.batch_size, process_count)  # Fail before reading data.
-    kwargs = dict(global_batch_size=config.training.batch_size, seed=config.seed,
-                  random_flip=bool(data.get("random_flip", True)),
-                  process_index=process_index, process_count=process_count)
+    kwargs = dict(
+        global_batch_size=config.training.batch_size,
+        seed=config.seed,
+        random_flip=bool(data.get("random_flip", True)),
+        process_index=process_index,
+        process_count=process_count,
+    )
     if data.get("in_memory", True):
-        images = load_split(data.dataset, split, data_dir=data.get("data_dir", None),
-                            image_size=image_size)
+        images = load_split(
+            data.dataset, split, data_dir=data.get("data_dir", None), image_size=image_size
+        )
         return InputPipeline(images, prefetch=prefetch, **kwargs)
-    return StreamingInputPipeline(data.dataset, split, data_dir=data.get("data_dir", None),
-                                  image_size=image_size, prefetch=prefetch, **kwargs)
+    return StreamingInputPipeline(
+        data.dataset,
+        split,
+        data_dir=data.get("data_dir", None),
+        image_size=image_size,
+        prefetch=prefetch,
+        **kwargs,
+    )

@@ -17,6 +17,7 @@ asks for:
 The primary split's results keep their plain keys (``fid``, ``kid``, ``inception_score``,
 ``bpd``); a further split ``s`` is stored under ``fid@s`` (with its ``kid`` inside) or ``bpd@s``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,14 +31,29 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion import factories, io, likelihood, parallel, rng, samplers
-from diffusion.evaluation import generator, settings as S
-from diffusion.evaluation.results import (ResultsStore, all_processes, gather, load_features,
-                                          load_npz, settings_match)
+from diffusion.evaluation import generator
+from diffusion.evaluation import settings as S
+from diffusion.evaluation.results import (
+    ResultsStore,
+    all_processes,
+    gather,
+    load_features,
+    load_npz,
+    settings_match,
+)
 from diffusion.metrics import fid as fid_lib
 from diffusion.progress import Progress
 
-__all__ = ["EvalContext", "Evaluator", "FidKidEvaluator", "BpdEvaluator",
-           "evaluators_from_config", "compute_fid_kid", "compute_bpd", "to_rgb"]
+__all__ = [
+    "EvalContext",
+    "Evaluator",
+    "FidKidEvaluator",
+    "BpdEvaluator",
+    "evaluators_from_config",
+    "compute_fid_kid",
+    "compute_bpd",
+    "to_rgb",
+]
 
 
 def to_rgb(images: np.ndarray) -> np.ndarray:
@@ -69,11 +85,18 @@ def compute_fid_kid(gen_features: np.ndarray, ref: fid_lib.ReferenceStatistics) 
         fid = fid_lib.frechet_distance_from_features(g, ref.features)
     else:
         fid = fid_lib.frechet_distance(*fid_lib.compute_statistics(g), ref.mu, ref.sigma)
-    kid, kid_se = fid_lib.kernel_inception_distance(g, ref.features, num_subsets=S.KID_NUM_SUBSETS,
-                                                    subset_size=S.KID_SUBSET_SIZE)
-    return {"fid": float(fid), "kid": float(kid), "kid_se": float(kid_se), "num_gen": int(n),
-            "num_ref": int(n_ref), "kid_subset_size": int(min(n, n_ref, S.KID_SUBSET_SIZE)),
-            "kid_num_subsets": S.KID_NUM_SUBSETS}
+    kid, kid_se = fid_lib.kernel_inception_distance(
+        g, ref.features, num_subsets=S.KID_NUM_SUBSETS, subset_size=S.KID_SUBSET_SIZE
+    )
+    return {
+        "fid": float(fid),
+        "kid": float(kid),
+        "kid_se": float(kid_se),
+        "num_gen": int(n),
+        "num_ref": int(n_ref),
+        "kid_subset_size": int(min(n, n_ref, S.KID_SUBSET_SIZE)),
+        "kid_num_subsets": S.KID_NUM_SUBSETS,
+    }
 
 
 def _global_array(x: np.ndarray, sharding) -> jax.Array:
@@ -81,8 +104,9 @@ def _global_array(x: np.ndarray, sharding) -> jax.Array:
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
-def compute_bpd(config, model, params, images: np.ndarray, *, mesh,
-                what: str = "bits/dim") -> Dict[str, Any]:
+def compute_bpd(
+    config, model, params, images: np.ndarray, *, mesh, what: str = "bits/dim"
+) -> Dict[str, Any]:
     """bits/dim of the variational bound (paper Eq. 5) on uint8 ``images [M, H, W, C]`` (every
     process holds all M), in global batches of ``config.eval.batch_size`` sharded over ``mesh``.
 
@@ -102,6 +126,7 @@ def compute_bpd(config, model, params, images: np.ndarray, *, mesh,
     released ``calc_bpd_loop`` and its CIFAR10 evaluation); ``clip_denoised`` in the result says
     which bound this is."""
     from diffusion.data import normalize_images
+
     param = factories.parameterization(config)
     clip = bool(config.eval.clip_denoised)
     K = int(config.eval.get("bpd_timesteps", 0) or 0)
@@ -115,48 +140,78 @@ def compute_bpd(config, model, params, images: np.ndarray, *, mesh,
         denoise_fn = factories.make_denoise_fn(model, params)
         m = mask.astype(jnp.float32)
         if K:
-            out = likelihood.bound_estimate(schedule, denoise_fn, x, key, num_sampled_timesteps=K,
-                                            **param.model_kwargs, clip_denoised=clip)
-            return {"total": jnp.sum(m * out["total_bpd"]),
-                    "total_sq": jnp.sum(m * jnp.square(out["total_bpd"])),
-                    "prior": jnp.sum(m * out["prior_bpd"]),
-                    "decoder": jnp.sum(m * out["decoder_bpd"])}
-        out = likelihood.bits_per_dim(schedule, denoise_fn, x, key, **param.model_kwargs,
-                                      clip_denoised=clip)
-        return {"total": jnp.sum(m * out["total_bpd"]),
+            out = likelihood.bound_estimate(
+                schedule,
+                denoise_fn,
+                x,
+                key,
+                num_sampled_timesteps=K,
+                **param.model_kwargs,
+                clip_denoised=clip,
+            )
+            return {
+                "total": jnp.sum(m * out["total_bpd"]),
                 "total_sq": jnp.sum(m * jnp.square(out["total_bpd"])),
                 "prior": jnp.sum(m * out["prior_bpd"]),
-                "terms": m @ out["terms_bpd"], "mse": m @ out["mse"],
-                "mse_clipped": m @ out["mse_clipped"]}
+                "decoder": jnp.sum(m * out["decoder_bpd"]),
+            }
+        out = likelihood.bits_per_dim(
+            schedule, denoise_fn, x, key, **param.model_kwargs, clip_denoised=clip
+        )
+        return {
+            "total": jnp.sum(m * out["total_bpd"]),
+            "total_sq": jnp.sum(m * jnp.square(out["total_bpd"])),
+            "prior": jnp.sum(m * out["prior_bpd"]),
+            "terms": m @ out["terms_bpd"],
+            "mse": m @ out["mse"],
+            "mse_clipped": m @ out["mse_clipped"],
+        }
 
     step = jax.jit(fn, in_shardings=(rep, data, data, rep), out_shardings=rep)
     sums = None
     n_batches = math.ceil(M / batch)
     prog = Progress(what, M, unit="examples", every_s=0.0)
     for i in range(n_batches):
-        chunk = images[i * batch:(i + 1) * batch]
+        chunk = images[i * batch : (i + 1) * batch]
         k = len(chunk)
         if k < batch:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - k, axis=0)])
         mask = (np.arange(batch) < k).astype(np.float32)
-        out = jax.device_get(step(params, _global_array(normalize_images(chunk), data),
-                                  _global_array(mask, data),
-                                  _global_array(np.asarray(i, np.int32), rep)))
+        out = jax.device_get(
+            step(
+                params,
+                _global_array(normalize_images(chunk), data),
+                _global_array(mask, data),
+                _global_array(np.asarray(i, np.int32), rep),
+            )
+        )
         out = {key: np.asarray(v, np.float64) for key, v in out.items()}
         sums = out if sums is None else {key: sums[key] + out[key] for key in sums}
         prog.update(k)
     mean = {key: v / M for key, v in sums.items()}
     var = max(mean["total_sq"] - mean["total"] ** 2, 0.0) * M / max(M - 1, 1)
-    res = {"total": float(mean["total"]), "total_se": float(math.sqrt(var / M)),
-           "prior": float(mean["prior"]), "num_examples": int(M), "clip_denoised": clip}
+    res = {
+        "total": float(mean["total"]),
+        "total_se": float(math.sqrt(var / M)),
+        "prior": float(mean["prior"]),
+        "num_examples": int(M),
+        "clip_denoised": clip,
+    }
     if K:
-        res.update(distortion=float(mean["decoder"]),
-                   rate=float(mean["total"] - mean["decoder"]), bpd_timesteps=K)
+        res.update(
+            distortion=float(mean["decoder"]),
+            rate=float(mean["total"] - mean["decoder"]),
+            bpd_timesteps=K,
+        )
         return res
     terms = mean["terms"]
-    res.update(rate=float(mean["prior"] + terms[1:].sum()), distortion=float(terms[0]),
-               terms_bpd=[float(v) for v in terms], mse=[float(v) for v in mean["mse"]],
-               mse_clipped=[float(v) for v in mean["mse_clipped"]])
+    res.update(
+        rate=float(mean["prior"] + terms[1:].sum()),
+        distortion=float(terms[0]),
+        terms_bpd=[float(v) for v in terms],
+        mse=[float(v) for v in mean["mse"]],
+        mse_clipped=[float(v) for v in mean["mse_clipped"]],
+    )
     return res
 
 
@@ -166,9 +221,17 @@ class EvalContext:
     directory and writer, the feature networks and reference statistics (loaded once), and the
     samples / features of the step being evaluated (drawn once for all FID evaluators)."""
 
-    def __init__(self, config, workdir: str, mesh, *, feature_fn: Optional[Callable] = None,
-                 network: str = S.FID_NETWORK, feature_batch_size: int = S.FEATURE_BATCH_SIZE,
-                 writer=None):
+    def __init__(
+        self,
+        config,
+        workdir: str,
+        mesh,
+        *,
+        feature_fn: Optional[Callable] = None,
+        network: str = S.FID_NETWORK,
+        feature_batch_size: int = S.FEATURE_BATCH_SIZE,
+        writer=None,
+    ):
         self.config, self.workdir, self.mesh = config, workdir, mesh
         self.model = factories.create_model(config)
         self.eval_dir = io.join(workdir, "eval")
@@ -180,7 +243,7 @@ class EvalContext:
         self._feature_fn, self._feature_logits_fn = feature_fn, None
         self._refs: Dict[str, Tuple[str, fid_lib.ReferenceStatistics]] = {}
         self._step_cache: Dict[str, Any] = {}
-        self.timings: Dict[str, float] = {}   # wall seconds by stage, for the run's summary
+        self.timings: Dict[str, float] = {}  # wall seconds by stage, for the run's summary
 
     def timed(self, stage: str, t0: float) -> None:
         """Adds ``time.time() - t0`` to ``timings[stage]``."""
@@ -192,6 +255,7 @@ class EvalContext:
         (or the ``feature_fn`` given to the run)."""
         if self._feature_fn is None:
             from diffusion.metrics import load_inception_params, make_feature_fn
+
             t0 = time.time()
             self._feature_fn = make_feature_fn(load_inception_params())
             logging.info("Loaded the FID Inception network (%.1fs)", time.time() - t0)
@@ -201,13 +265,20 @@ class EvalContext:
         """``images -> (pool3, logits)`` of the network read from ``config.eval.inception_weights``
         (its pool3 equals the bundled network's; the logits give the Inception Score)."""
         if self._feature_logits_fn is None:
-            from diffusion.metrics.inception import (load_inception_logits_params,
-                                                     make_feature_logits_fn)
+            from diffusion.metrics.inception import (
+                load_inception_logits_params,
+                make_feature_logits_fn,
+            )
+
             t0 = time.time()
             self._feature_logits_fn = make_feature_logits_fn(
-                load_inception_logits_params(self.config.eval.inception_weights))
-            logging.info("Loaded the Inception network with logits from %s (%.1fs)",
-                         self.config.eval.inception_weights, time.time() - t0)
+                load_inception_logits_params(self.config.eval.inception_weights)
+            )
+            logging.info(
+                "Loaded the Inception network with logits from %s (%.1fs)",
+                self.config.eval.inception_weights,
+                time.time() - t0,
+            )
         return self._feature_logits_fn
 
     def reference(self, split: str) -> Tuple[str, fid_lib.ReferenceStatistics]:
@@ -221,9 +292,11 @@ class EvalContext:
 
     def _reference_cache_dir(self) -> str:
         from diffusion.data import default_data_dir
+
         c = self.config
         sub = ["fid_stats", self.network] + (
-            [f"p{jax.process_index()}"] if jax.process_index() else [])
+            [f"p{jax.process_index()}"] if jax.process_index() else []
+        )
         base = io.absolute(c.data.data_dir) if c.data.data_dir else default_data_dir()
         for root in (base, self.eval_dir):
             path = io.join(root, *sub)
@@ -231,27 +304,40 @@ class EvalContext:
                 return io.probe_writable(path, what="FID reference cache")
             except OSError:
                 continue
-        raise OSError(f"Neither {base} nor {self.eval_dir} is writable for the FID reference "
-                      "cache")
+        raise OSError(f"Neither {base} nor {self.eval_dir} is writable for the FID reference cache")
 
     def _load_reference(self, split: str) -> fid_lib.ReferenceStatistics:
         from diffusion.data import load_split
+
         d = self.config.data
         t0 = time.time()
         images = load_split(d.dataset, split, data_dir=d.data_dir, image_size=d.image_size)
         if len(images) < 2:
-            raise ValueError(f"config.eval.fid_split: {split!r} of {d.dataset!r} has "
-                             f"{len(images)} image(s); FID needs at least 2")
+            raise ValueError(
+                f"config.eval.fid_split: {split!r} of {d.dataset!r} has "
+                f"{len(images)} image(s); FID needs at least 2"
+            )
         cache_dir = self._reference_cache_dir()
-        logging.info("FID reference: %d images of %s/%s at %dpx (cache %s)", len(images),
-                     d.dataset, split, d.image_size, cache_dir)
+        logging.info(
+            "FID reference: %d images of %s/%s at %dpx (cache %s)",
+            len(images),
+            d.dataset,
+            split,
+            d.image_size,
+            cache_dir,
+        )
         ref = fid_lib.reference_statistics(
-            f"{d.dataset}_{d.image_size}px", split,
+            f"{d.dataset}_{d.image_size}px",
+            split,
             _with_progress(self.feature_fn(), len(images), f"reference {d.dataset}/{split}"),
-            images=to_rgb(images), cache_dir=cache_dir, batch_size=self.feature_batch_size,
-            network=self.network)
-        logging.info("FID reference statistics ready: N_ref=%d (%.1fs)", len(ref.features),
-                     time.time() - t0)
+            images=to_rgb(images),
+            cache_dir=cache_dir,
+            batch_size=self.feature_batch_size,
+            network=self.network,
+        )
+        logging.info(
+            "FID reference statistics ready: N_ref=%d (%.1fs)", len(ref.features), time.time() - t0
+        )
         self.timed("FID reference statistics", t0)
         return ref
 
@@ -280,17 +366,26 @@ class EvalContext:
         if all_processes(images is not None):
             logging.info("Step %d: reusing %d samples from %s", step, n, path)
             return images
-        logging.info("Step %d: drawing N=%d samples with the %s chain (global batch %d)", step, n,
-                     generator.describe_chain(c),
-                     generator.batch_for(n, c.eval.batch_size, int(self.mesh.devices.size)))
+        logging.info(
+            "Step %d: drawing N=%d samples with the %s chain (global batch %d)",
+            step,
+            n,
+            generator.describe_chain(c),
+            generator.batch_for(n, c.eval.batch_size, int(self.mesh.devices.size)),
+        )
         t0 = time.time()
         images = generator.generate_samples(c, self.model, params, n, mesh=self.mesh)
         logging.info("Step %d: %d samples in %.1fs", step, n, time.time() - t0)
         self.timed("sampling", t0)
-        io.write_npz(path, images=images, step=np.asarray(step), seed=np.asarray(c.seed),
-                     chain=np.asarray(self.chain))
+        io.write_npz(
+            path,
+            images=images,
+            step=np.asarray(step),
+            seed=np.asarray(c.seed),
+            chain=np.asarray(self.chain),
+        )
         if self.main:
-            io.save_image_grid(images[:S.GRID_SIZE], self.file("samples", step, ".png"))
+            io.save_image_grid(images[: S.GRID_SIZE], self.file("samples", step, ".png"))
             self.writer.write_images(step, {f"eval_samples_{self.chain}": images[:16]})
         return images
 
@@ -304,16 +399,20 @@ class EvalContext:
         n = c.eval.num_samples
         feat_path = self.file("features", step, ".npz", per_process=True)
         want_is = bool(c.eval.get("inception_weights"))
-        cached = load_features(feat_path, self.network, n // jax.process_count(), c.seed,
-                               need_logits=want_is)
+        cached = load_features(
+            feat_path, self.network, n // jax.process_count(), c.seed, need_logits=want_is
+        )
         feats, logits = cached if cached is not None else (None, None)
         if not all_processes(feats is not None):
             images = self.samples(step, params)
-            entry["samples"] = {"num_samples": n, "chain": self.chain,
-                                "sample_steps": c.eval.sample_steps, "method": self.spec.method,
-                                "clip_denoised": c.eval.clip_denoised,
-                                "file": os.path.basename(self.file("samples", step, ".npz",
-                                                                   per_process=True))}
+            entry["samples"] = {
+                "num_samples": n,
+                "chain": self.chain,
+                "sample_steps": c.eval.sample_steps,
+                "method": self.spec.method,
+                "clip_denoised": c.eval.clip_denoised,
+                "file": os.path.basename(self.file("samples", step, ".npz", per_process=True)),
+            }
             if self.spec.method == "ddim":
                 entry["samples"]["eta"] = self.spec.eta
             self.store.save()
@@ -322,17 +421,28 @@ class EvalContext:
             if want_is:
                 fn = _with_progress(self.feature_logits_fn(), len(images), f"step {step} samples")
                 feats, logits = fid_lib.extract_features_and_logits(
-                    to_rgb(images), fn, batch_size=self.feature_batch_size)
+                    to_rgb(images), fn, batch_size=self.feature_batch_size
+                )
                 extra["logits"] = logits
             else:
                 fn = _with_progress(self.feature_fn(), len(images), f"step {step} samples")
-                feats = fid_lib.extract_features(to_rgb(images), fn,
-                                                 batch_size=self.feature_batch_size)
-            logging.info("Step %d: Inception features of %d samples in %.1fs", step, len(feats),
-                         time.time() - t0)
+                feats = fid_lib.extract_features(
+                    to_rgb(images), fn, batch_size=self.feature_batch_size
+                )
+            logging.info(
+                "Step %d: Inception features of %d samples in %.1fs",
+                step,
+                len(feats),
+                time.time() - t0,
+            )
             self.timed("Inception features of the samples", t0)
-            io.write_npz(feat_path, features=feats, network=np.asarray(self.network),
-                         seed=np.asarray(c.seed), **extra)
+            io.write_npz(
+                feat_path,
+                features=feats,
+                network=np.asarray(self.network),
+                seed=np.asarray(c.seed),
+                **extra,
+            )
         feats = gather(feats)
         if want_is:
             logits = gather(logits)
@@ -344,39 +454,68 @@ class EvalContext:
         the same N as the samples (fewer if the split is smaller: then said), computed once and
         kept in ``eval/real_floor.json`` with its settings; None when disabled or unavailable."""
         from diffusion.data import load_split
+
         c = self.config
         split = S.real_floor_split(c)
         if split is None:
             return None
         primary = S.split_list(c.eval.fid_split)[0]
         ref_split, ref = self.reference(primary)
-        settings = {"split": split, "ref_split": ref_split, "network": self.network,
-                    "dataset": c.data.dataset, "image_size": c.data.image_size}
+        settings = {
+            "split": split,
+            "ref_split": ref_split,
+            "network": self.network,
+            "dataset": c.data.dataset,
+            "image_size": c.data.image_size,
+        }
         path = io.join(self.eval_dir, "real_floor.json")
         stored = io.read_json(path, default={})
         if all_processes(bool(stored) and stored.get("settings") == settings):
             return stored
         try:
-            images = load_split(c.data.dataset, split, data_dir=c.data.data_dir,
-                                image_size=c.data.image_size)
+            images = load_split(
+                c.data.dataset, split, data_dir=c.data.data_dir, image_size=c.data.image_size
+            )
         except (ValueError, KeyError) as e:
-            logging.warning("No real-data FID floor: split %r of %s is not available (%s); set "
-                            "config.eval.real_floor_split to another split or '' to skip.",
-                            split, c.data.dataset, e)
+            logging.warning(
+                "No real-data FID floor: split %r of %s is not available (%s); set "
+                "config.eval.real_floor_split to another split or '' to skip.",
+                split,
+                c.data.dataset,
+                e,
+            )
             return None
         if len(images) < c.eval.num_samples:
-            logging.warning("Real-data floor: %s has %d images, fewer than the %d samples: the "
-                            "floor is at N=%d (biased upwards relative to the model's FID).",
-                            split, len(images), c.eval.num_samples, len(images))
+            logging.warning(
+                "Real-data floor: %s has %d images, fewer than the %d samples: the "
+                "floor is at N=%d (biased upwards relative to the model's FID).",
+                split,
+                len(images),
+                c.eval.num_samples,
+                len(images),
+            )
         t0 = time.time()
         fn = _with_progress(self.feature_fn(), len(images), f"real-data floor {split}")
         feats = fid_lib.extract_features(to_rgb(images), fn, batch_size=self.feature_batch_size)
         res = compute_fid_kid(feats, ref)
-        floor = {"fid": res["fid"], "kid": res["kid"], "kid_se": res["kid_se"],
-                 "num": res["num_gen"], "num_ref": res["num_ref"], "settings": settings}
-        logging.info("Real-data floor: FID@%d = %.3f, KID = %.5f for real %s/%s images against "
-                     "the same reference (%.1fs)", floor["num"], floor["fid"], floor["kid"],
-                     c.data.dataset, split, time.time() - t0)
+        floor = {
+            "fid": res["fid"],
+            "kid": res["kid"],
+            "kid_se": res["kid_se"],
+            "num": res["num_gen"],
+            "num_ref": res["num_ref"],
+            "settings": settings,
+        }
+        logging.info(
+            "Real-data floor: FID@%d = %.3f, KID = %.5f for real %s/%s images against "
+            "the same reference (%.1fs)",
+            floor["num"],
+            floor["fid"],
+            floor["kid"],
+            c.data.dataset,
+            split,
+            time.time() - t0,
+        )
         self.timed("real-data floor", t0)
         if self.main:
             io.write_json(path, floor, indent=1, sort_keys=True)
@@ -388,6 +527,7 @@ class Evaluator:
     """One metric. ``key``: its entry in a step's results; ``settings(ctx)``: what it depends
     on (a stored value with equal settings is reused); ``evaluate`` computes it, stores it in
     ``entry`` and returns TensorBoard scalars."""
+
     key: str = ""
 
     def settings(self, ctx: EvalContext) -> dict:
@@ -410,10 +550,16 @@ class FidKidEvaluator(Evaluator):
 
     def settings(self, ctx):
         c = ctx.config
-        return {"num_gen": c.eval.num_samples, "chain": ctx.chain,
-                "clip_denoised": c.eval.clip_denoised, "seed": c.seed,
-                "dataset": c.data.dataset, "image_size": c.data.image_size,
-                "fid_split": self.split, "network": ctx.network}
+        return {
+            "num_gen": c.eval.num_samples,
+            "chain": ctx.chain,
+            "clip_denoised": c.eval.clip_denoised,
+            "seed": c.seed,
+            "dataset": c.data.dataset,
+            "image_size": c.data.image_size,
+            "fid_split": self.split,
+            "network": ctx.network,
+        }
 
     def evaluate(self, ctx, step, params, entry):
         c = ctx.config
@@ -421,23 +567,42 @@ class FidKidEvaluator(Evaluator):
         ref_split, ref = ctx.reference(self.split)
         res = compute_fid_kid(feats, ref)
         n_gen, n_ref = res["num_gen"], res["num_ref"]
-        fid = {"value": res["fid"], "num_gen": n_gen, "num_ref": n_ref, "ref_split": ref_split,
-               "settings": self.settings(ctx)}
-        kid = {"mean": res["kid"], "se": res["kid_se"], "num_gen": n_gen, "num_ref": n_ref,
-               "subset_size": res["kid_subset_size"], "num_subsets": res["kid_num_subsets"]}
+        fid = {
+            "value": res["fid"],
+            "num_gen": n_gen,
+            "num_ref": n_ref,
+            "ref_split": ref_split,
+            "settings": self.settings(ctx),
+        }
+        kid = {
+            "mean": res["kid"],
+            "se": res["kid_se"],
+            "num_gen": n_gen,
+            "num_ref": n_ref,
+            "subset_size": res["kid_subset_size"],
+            "num_subsets": res["kid_num_subsets"],
+        }
         suffix = "" if self.primary else f"_{self.split}"
-        out = {f"fid_N{n_gen}{suffix}": res["fid"], f"kid_N{n_gen}{suffix}": res["kid"],
-               f"kid_se_N{n_gen}{suffix}": res["kid_se"]}
+        out = {
+            f"fid_N{n_gen}{suffix}": res["fid"],
+            f"kid_N{n_gen}{suffix}": res["kid"],
+            f"kid_se_N{n_gen}{suffix}": res["kid_se"],
+        }
         floor, is_text = None, ""
         if self.primary:
             ResultsStore.keep_previous(entry, ("fid", "kid"))
             entry["fid"], entry["kid"] = fid, kid
             if logits is not None:
                 is_mean, is_std = fid_lib.inception_score_from_logits(
-                    logits, num_splits=S.IS_NUM_SPLITS)
-                entry["inception_score"] = {"mean": is_mean, "std": is_std, "num": len(logits),
-                                            "num_splits": S.IS_NUM_SPLITS,
-                                            "weights": os.path.basename(c.eval.inception_weights)}
+                    logits, num_splits=S.IS_NUM_SPLITS
+                )
+                entry["inception_score"] = {
+                    "mean": is_mean,
+                    "std": is_std,
+                    "num": len(logits),
+                    "num_splits": S.IS_NUM_SPLITS,
+                    "weights": os.path.basename(c.eval.inception_weights),
+                }
                 is_text = "; IS %.3f ± %.3f (%d splits)" % (is_mean, is_std, S.IS_NUM_SPLITS)
                 out[f"inception_score_N{n_gen}"] = is_mean
             else:
@@ -446,21 +611,39 @@ class FidKidEvaluator(Evaluator):
             floor = ctx.real_floor()
             if floor is not None:
                 entry["fid"]["real_floor"] = {k: floor[k] for k in ("fid", "kid", "num")} | {
-                    "split": floor["settings"]["split"]}
+                    "split": floor["settings"]["split"]
+                }
                 out[f"fid_real_floor_N{floor['num']}"] = floor["fid"]
         else:
             ResultsStore.keep_previous(entry, (self.key,))
             entry[self.key] = dict(fid, kid=kid)
         ctx.store.save()
-        logging.info("Step %d: FID@%d = %.3f (N_gen=%d, N_ref=%d, %s/%s, %s chain)%s; "
-                     "KID@%d = %.5f ± %.5f%s", step, n_gen, res["fid"], n_gen, n_ref,
-                     c.data.dataset, ref_split, ctx.chain,
-                     "" if floor is None else "; real-data floor at N=%d: FID %.3f, KID %.5f (%s)"
-                     % (floor["num"], floor["fid"], floor["kid"], floor["settings"]["split"]),
-                     n_gen, res["kid"], res["kid_se"], is_text)
+        logging.info(
+            "Step %d: FID@%d = %.3f (N_gen=%d, N_ref=%d, %s/%s, %s chain)%s; "
+            "KID@%d = %.5f ± %.5f%s",
+            step,
+            n_gen,
+            res["fid"],
+            n_gen,
+            n_ref,
+            c.data.dataset,
+            ref_split,
+            ctx.chain,
+            ""
+            if floor is None
+            else "; real-data floor at N=%d: FID %.3f, KID %.5f (%s)"
+            % (floor["num"], floor["fid"], floor["kid"], floor["settings"]["split"]),
+            n_gen,
+            res["kid"],
+            res["kid_se"],
+            is_text,
+        )
         if n_gen < 10_000 and self.primary:
-            logging.info("FID is strongly biased at N=%d: compare FIDs only at equal N (the "
-                         "paper reports N=50000).", n_gen)
+            logging.info(
+                "FID is strongly biased at N=%d: compare FIDs only at equal N (the "
+                "paper reports N=50000).",
+                n_gen,
+            )
         return out
 
 
@@ -473,51 +656,90 @@ class BpdEvaluator(Evaluator):
 
     def settings(self, ctx):
         c = ctx.config
-        s = {"bpd_split": self.split, "bpd_num_examples": c.eval.bpd_num_examples,
-             "seed": c.seed, "dataset": c.data.dataset, "image_size": c.data.image_size,
-             "clip_denoised": c.eval.clip_denoised}
+        s = {
+            "bpd_split": self.split,
+            "bpd_num_examples": c.eval.bpd_num_examples,
+            "seed": c.seed,
+            "dataset": c.data.dataset,
+            "image_size": c.data.image_size,
+            "clip_denoised": c.eval.clip_denoised,
+        }
         K = int(c.eval.get("bpd_timesteps", 0) or 0)
-        if K:   # absent for the full bound: results stored before the option keep matching
+        if K:  # absent for the full bound: results stored before the option keep matching
             s["bpd_timesteps"] = K
         return s
 
     def evaluate(self, ctx, step, params, entry):
         from diffusion.data import load_split
+
         c = ctx.config
         m, split = c.eval.bpd_num_examples, self.split
         try:
-            images = load_split(c.data.dataset, S.bpd_examples_split(split, m),
-                                data_dir=c.data.data_dir, image_size=c.data.image_size)
-        except ValueError:   # the split has fewer than m examples: take all of it
-            images = load_split(c.data.dataset, split, data_dir=c.data.data_dir,
-                                image_size=c.data.image_size)
+            images = load_split(
+                c.data.dataset,
+                S.bpd_examples_split(split, m),
+                data_dir=c.data.data_dir,
+                image_size=c.data.image_size,
+            )
+        except ValueError:  # the split has fewer than m examples: take all of it
+            images = load_split(
+                c.data.dataset, split, data_dir=c.data.data_dir, image_size=c.data.image_size
+            )
         images = images[:m]
         if len(images) < m:
-            logging.warning("config.eval.bpd_split: %r has only %d examples (asked for %d)",
-                            split, len(images), m)
+            logging.warning(
+                "config.eval.bpd_split: %r has only %d examples (asked for %d)",
+                split,
+                len(images),
+                m,
+            )
         K = int(c.eval.get("bpd_timesteps", 0) or 0)
         T = c.diffusion.num_timesteps
-        how = (f"the full bound, T={T} network calls each" if not K else
-               f"an unbiased estimate from K={K} random timesteps each, {K + 1} network calls")
-        logging.info("Step %d: bits/dim (%s) on %d examples of %s/%s", step, how, len(images),
-                     c.data.dataset, split)
+        how = (
+            f"the full bound, T={T} network calls each"
+            if not K
+            else f"an unbiased estimate from K={K} random timesteps each, {K + 1} network calls"
+        )
+        logging.info(
+            "Step %d: bits/dim (%s) on %d examples of %s/%s",
+            step,
+            how,
+            len(images),
+            c.data.dataset,
+            split,
+        )
         t0 = time.time()
-        res = compute_bpd(c, ctx.model, params, images, mesh=ctx.mesh,
-                          what=f"step {step} bits/dim on {split}")
+        res = compute_bpd(
+            c, ctx.model, params, images, mesh=ctx.mesh, what=f"step {step} bits/dim on {split}"
+        )
         ctx.timed("bits/dim", t0)
         res["split"] = split
         res["settings"] = self.settings(ctx)
         ResultsStore.keep_previous(entry, (self.key,))
         entry[self.key] = res
         ctx.store.save()
-        logging.info("Step %d: bits/dim = %.4f ± %.4f on %s (prior %.2e, rate %.4f, distortion "
-                     "%.4f; N=%d, %s, x̂0 %s, %.1fs)", step, res["total"], res["total_se"], split,
-                     res["prior"], res["rate"], res["distortion"], res["num_examples"],
-                     "full bound" if not K else f"K={K} timesteps",
-                     "clipped" if res["clip_denoised"] else "not clipped", time.time() - t0)
+        logging.info(
+            "Step %d: bits/dim = %.4f ± %.4f on %s (prior %.2e, rate %.4f, distortion "
+            "%.4f; N=%d, %s, x̂0 %s, %.1fs)",
+            step,
+            res["total"],
+            res["total_se"],
+            split,
+            res["prior"],
+            res["rate"],
+            res["distortion"],
+            res["num_examples"],
+            "full bound" if not K else f"K={K} timesteps",
+            "clipped" if res["clip_denoised"] else "not clipped",
+            time.time() - t0,
+        )
         suffix = "" if self.primary else f"_{split}"
-        return {f"bpd{suffix}": res["total"], f"bpd_prior{suffix}": res["prior"],
-                f"bpd_rate{suffix}": res["rate"], f"bpd_distortion{suffix}": res["distortion"]}
+        return {
+            f"bpd{suffix}": res["total"],
+            f"bpd_prior{suffix}": res["prior"],
+            f"bpd_rate{suffix}": res["rate"],
+            f"bpd_distortion{suffix}": res["distortion"],
+        }
 
 
 def evaluators_from_config(config) -> List[Evaluator]:

@@ -1,6 +1,7 @@
 """Samples from a checkpoint's EMA parameters with the configured sampler, in global batches
 sharded over the mesh (`sampling.sample_in_batches`). The noise is the `rng.EVAL_SAMPLES` stream,
 the same for every checkpoint, so grids and metrics of different steps are comparable."""
+
 from __future__ import annotations
 
 import math
@@ -40,8 +41,11 @@ def describe_chain(config) -> str:
     spec = samplers.spec_from_config(config)
     T = config.diffusion.num_timesteps
     if spec.method == "ancestral":
-        return ("full T=%d-step ancestral" % T if spec.steps == 0
-                else "respaced K=%d-step ancestral" % spec.steps)
+        return (
+            "full T=%d-step ancestral" % T
+            if spec.steps == 0
+            else "respaced K=%d-step ancestral" % spec.steps
+        )
     if spec.method == "ddim":
         return "DDIM K=%d-step, eta=%g" % (spec.steps or T, spec.eta)
     return "%s K=%d-step" % (spec.method, spec.steps or T)
@@ -52,6 +56,11 @@ def generate_samples(config, model, params, num_samples: int, *, mesh) -> np.nda
     configured sampler in global batches of ``config.eval.batch_size`` on ``mesh``."""
     key = rng.stream(config.seed, rng.EVAL_SAMPLES)
     batch = batch_for(num_samples, config.eval.batch_size, int(mesh.devices.size))
-    return sampling.sample_in_batches(make_sample_fn(config, model, params), num_samples,
-                                      batch // jax.process_count(), key, mesh=mesh,
-                                      as_uint8=True)
+    return sampling.sample_in_batches(
+        make_sample_fn(config, model, params),
+        num_samples,
+        batch // jax.process_count(),
+        key,
+        mesh=mesh,
+        as_uint8=True,
+    )

@@ -8,6 +8,7 @@ A metric recomputed with other settings (e.g. another N) moves the old value to
 reused only when their shape / settings match. Multi-process runs decide together (every process
 must take the same collective path).
 """
+
 from __future__ import annotations
 
 import logging
@@ -18,8 +19,14 @@ import numpy as np
 
 from diffusion import io
 
-__all__ = ["ResultsStore", "load_npz", "load_features", "all_processes", "from_process_0",
-           "settings_match"]
+__all__ = [
+    "ResultsStore",
+    "load_npz",
+    "load_features",
+    "all_processes",
+    "from_process_0",
+    "settings_match",
+]
 
 
 class ResultsStore:
@@ -65,8 +72,9 @@ def load_npz(path: str, key: str, shape, dtype) -> Optional[np.ndarray]:
     return a
 
 
-def load_features(path: str, network: str, n: int, seed: int,
-                  need_logits: bool = False) -> Optional[Tuple[np.ndarray, Optional[np.ndarray]]]:
+def load_features(
+    path: str, network: str, n: int, seed: int, need_logits: bool = False
+) -> Optional[Tuple[np.ndarray, Optional[np.ndarray]]]:
     """Cached ``(features [n, d], logits [n, k] or None)`` of this process's samples if they match
     (network, N, seed, and logits present when ``need_logits``), else None."""
     if not io.isfile(path):
@@ -88,6 +96,7 @@ def all_processes(flag: bool) -> bool:
     if jax.process_count() == 1:
         return bool(flag)
     from jax.experimental import multihost_utils
+
     return bool(np.all(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
 
 
@@ -96,6 +105,7 @@ def from_process_0(flags: List[bool]) -> List[bool]:
     if jax.process_count() == 1:
         return flags
     from jax.experimental import multihost_utils
+
     got = multihost_utils.broadcast_one_to_all(np.asarray(flags, np.int32))
     return [bool(v) for v in np.asarray(got)]
 
@@ -105,4 +115,5 @@ def gather(x: np.ndarray) -> np.ndarray:
     if jax.process_count() == 1:
         return x
     from jax.experimental import multihost_utils
+
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))

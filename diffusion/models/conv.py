@@ -50,28 +50,30 @@ import numpy as np
 from jax import lax
 
 #: Allowed values of ``config.model.conv_impl``.
-IMPLS = ('auto', 'xla', 'winograd', 'winograd4', 'mixed')
+IMPLS = ("auto", "xla", "winograd", "winograd4", "mixed")
 
 #: Per-direction kernels: forward (y), input gradient (dx), weight gradient (dw).
-METHODS = ('xla', 'w2', 'w4')
+METHODS = ("xla", "w2", "w4")
 
 #: model-level name -> (forward, input gradient, weight gradient) method.
 PLANS: Dict[str, Tuple[str, str, str]] = {
-    'xla': ('xla', 'xla', 'xla'),
-    'winograd': ('w2', 'w2', 'w2'),
-    'winograd4': ('w4', 'w4', 'w4'),
-    'mixed': ('xla', 'xla', 'w2'),
+    "xla": ("xla", "xla", "xla"),
+    "winograd": ("w2", "w2", "w2"),
+    "winograd4": ("w4", "w4", "w4"),
+    "mixed": ("xla", "xla", "w2"),
 }
 
-_DN = ('NHWC', 'HWIO', 'NHWC')
+_DN = ("NHWC", "HWIO", "NHWC")
 
 
-def check_conv_impl(value, field: str = 'config.model.conv_impl') -> str:
-  """Returns ``value`` if it is one of `IMPLS`, else raises ``ValueError`` naming ``field``."""
-  if not isinstance(value, str) or value not in IMPLS:
-    raise ValueError(f'{field}={value!r} is not one of {list(IMPLS)} '
-                     f"(auto: per-layer choice on CPU, XLA's conv elsewhere)")
-  return value
+def check_conv_impl(value, field: str = "config.model.conv_impl") -> str:
+    """Returns ``value`` if it is one of `IMPLS`, else raises ``ValueError`` naming ``field``."""
+    if not isinstance(value, str) or value not in IMPLS:
+        raise ValueError(
+            f"{field}={value!r} is not one of {list(IMPLS)} "
+            f"(auto: per-layer choice on CPU, XLA's conv elsewhere)"
+        )
+    return value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,216 +82,238 @@ def check_conv_impl(value, field: str = 'config.model.conv_impl') -> str:
 # ----------------------------------------------------------------------------------------------
 _F2 = dict(
     BT=np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64),
-    G=np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.float64),
+    G=np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float64),
     AT=np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float64),
 )
 _F4 = dict(
-    BT=np.array([[4, 0, -5, 0, 1, 0],
-                 [0, -4, -4, 1, 1, 0],
-                 [0, 4, -4, -1, 1, 0],
-                 [0, -2, -1, 2, 1, 0],
-                 [0, 2, -1, -2, 1, 0],
-                 [0, 4, 0, -5, 0, 1]], np.float64),
-    G=np.array([[1 / 4, 0, 0],
-                [-1 / 6, -1 / 6, -1 / 6],
-                [-1 / 6, 1 / 6, -1 / 6],
-                [1 / 24, 1 / 12, 1 / 6],
-                [1 / 24, -1 / 12, 1 / 6],
-                [0, 0, 1]], np.float64),
-    AT=np.array([[1, 1, 1, 1, 1, 0],
-                 [0, 1, -1, 2, -2, 0],
-                 [0, 1, 1, 4, 4, 0],
-                 [0, 1, -1, 8, -8, 1]], np.float64),
+    BT=np.array(
+        [
+            [4, 0, -5, 0, 1, 0],
+            [0, -4, -4, 1, 1, 0],
+            [0, 4, -4, -1, 1, 0],
+            [0, -2, -1, 2, 1, 0],
+            [0, 2, -1, -2, 1, 0],
+            [0, 4, 0, -5, 0, 1],
+        ],
+        np.float64,
+    ),
+    G=np.array(
+        [
+            [1 / 4, 0, 0],
+            [-1 / 6, -1 / 6, -1 / 6],
+            [-1 / 6, 1 / 6, -1 / 6],
+            [1 / 24, 1 / 12, 1 / 6],
+            [1 / 24, -1 / 12, 1 / 6],
+            [0, 0, 1],
+        ],
+        np.float64,
+    ),
+    AT=np.array(
+        [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
+        np.float64,
+    ),
 )
-_MATS = {'w2': (2, _F2), 'w4': (4, _F4)}
+_MATS = {"w2": (2, _F2), "w4": (4, _F4)}
 
 
 def _lin(coeffs, terms):
-  """``sum_i coeffs[i] * terms[i]`` skipping zero coefficients and multiplications by 1."""
-  out = None
-  for c, t in zip(coeffs, terms):
-    c = float(c)
-    if c == 0.0:
-      continue
-    term = t if c == 1.0 else (-t if c == -1.0 else t * jnp.asarray(c, t.dtype))
-    out = term if out is None else out + term
-  return out
+    """``sum_i coeffs[i] * terms[i]`` skipping zero coefficients and multiplications by 1."""
+    out = None
+    for c, t in zip(coeffs, terms):
+        c = float(c)
+        if c == 0.0:
+            continue
+        term = t if c == 1.0 else (-t if c == -1.0 else t * jnp.asarray(c, t.dtype))
+        out = term if out is None else out + term
+    return out
 
 
 def xla_conv(x: jax.Array, w: jax.Array) -> jax.Array:
-  """XLA's 3x3 stride-1 'SAME' convolution, NHWC x HWIO -> NHWC (what ``nn.Conv`` computes)."""
-  return lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=_DN)
+    """XLA's 3x3 stride-1 'SAME' convolution, NHWC x HWIO -> NHWC (what ``nn.Conv`` computes)."""
+    return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=_DN)
 
 
 def _input_tiles(x: jax.Array, m: int, th: int, tw: int):
-  """The (m+2)^2 input-transform parts ``V[p][q] = (B^T d B)[p, q]`` of every tile, each
-  ``[N*th*tw, C]``. Kept as separate arrays: stacking them (or writing the stack as one
-  broadcast fusion) made the whole train step 2x slower on XLA CPU (benchmarks/RESULTS.md)."""
-  BT = _MATS[f'w{m}'][1]['BT']
-  a = m + 2
-  n, h, wd, c = x.shape
-  # 'SAME' pad of 1, then up to (th+1)*m rows / (tw+1)*m columns so that tile t's row i is
-  # block t (+1 if i >= m), offset i mod m, of a reshape (contiguous slices, no strides).
-  xp = jnp.pad(x, ((0, 0), (1, (th + 1) * m - h - 1), (1, (tw + 1) * m - wd - 1), (0, 0)))
-  xr = xp.reshape(n, th + 1, m, (tw + 1) * m, c)
-  rows = [xr[:, i // m:i // m + th, i % m] for i in range(a)]          # [N, th, Wp, C]
-  v = []
-  for p in range(a):
-    rp = _lin(BT[p], rows).reshape(n, th, tw + 1, m, c)
-    cols = [rp[:, :, j // m:j // m + tw, j % m] for j in range(a)]     # [N, th, tw, C]
-    v.append([_lin(BT[q], cols).reshape(n * th * tw, c) for q in range(a)])
-  return v
+    """The (m+2)^2 input-transform parts ``V[p][q] = (B^T d B)[p, q]`` of every tile, each
+    ``[N*th*tw, C]``. Kept as separate arrays: stacking them (or writing the stack as one
+    broadcast fusion) made the whole train step 2x slower on XLA CPU (benchmarks/RESULTS.md)."""
+    BT = _MATS[f"w{m}"][1]["BT"]
+    a = m + 2
+    n, h, wd, c = x.shape
+    # 'SAME' pad of 1, then up to (th+1)*m rows / (tw+1)*m columns so that tile t's row i is
+    # block t (+1 if i >= m), offset i mod m, of a reshape (contiguous slices, no strides).
+    xp = jnp.pad(x, ((0, 0), (1, (th + 1) * m - h - 1), (1, (tw + 1) * m - wd - 1), (0, 0)))
+    xr = xp.reshape(n, th + 1, m, (tw + 1) * m, c)
+    rows = [xr[:, i // m : i // m + th, i % m] for i in range(a)]  # [N, th, Wp, C]
+    v = []
+    for p in range(a):
+        rp = _lin(BT[p], rows).reshape(n, th, tw + 1, m, c)
+        cols = [rp[:, :, j // m : j // m + tw, j % m] for j in range(a)]  # [N, th, tw, C]
+        v.append([_lin(BT[q], cols).reshape(n * th * tw, c) for q in range(a)])
+    return v
 
 
 def _filter_parts(w: jax.Array, m: int):
-  """``U[p][q] = (G w G^T)[p, q]``, each ``[Cin, Cout]``, as sums (the same ops in any dtype)."""
-  G = _MATS[f'w{m}'][1]['G']
-  a = m + 2
-  taps = [[w[i, j] for j in range(3)] for i in range(3)]
-  rows = [[_lin(G[p], [taps[i][j] for i in range(3)]) for j in range(3)] for p in range(a)]
-  return [[_lin(G[q], rows[p]) for q in range(a)] for p in range(a)]
+    """``U[p][q] = (G w G^T)[p, q]``, each ``[Cin, Cout]``, as sums (the same ops in any dtype)."""
+    G = _MATS[f"w{m}"][1]["G"]
+    a = m + 2
+    taps = [[w[i, j] for j in range(3)] for i in range(3)]
+    rows = [[_lin(G[p], [taps[i][j] for i in range(3)]) for j in range(3)] for p in range(a)]
+    return [[_lin(G[q], rows[p]) for q in range(a)] for p in range(a)]
 
 
-def winograd_conv(x: jax.Array, w: jax.Array, m: int = 2, *,
-                  transposed: bool = False) -> jax.Array:
-  """Winograd F(m x m, 3 x 3) convolution (``m`` = 2 or 4), same result as `xla_conv`.
+def winograd_conv(x: jax.Array, w: jax.Array, m: int = 2, *, transposed: bool = False) -> jax.Array:
+    """Winograd F(m x m, 3 x 3) convolution (``m`` = 2 or 4), same result as `xla_conv`.
 
-  Args:
-    x: ``[N, H, W, Cin]``; any H, W >= 1 (padded up to a multiple of ``m``, result cropped).
-    w: ``[3, 3, Cin, Cout]``.
-    m: output tile size.
-    transposed: convolve with the spatially flipped, in/out-swapped kernel (``w`` is then
-      ``[3, 3, Cout, Cin]``): the input gradient of ``conv(., w)``. The swap is done by the
-      matmuls (transposed operand), not by moving the kernel in memory.
+    Args:
+      x: ``[N, H, W, Cin]``; any H, W >= 1 (padded up to a multiple of ``m``, result cropped).
+      w: ``[3, 3, Cin, Cout]``.
+      m: output tile size.
+      transposed: convolve with the spatially flipped, in/out-swapped kernel (``w`` is then
+        ``[3, 3, Cout, Cin]``): the input gradient of ``conv(., w)``. The swap is done by the
+        matmuls (transposed operand), not by moving the kernel in memory.
 
-  Returns:
-    ``[N, H, W, Cout]`` in the dtype of ``x``/``w``.
-  """
-  AT = _MATS[f'w{m}'][1]['AT']
-  a = m + 2
-  n, h, wd, _ = x.shape
-  k = w.shape[2] if transposed else w.shape[3]
-  th, tw = -(-h // m), -(-wd // m)
-  v = _input_tiles(x, m, th, tw)
-  u = _filter_parts(w[::-1, ::-1] if transposed else w, m)
-  # (m+2)^2 matrix products over the channels: [N*th*tw, Cin] @ [Cin, Cout].
-  mm = [[jnp.matmul(v[p][q], u[p][q].T if transposed else u[p][q]).reshape(n, th, tw, k)
-         for q in range(a)] for p in range(a)]
-  # Output transform Y = A^T M A.
-  t = [[_lin(AT[s], mm[p]) for s in range(m)] for p in range(a)]
-  y = [[_lin(AT[r], [t[p][s] for p in range(a)]) for s in range(m)] for r in range(m)]
-  y = jnp.stack([jnp.stack(row, axis=3) for row in y], axis=2)       # [N, th, m, tw, m, K]
-  y = y.reshape(n, th * m, tw * m, k)
-  return y[:, :h, :wd, :]
+    Returns:
+      ``[N, H, W, Cout]`` in the dtype of ``x``/``w``.
+    """
+    AT = _MATS[f"w{m}"][1]["AT"]
+    a = m + 2
+    n, h, wd, _ = x.shape
+    k = w.shape[2] if transposed else w.shape[3]
+    th, tw = -(-h // m), -(-wd // m)
+    v = _input_tiles(x, m, th, tw)
+    u = _filter_parts(w[::-1, ::-1] if transposed else w, m)
+    # (m+2)^2 matrix products over the channels: [N*th*tw, Cin] @ [Cin, Cout].
+    mm = [
+        [
+            jnp.matmul(v[p][q], u[p][q].T if transposed else u[p][q]).reshape(n, th, tw, k)
+            for q in range(a)
+        ]
+        for p in range(a)
+    ]
+    # Output transform Y = A^T M A.
+    t = [[_lin(AT[s], mm[p]) for s in range(m)] for p in range(a)]
+    y = [[_lin(AT[r], [t[p][s] for p in range(a)]) for s in range(m)] for r in range(m)]
+    y = jnp.stack([jnp.stack(row, axis=3) for row in y], axis=2)  # [N, th, m, tw, m, K]
+    y = y.reshape(n, th * m, tw * m, k)
+    return y[:, :h, :wd, :]
 
 
 def winograd_wgrad(x: jax.Array, dy: jax.Array, m: int = 2) -> jax.Array:
-  """dL/dw of ``winograd_conv(x, w, m)`` (= of the convolution) for output gradient ``dy``.
+    """dL/dw of ``winograd_conv(x, w, m)`` (= of the convolution) for output gradient ``dy``.
 
-  ``dU[p,q] = V[p,q]^T dM[p,q]`` with ``dM = A dY A^T`` per tile ((m+2)^2 matrix products that
-  contract over batch x tiles), then ``dw = G^T dU G``.
+    ``dU[p,q] = V[p,q]^T dM[p,q]`` with ``dM = A dY A^T`` per tile ((m+2)^2 matrix products that
+    contract over batch x tiles), then ``dw = G^T dU G``.
 
-  Args:
-    x: ``[N, H, W, Cin]``.
-    dy: ``[N, H, W, Cout]``.
-    m: output tile size (2 or 4).
+    Args:
+      x: ``[N, H, W, Cin]``.
+      dy: ``[N, H, W, Cout]``.
+      m: output tile size (2 or 4).
 
-  Returns:
-    ``[3, 3, Cin, Cout]``.
-  """
-  mats = _MATS[f'w{m}'][1]
-  AT, G = mats['AT'], mats['G']
-  a = m + 2
-  n, h, wd, _ = x.shape
-  k = dy.shape[-1]
-  th, tw = -(-h // m), -(-wd // m)
-  v = _input_tiles(x, m, th, tw)
-  dyp = jnp.pad(dy, ((0, 0), (0, th * m - h), (0, tw * m - wd), (0, 0)))
-  d6 = dyp.reshape(n, th, m, tw, m, k)
-  d = [[d6[:, :, r, :, s, :] for s in range(m)] for r in range(m)]
-  t = [[_lin(AT[:, p], [d[r][s] for r in range(m)]) for s in range(m)] for p in range(a)]
-  du = [[jnp.matmul(v[p][q].T, _lin(AT[:, q], t[p]).reshape(n * th * tw, k)) for q in range(a)]
-        for p in range(a)]
-  # dw[i, j] = sum_{p,q} G[p, i] G[q, j] dU[p, q]
-  t2 = [[_lin(G[:, j], du[p]) for j in range(3)] for p in range(a)]
-  return jnp.stack([jnp.stack([_lin(G[:, i], [t2[p][j] for p in range(a)]) for j in range(3)])
-                    for i in range(3)])
+    Returns:
+      ``[3, 3, Cin, Cout]``.
+    """
+    mats = _MATS[f"w{m}"][1]
+    AT, G = mats["AT"], mats["G"]
+    a = m + 2
+    n, h, wd, _ = x.shape
+    k = dy.shape[-1]
+    th, tw = -(-h // m), -(-wd // m)
+    v = _input_tiles(x, m, th, tw)
+    dyp = jnp.pad(dy, ((0, 0), (0, th * m - h), (0, tw * m - wd), (0, 0)))
+    d6 = dyp.reshape(n, th, m, tw, m, k)
+    d = [[d6[:, :, r, :, s, :] for s in range(m)] for r in range(m)]
+    t = [[_lin(AT[:, p], [d[r][s] for r in range(m)]) for s in range(m)] for p in range(a)]
+    du = [
+        [jnp.matmul(v[p][q].T, _lin(AT[:, q], t[p]).reshape(n * th * tw, k)) for q in range(a)]
+        for p in range(a)
+    ]
+    # dw[i, j] = sum_{p,q} G[p, i] G[q, j] dU[p, q]
+    t2 = [[_lin(G[:, j], du[p]) for j in range(3)] for p in range(a)]
+    return jnp.stack(
+        [
+            jnp.stack([_lin(G[:, i], [t2[p][j] for p in range(a)]) for j in range(3)])
+            for i in range(3)
+        ]
+    )
 
 
 def _fwd_method(method: str, x: jax.Array, w: jax.Array) -> jax.Array:
-  if method == 'xla':
-    return xla_conv(x, w)
-  return winograd_conv(x, w, _MATS[method][0])
+    if method == "xla":
+        return xla_conv(x, w)
+    return winograd_conv(x, w, _MATS[method][0])
 
 
 def _dx_method(method: str, dy: jax.Array, w: jax.Array) -> jax.Array:
-  if method == 'xla':   # XLA's own backward-input convolution
-    x_shape = jax.ShapeDtypeStruct(dy.shape[:3] + w.shape[2:3], dy.dtype)
-    return jax.linear_transpose(lambda x_: xla_conv(x_, w), x_shape)(dy)[0]
-  return winograd_conv(dy, w, _MATS[method][0], transposed=True)
+    if method == "xla":  # XLA's own backward-input convolution
+        x_shape = jax.ShapeDtypeStruct(dy.shape[:3] + w.shape[2:3], dy.dtype)
+        return jax.linear_transpose(lambda x_: xla_conv(x_, w), x_shape)(dy)[0]
+    return winograd_conv(dy, w, _MATS[method][0], transposed=True)
 
 
 def _wgrad_method(method: str, x: jax.Array, dy: jax.Array, w: jax.Array) -> jax.Array:
-  if method == 'xla':
-    _, vjp_w = jax.vjp(lambda w_: xla_conv(x, w_), w)
-    return vjp_w(dy)[0]
-  return winograd_wgrad(x, dy, _MATS[method][0]).astype(w.dtype)
+    if method == "xla":
+        _, vjp_w = jax.vjp(lambda w_: xla_conv(x, w_), w)
+        return vjp_w(dy)[0]
+    return winograd_wgrad(x, dy, _MATS[method][0]).astype(w.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _planned_conv(x, w, plan):
-  return _fwd_method(plan[0], x, w)
+    return _fwd_method(plan[0], x, w)
 
 
 def _planned_fwd(x, w, plan):
-  return _fwd_method(plan[0], x, w), (x, w)
+    return _fwd_method(plan[0], x, w), (x, w)
 
 
 def _planned_bwd(plan, res, dy):
-  x, w = res
-  dx = _dx_method(plan[1], dy, w)
-  dw = _wgrad_method(plan[2], x, dy, w)
-  return dx, dw
+    x, w = res
+    dx = _dx_method(plan[1], dy, w)
+    dw = _wgrad_method(plan[2], x, dy, w)
+    return dx, dw
 
 
 _planned_conv.defvjp(_planned_fwd, _planned_bwd)
 
 
-def conv3x3(x: jax.Array, w: jax.Array,
-            plan: Tuple[str, str, str] = ('xla', 'xla', 'xla')) -> jax.Array:
-  """3x3 stride-1 'SAME' convolution NHWC x HWIO with per-direction methods.
+def conv3x3(
+    x: jax.Array, w: jax.Array, plan: Tuple[str, str, str] = ("xla", "xla", "xla")
+) -> jax.Array:
+    """3x3 stride-1 'SAME' convolution NHWC x HWIO with per-direction methods.
 
-  Args:
-    x: ``[N, H, W, Cin]``.
-    w: ``[3, 3, Cin, Cout]``.
-    plan: ``(forward, input gradient, weight gradient)`` methods, each in `METHODS`. The all-XLA
-      plan is plain ``lax.conv_general_dilated`` (XLA's own autodiff, no custom_vjp).
-  """
-  plan = tuple(plan)
-  if len(plan) != 3 or any(p not in METHODS for p in plan):
-    raise ValueError(f'plan must be 3 methods from {METHODS}, got {plan!r}')
-  if w.shape[:2] != (3, 3):
-    raise ValueError(f'conv3x3 needs a [3, 3, Cin, Cout] kernel, got {w.shape}')
-  if plan == ('xla', 'xla', 'xla'):
-    return xla_conv(x, w)
-  return _planned_conv(x, w, plan)
+    Args:
+      x: ``[N, H, W, Cin]``.
+      w: ``[3, 3, Cin, Cout]``.
+      plan: ``(forward, input gradient, weight gradient)`` methods, each in `METHODS`. The all-XLA
+        plan is plain ``lax.conv_general_dilated`` (XLA's own autodiff, no custom_vjp).
+    """
+    plan = tuple(plan)
+    if len(plan) != 3 or any(p not in METHODS for p in plan):
+        raise ValueError(f"plan must be 3 methods from {METHODS}, got {plan!r}")
+    if w.shape[:2] != (3, 3):
+        raise ValueError(f"conv3x3 needs a [3, 3, Cin, Cout] kernel, got {w.shape}")
+    if plan == ("xla", "xla", "xla"):
+        return xla_conv(x, w)
+    return _planned_conv(x, w, plan)
 
 
 # ----------------------------------------------------------------------------------------------
 # 'auto': a fixed table measured on the benchmark CPU (benchmarks/conv_select.py; RESULTS.md).
 # ----------------------------------------------------------------------------------------------
-def auto_choice(shape: Tuple[int, int, int, int], cout: int, dtype,
-                backend: Optional[str] = None) -> Tuple[str, str, str]:
-  """The plan ``conv_impl='auto'`` uses for an input of ``shape`` (NHWC) and ``cout`` outputs.
+def auto_choice(
+    shape: Tuple[int, int, int, int], cout: int, dtype, backend: Optional[str] = None
+) -> Tuple[str, str, str]:
+    """The plan ``conv_impl='auto'`` uses for an input of ``shape`` (NHWC) and ``cout`` outputs.
 
-  XLA everywhere but on the CPU backend with float32 compute (nothing was measured to help on
-  GPU/TPU, whose convolution libraries are fast). On CPU: `_cpu_rule`.
-  """
-  backend = jax.default_backend() if backend is None else backend
-  if backend != 'cpu' or jnp.dtype(dtype) != jnp.float32:
-    return PLANS['xla']
-  _, h, w, cin = shape
-  return _cpu_rule(h, w, cin, cout)
+    XLA everywhere but on the CPU backend with float32 compute (nothing was measured to help on
+    GPU/TPU, whose convolution libraries are fast). On CPU: `_cpu_rule`.
+    """
+    backend = jax.default_backend() if backend is None else backend
+    if backend != "cpu" or jnp.dtype(dtype) != jnp.float32:
+        return PLANS["xla"]
+    _, h, w, cin = shape
+    return _cpu_rule(h, w, cin, cout)
 
 
 #: Fewer channels than this: XLA's conv on CPU (the RGB in/out convs, and small test models,
@@ -298,77 +322,125 @@ _MIN_CHANNELS = 64
 
 
 def _cpu_rule(h: int, w: int, cin: int, cout: int) -> Tuple[str, str, str]:
-  """The CPU rule of ``conv_impl='auto'`` (benchmarks/RESULTS.md, "Per-layer conv methods"):
-  F(2,3) in all three directions for layers of at least 16x16 pixels and 64 channels in and
-  out, XLA's conv otherwise.
+    """The CPU rule of ``conv_impl='auto'`` (benchmarks/RESULTS.md, "Per-layer conv methods"):
+    F(2,3) in all three directions for layers of at least 16x16 pixels and 64 channels in and
+    out, XLA's conv otherwise.
 
-  The per-layer measurements (benchmarks/conv_select.py, batch 8) favour Winograd at every
-  CIFAR10 shape with >= 128 channels (F(4,3) by ~20 % over F(2,3) at >= 16x16, F(2,3) below), and
-  the whole train step with that per-direction choice everywhere ran 1.3x faster than XLA's
-  convs; but its compile time grew from ~50 s to ~290 s, because every Winograd convolution is
-  (m+2)^2 separate matmuls + transforms (the stacked single-dot form compiles fast but made the
-  step 2x slower). This rule keeps Winograd where a layer's saving is largest (the 16x16 and
-  32x32 layers: 75 % of the U-Net's conv FLOPs) and with the fewer kernels of F(2,3).
-  """
-  if min(cin, cout) < _MIN_CHANNELS or min(h, w) < 16:
-    return PLANS['xla']
-  return PLANS['winograd']
+    The per-layer measurements (benchmarks/conv_select.py, batch 8) favour Winograd at every
+    CIFAR10 shape with >= 128 channels (F(4,3) by ~20 % over F(2,3) at >= 16x16, F(2,3) below), and
+    the whole train step with that per-direction choice everywhere ran 1.3x faster than XLA's
+    convs; but its compile time grew from ~50 s to ~290 s, because every Winograd convolution is
+    (m+2)^2 separate matmuls + transforms (the stacked single-dot form compiles fast but made the
+    step 2x slower). This rule keeps Winograd where a layer's saving is largest (the 16x16 and
+    32x32 layers: 75 % of the U-Net's conv FLOPs) and with the fewer kernels of F(2,3).
+    """
+    if min(cin, cout) < _MIN_CHANNELS or min(h, w) < 16:
+        return PLANS["xla"]
+    return PLANS["winograd"]
 
 
 def resolve_plan(conv_impl: str, shape, cout: int, dtype) -> Tuple[str, str, str]:
-  """``config.model.conv_impl`` -> the per-direction plan for one layer."""
-  check_conv_impl(conv_impl)
-  if conv_impl == 'auto':
-    return auto_choice(tuple(shape), cout, dtype)
-  return PLANS[conv_impl]
+    """``config.model.conv_impl`` -> the per-direction plan for one layer."""
+    check_conv_impl(conv_impl)
+    if conv_impl == "auto":
+        return auto_choice(tuple(shape), cout, dtype)
+    return PLANS[conv_impl]
 
 
-def _is_conv3x3_same(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                     dimension_numbers, feature_group_count) -> bool:
-  if lhs.ndim != 4 or rhs.shape[:2] != (3, 3) or feature_group_count != 1:
-    return False
-  if tuple(window_strides) != (1, 1):
-    return False
-  if lhs_dilation not in (None, (1, 1), [1, 1]) or rhs_dilation not in (None, (1, 1), [1, 1]):
-    return False
-  if not (padding == 'SAME' or (not isinstance(padding, str)
-                                and [tuple(p) for p in padding] == [(1, 1), (1, 1)])):
-    return False
-  want = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DN)
-  return dimension_numbers is not None and (
-      dimension_numbers == want or dimension_numbers == _DN)
+def _is_conv3x3_same(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation,
+    rhs_dilation,
+    dimension_numbers,
+    feature_group_count,
+) -> bool:
+    if lhs.ndim != 4 or rhs.shape[:2] != (3, 3) or feature_group_count != 1:
+        return False
+    if tuple(window_strides) != (1, 1):
+        return False
+    if lhs_dilation not in (None, (1, 1), [1, 1]) or rhs_dilation not in (None, (1, 1), [1, 1]):
+        return False
+    if not (
+        padding == "SAME"
+        or (not isinstance(padding, str) and [tuple(p) for p in padding] == [(1, 1), (1, 1)])
+    ):
+        return False
+    want = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DN)
+    return dimension_numbers is not None and (dimension_numbers == want or dimension_numbers == _DN)
 
 
-def _conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
-                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
-                          precision=None, *, conv_impl: str = 'auto', **kwargs):
-  """Drop-in for ``lax.conv_general_dilated`` (``nn.Conv(conv_general_dilated=...)``): 3x3
-  stride-1 'SAME' NHWC/HWIO convolutions go through `conv3x3` with the plan `resolve_plan`
-  picks for ``conv_impl``; anything else (strided, other kernels, ...) goes to XLA."""
-  if precision is None and not kwargs and _is_conv3x3_same(
-      lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-      feature_group_count):
-    return conv3x3(lhs, rhs, resolve_plan(conv_impl, lhs.shape, rhs.shape[-1], lhs.dtype))
-  return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-                                  rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-                                  feature_group_count=feature_group_count, precision=precision,
-                                  **kwargs)
+def _conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    precision=None,
+    *,
+    conv_impl: str = "auto",
+    **kwargs,
+):
+    """Drop-in for ``lax.conv_general_dilated`` (``nn.Conv(conv_general_dilated=...)``): 3x3
+    stride-1 'SAME' NHWC/HWIO convolutions go through `conv3x3` with the plan `resolve_plan`
+    picks for ``conv_impl``; anything else (strided, other kernels, ...) goes to XLA."""
+    if (
+        precision is None
+        and not kwargs
+        and _is_conv3x3_same(
+            lhs,
+            rhs,
+            window_strides,
+            padding,
+            lhs_dilation,
+            rhs_dilation,
+            dimension_numbers,
+            feature_group_count,
+        )
+    ):
+        return conv3x3(lhs, rhs, resolve_plan(conv_impl, lhs.shape, rhs.shape[-1], lhs.dtype))
+    return lax.conv_general_dilated(
+        lhs,
+        rhs,
+        window_strides,
+        padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+        precision=precision,
+        **kwargs,
+    )
 
 
 @functools.lru_cache(maxsize=None)
 def _conv_fn(conv_impl: str):
-  return functools.partial(_conv_general_dilated, conv_impl=conv_impl)
+    return functools.partial(_conv_general_dilated, conv_impl=conv_impl)
 
 
 def conv_general_dilated_for(conv_impl: str):
-  """The ``conv_general_dilated`` to give ``flax.linen.Conv`` for ``conv_impl`` (None for
-  ``'xla'``: nn.Conv then calls ``lax.conv_general_dilated`` itself, exactly as before)."""
-  check_conv_impl(conv_impl)
-  if conv_impl == 'xla':
-    return None
-  return _conv_fn(conv_impl)   # one object per value (module attributes compare equal)
+    """The ``conv_general_dilated`` to give ``flax.linen.Conv`` for ``conv_impl`` (None for
+    ``'xla'``: nn.Conv then calls ``lax.conv_general_dilated`` itself, exactly as before)."""
+    check_conv_impl(conv_impl)
+    if conv_impl == "xla":
+        return None
+    return _conv_fn(conv_impl)  # one object per value (module attributes compare equal)
 
 
-__all__ = ['IMPLS', 'METHODS', 'PLANS', 'check_conv_impl', 'xla_conv', 'winograd_conv', 'conv3x3',
-           'auto_choice', 'resolve_plan',
-           'conv_general_dilated_for']
+__all__ = [
+    "IMPLS",
+    "METHODS",
+    "PLANS",
+    "check_conv_impl",
+    "xla_conv",
+    "winograd_conv",
+    "conv3x3",
+    "auto_choice",
+    "resolve_plan",
+    "conv_general_dilated_for",
+]
