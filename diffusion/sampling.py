@@ -18,6 +18,7 @@ options static (e.g. ``jax.jit(functools.partial(ancestral_sample, schedule, fn,
 mean_type='eps', var_type='fixedlarge'))``). Each sampler is a single ``lax.scan`` over the
 steps, so the compiled program holds one copy of the network whatever T is.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,14 +29,23 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from diffusion import gaussian
 from diffusion.schedules import Schedule
 
 __all__ = [
-    "to_uint8", "space_timesteps", "respace_schedule", "decode", "ancestral_sample",
-    "respaced_sample", "ddim_mean_std", "ddim_sample", "interpolate", "sample_in_batches",
+    "to_uint8",
+    "space_timesteps",
+    "respace_schedule",
+    "decode",
+    "ancestral_sample",
+    "respaced_sample",
+    "ddim_mean_std",
+    "ddim_sample",
+    "interpolate",
+    "sample_in_batches",
     "progressive_timesteps",
 ]
 
@@ -45,6 +55,7 @@ DenoiseFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 # ---------------------------------------------------------------------------------------------
 # Small helpers
 # ---------------------------------------------------------------------------------------------
+
 
 def to_uint8(x):
     """[−1, 1] floats -> uint8 [0, 255]: ``round(clip((x + 1) · 127.5, 0, 255))``.
@@ -83,6 +94,7 @@ def _check_shape(shape) -> Tuple[int, ...]:
 # Respacing (Improved DDPM, Nichol & Dhariwal 2021, Sec. 4 / `respace.py`)
 # ---------------------------------------------------------------------------------------------
 
+
 def space_timesteps(num_timesteps: int, section_counts: Union[int, str, Sequence[int]]) -> list:
     """Which of the T original steps to keep, as Improved DDPM's ``space_timesteps``.
 
@@ -97,12 +109,13 @@ def space_timesteps(num_timesteps: int, section_counts: Union[int, str, Sequence
     T = int(num_timesteps)
     if isinstance(section_counts, str):
         if section_counts.startswith("ddim"):
-            desired = int(section_counts[len("ddim"):])
+            desired = int(section_counts[len("ddim") :])
             for stride in range(1, T + 1):
                 if len(range(0, T, stride)) == desired:
                     return list(range(0, T, stride))
-            raise ValueError(f"cannot create exactly {desired} steps with an integer stride "
-                             f"over T={T}")
+            raise ValueError(
+                f"cannot create exactly {desired} steps with an integer stride over T={T}"
+            )
         section_counts = [int(s) for s in section_counts.split(",")]
     elif isinstance(section_counts, (int, np.integer)):
         section_counts = [int(section_counts)]
@@ -149,7 +162,8 @@ def respace_schedule(schedule_or_betas, use_timesteps) -> Tuple[Schedule, jnp.nd
                 "respace_schedule needs concrete schedule values (the new betas are computed in "
                 "float64 NumPy), but got a traced Schedule: close over the schedule "
                 "(functools.partial(sampler, schedule, ...)) instead of passing it as a jit "
-                "argument, or respace outside jit.")
+                "argument, or respace outside jit."
+            )
         alphas_cumprod = np.asarray(schedule_or_betas.alphas_cumprod, dtype=np.float64)
     else:
         betas = np.asarray(schedule_or_betas, dtype=np.float64)
@@ -159,8 +173,9 @@ def respace_schedule(schedule_or_betas, use_timesteps) -> Tuple[Schedule, jnp.nd
         alphas_cumprod = np.cumprod(1.0 - betas)
     keep = sorted({int(k) for k in use_timesteps})
     if not keep or keep[0] < 0 or keep[-1] >= T:
-        raise ValueError(f"use_timesteps must be a non-empty subset of range({T}), got "
-                         f"{keep[:5]}...{keep[-5:]}")
+        raise ValueError(
+            f"use_timesteps must be a non-empty subset of range({T}), got {keep[:5]}...{keep[-5:]}"
+        )
     timestep_map = jnp.asarray(keep, dtype=jnp.int32)
     if isinstance(schedule_or_betas, Schedule) and len(keep) == T:
         return schedule_or_betas, timestep_map
@@ -178,12 +193,20 @@ def _respaced(schedule: Schedule, num_steps) -> Tuple[Schedule, jnp.ndarray]:
     return respace_schedule(schedule, space_timesteps(T, num_steps))
 
 
-def _respaced_model_fn(orig_schedule: Schedule, denoise_fn: DenoiseFn, timestep_map, *,
-                       mean_type: str, var_type: str, convert_xprev: bool):
+def _respaced_model_fn(
+    orig_schedule: Schedule,
+    denoise_fn: DenoiseFn,
+    timestep_map,
+    *,
+    mean_type: str,
+    var_type: str,
+    convert_xprev: bool,
+):
     """A model_fn(x, i) for a chain on a respaced schedule: calls ``denoise_fn`` with the
     original index ``timestep_map[i]``. An ``xprev`` network predicts the ORIGINAL one-step
     posterior mean, so its output is turned into x̂_0 with the original schedule (the returned
     mean_type becomes 'xstart')."""
+
     def model_fn(x, i_b):
         t_orig = jnp.take(timestep_map, i_b)
         out = denoise_fn(x, t_orig)
@@ -204,6 +227,7 @@ def _respaced_model_fn(orig_schedule: Schedule, denoise_fn: DenoiseFn, timestep_
 # The reverse chain: one lax.scan
 # ---------------------------------------------------------------------------------------------
 
+
 def _normal_like(key, t, shape, noise_shape):
     """Standard normal noise for chain index t, drawn with ``noise_shape`` and tiled along the
     batch to ``shape`` (interpolation shares one noise draw across its λ's)."""
@@ -222,6 +246,7 @@ def _run_chain(step_fn, x_init, t_start: int, key, *, progressive_every, noise_s
     ts = jnp.arange(t_start, -1, -1, dtype=jnp.int32)
 
     if progressive_every is None:
+
         def body(x, t):
             x_prev, _ = step_fn(x, t, _normal_like(key, t, shape, noise_shape))
             return x_prev, None
@@ -250,8 +275,15 @@ def _run_chain(step_fn, x_init, t_start: int, key, *, progressive_every, noise_s
 def _ancestral_step(schedule, model_fn, *, mean_type, var_type, clip_denoised):
     def step(x, t, z):
         t_b = jnp.full((x.shape[0],), t, dtype=jnp.int32)
-        p = gaussian.p_mean_variance(schedule, model_fn(x, t_b), x, t_b, mean_type=mean_type,
-                                     var_type=var_type, clip_denoised=clip_denoised)
+        p = gaussian.p_mean_variance(
+            schedule,
+            model_fn(x, t_b),
+            x,
+            t_b,
+            mean_type=mean_type,
+            var_type=var_type,
+            clip_denoised=clip_denoised,
+        )
         # No noise at t = 0 (Algorithm 2, line 4: z = 0 if t = 1).
         x_prev = jnp.where(t > 0, p.mean + jnp.exp(0.5 * p.log_variance) * z, p.mean)
         return x_prev, p.pred_xstart
@@ -263,9 +295,18 @@ def _identity_model_fn(denoise_fn):
     return lambda x, t_b: denoise_fn(x, t_b)
 
 
-def decode(schedule: Schedule, denoise_fn: DenoiseFn, x_t, t: int, key, *, mean_type: str,
-           var_type: str, clip_denoised: bool = True,
-           return_progressive_every: Optional[int] = None):
+def decode(
+    schedule: Schedule,
+    denoise_fn: DenoiseFn,
+    x_t,
+    t: int,
+    key,
+    *,
+    mean_type: str,
+    var_type: str,
+    clip_denoised: bool = True,
+    return_progressive_every: Optional[int] = None,
+):
     """Runs the reverse chain pθ(x_{s−1} | x_s) from a given ``x_t`` at code index ``t`` down to x_0
     (Algorithm 2, lines 3–5, started at paper step t+1 instead of T).
 
@@ -277,15 +318,29 @@ def decode(schedule: Schedule, denoise_fn: DenoiseFn, x_t, t: int, key, *, mean_
     t = int(t)
     if not 0 <= t < schedule.num_timesteps:
         raise ValueError(f"t must be in [0, {schedule.num_timesteps}), got {t}")
-    step = _ancestral_step(schedule, _identity_model_fn(denoise_fn), mean_type=mean_type,
-                           var_type=var_type, clip_denoised=clip_denoised)
-    return _run_chain(step, jnp.asarray(x_t, jnp.float32), t, key,
-                      progressive_every=return_progressive_every)
+    step = _ancestral_step(
+        schedule,
+        _identity_model_fn(denoise_fn),
+        mean_type=mean_type,
+        var_type=var_type,
+        clip_denoised=clip_denoised,
+    )
+    return _run_chain(
+        step, jnp.asarray(x_t, jnp.float32), t, key, progressive_every=return_progressive_every
+    )
 
 
-def ancestral_sample(schedule: Schedule, denoise_fn: DenoiseFn, shape, key, *, mean_type: str,
-                     var_type: str, clip_denoised: bool = True,
-                     return_progressive_every: Optional[int] = None):
+def ancestral_sample(
+    schedule: Schedule,
+    denoise_fn: DenoiseFn,
+    shape,
+    key,
+    *,
+    mean_type: str,
+    var_type: str,
+    clip_denoised: bool = True,
+    return_progressive_every: Optional[int] = None,
+):
     """The ancestral sampler, paper Algorithm 2, as one ``lax.scan`` over t = T−1..0.
 
     x_T ~ N(0, I); for t = T−1..0: x_{t−1} = μθ(x_t, t) + σ_t z, z ~ N(0, I) for t > 0 and z = 0 at
@@ -311,14 +366,31 @@ def ancestral_sample(schedule: Schedule, denoise_fn: DenoiseFn, shape, key, *, m
     gaussian.check_types(mean_type, var_type)
     k_init, k_chain = jax.random.split(key)
     x_T = jax.random.normal(k_init, shape, dtype=jnp.float32)
-    return decode(schedule, denoise_fn, x_T, schedule.num_timesteps - 1, k_chain,
-                  mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised,
-                  return_progressive_every=return_progressive_every)
+    return decode(
+        schedule,
+        denoise_fn,
+        x_T,
+        schedule.num_timesteps - 1,
+        k_chain,
+        mean_type=mean_type,
+        var_type=var_type,
+        clip_denoised=clip_denoised,
+        return_progressive_every=return_progressive_every,
+    )
 
 
-def respaced_sample(schedule: Schedule, denoise_fn: DenoiseFn, shape, key, *, num_steps,
-                    mean_type: str, var_type: str, clip_denoised: bool = True,
-                    return_progressive_every: Optional[int] = None):
+def respaced_sample(
+    schedule: Schedule,
+    denoise_fn: DenoiseFn,
+    shape,
+    key,
+    *,
+    num_steps,
+    mean_type: str,
+    var_type: str,
+    clip_denoised: bool = True,
+    return_progressive_every: Optional[int] = None,
+):
     """Ancestral sampling (Algorithm 2) on a respaced K-step schedule (Improved DDPM, Sec. 4).
 
     The chain runs over the kept steps k_{K−1} > ... > k_0 of ``schedule`` with the respaced betas
@@ -343,25 +415,43 @@ def respaced_sample(schedule: Schedule, denoise_fn: DenoiseFn, shape, key, *, nu
         raise ValueError(
             "respaced_sample with var_type='learned': the network outputs log σ² of the original "
             "one-step kernel, which does not transfer to the respaced steps. Use ddim_sample "
-            "(ignores the variance), var_type='fixedsmall'/'fixedlarge' or 'learned_range'.")
+            "(ignores the variance), var_type='fixedsmall'/'fixedlarge' or 'learned_range'."
+        )
     new_sched, tmap = _respaced(schedule, num_steps)
-    model_fn, eff_mean = _respaced_model_fn(schedule, denoise_fn, tmap, mean_type=mean_type,
-                                            var_type=var_type,
-                                            convert_xprev=new_sched is not schedule)
-    step = _ancestral_step(new_sched, model_fn, mean_type=eff_mean, var_type=var_type,
-                           clip_denoised=clip_denoised)
+    model_fn, eff_mean = _respaced_model_fn(
+        schedule,
+        denoise_fn,
+        tmap,
+        mean_type=mean_type,
+        var_type=var_type,
+        convert_xprev=new_sched is not schedule,
+    )
+    step = _ancestral_step(
+        new_sched, model_fn, mean_type=eff_mean, var_type=var_type, clip_denoised=clip_denoised
+    )
     k_init, k_chain = jax.random.split(key)
     x_T = jax.random.normal(k_init, shape, dtype=jnp.float32)
-    return _run_chain(step, x_T, new_sched.num_timesteps - 1, k_chain,
-                      progressive_every=return_progressive_every)
+    return _run_chain(
+        step, x_T, new_sched.num_timesteps - 1, k_chain, progressive_every=return_progressive_every
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # DDIM (Song, Meng & Ermon 2021)
 # ---------------------------------------------------------------------------------------------
 
-def ddim_mean_std(schedule: Schedule, model_output, x_t, t, *, mean_type: str, var_type: str,
-                  clip_denoised: bool = True, eta: float = 0.0):
+
+def ddim_mean_std(
+    schedule: Schedule,
+    model_output,
+    x_t,
+    t,
+    *,
+    mean_type: str,
+    var_type: str,
+    clip_denoised: bool = True,
+    eta: float = 0.0,
+):
     """One DDIM step's Gaussian, Song et al. 2021 Eq. 12 with σ_t(η) of Eq. 16:
 
       x_{t−1} = √ᾱ_{t−1} x̂_0 + √(1 − ᾱ_{t−1} − σ_t²) ε̂ + σ_t z,
@@ -376,27 +466,45 @@ def ddim_mean_std(schedule: Schedule, model_output, x_t, t, *, mean_type: str, v
     ``model_output`` ``[B, ..., C or 2C]``, ``x_t`` ``[B, ...]``, ``t`` int ``[B]``. Returns
     ``(mean [B, ...], std [B, 1, ..., 1], pred_xstart [B, ...])``.
     """
-    p = gaussian.p_mean_variance(schedule, model_output, x_t, t, mean_type=mean_type,
-                                 var_type=var_type, clip_denoised=clip_denoised)
+    p = gaussian.p_mean_variance(
+        schedule,
+        model_output,
+        x_t,
+        t,
+        mean_type=mean_type,
+        var_type=var_type,
+        clip_denoised=clip_denoised,
+    )
     x0 = p.pred_xstart
     eps = gaussian.predict_eps_from_xstart(schedule, x_t, t, x0)
     ab_prev = gaussian.extract(schedule.alphas_cumprod_prev, t, x_t.shape)
     post_var = gaussian.extract(schedule.posterior_variance, t, x_t.shape)
     # 1 − ᾱ_{t−1} = β̃_t (1−ᾱ_t)/β_t from float64-built buffers: no float32 cancellation near t = 0.
-    one_minus_ab_prev = (post_var * jnp.square(gaussian.extract(
-        schedule.sqrt_one_minus_alphas_cumprod, t, x_t.shape)) / gaussian.extract(
-        schedule.betas, t, x_t.shape))
+    one_minus_ab_prev = (
+        post_var
+        * jnp.square(gaussian.extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_t.shape))
+        / gaussian.extract(schedule.betas, t, x_t.shape)
+    )
     # σ_t² = η² (1−ᾱ_{t−1})/(1−ᾱ_t) · (1 − ᾱ_t/ᾱ_{t−1}) = η² β̃_t, since 1 − ᾱ_t/ᾱ_{t−1} = β_t; the
     # float64-built β̃ buffer avoids float32 cancellation in 1 − ᾱ_t/ᾱ_{t−1} when β_t is small.
     sigma = eta * jnp.sqrt(post_var)
-    mean = (jnp.sqrt(ab_prev) * x0
-            + jnp.sqrt(jnp.maximum(one_minus_ab_prev - sigma ** 2, 0.0)) * eps)
+    mean = jnp.sqrt(ab_prev) * x0 + jnp.sqrt(jnp.maximum(one_minus_ab_prev - sigma**2, 0.0)) * eps
     return mean, sigma, x0
 
 
-def ddim_sample(schedule: Schedule, denoise_fn: DenoiseFn, shape, key, *, mean_type: str,
-                var_type: str, clip_denoised: bool = True, eta: float = 0.0,
-                num_steps=None, return_progressive_every: Optional[int] = None):
+def ddim_sample(
+    schedule: Schedule,
+    denoise_fn: DenoiseFn,
+    shape,
+    key,
+    *,
+    mean_type: str,
+    var_type: str,
+    clip_denoised: bool = True,
+    eta: float = 0.0,
+    num_steps=None,
+    return_progressive_every: Optional[int] = None,
+):
     """DDIM sampling (Song et al. 2021, Eq. 12) as one ``lax.scan``; see `ddim_mean_std`.
 
     η = 0 is deterministic given x_T; η = 1 on the full schedule has the same per-step distribution
@@ -409,29 +517,55 @@ def ddim_sample(schedule: Schedule, denoise_fn: DenoiseFn, shape, key, *, mean_t
     shape = _check_shape(shape)
     gaussian.check_types(mean_type, var_type)
     new_sched, tmap = _respaced(schedule, num_steps)
-    model_fn, eff_mean = _respaced_model_fn(schedule, denoise_fn, tmap, mean_type=mean_type,
-                                            var_type=var_type,
-                                            convert_xprev=new_sched is not schedule)
+    model_fn, eff_mean = _respaced_model_fn(
+        schedule,
+        denoise_fn,
+        tmap,
+        mean_type=mean_type,
+        var_type=var_type,
+        convert_xprev=new_sched is not schedule,
+    )
 
     def step(x, t, z):
         t_b = jnp.full((x.shape[0],), t, dtype=jnp.int32)
-        mean, std, x0 = ddim_mean_std(new_sched, model_fn(x, t_b), x, t_b, mean_type=eff_mean,
-                                      var_type=var_type, clip_denoised=clip_denoised, eta=eta)
+        mean, std, x0 = ddim_mean_std(
+            new_sched,
+            model_fn(x, t_b),
+            x,
+            t_b,
+            mean_type=eff_mean,
+            var_type=var_type,
+            clip_denoised=clip_denoised,
+            eta=eta,
+        )
         return jnp.where(t > 0, mean + std * z, mean), x0
 
     k_init, k_chain = jax.random.split(key)
     x_T = jax.random.normal(k_init, shape, dtype=jnp.float32)
-    return _run_chain(step, x_T, new_sched.num_timesteps - 1, k_chain,
-                      progressive_every=return_progressive_every)
+    return _run_chain(
+        step, x_T, new_sched.num_timesteps - 1, k_chain, progressive_every=return_progressive_every
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Interpolation (paper Sec. 4.4, Fig. 8)
 # ---------------------------------------------------------------------------------------------
 
-def interpolate(schedule: Schedule, denoise_fn: DenoiseFn, x0_a, x0_b, lambdas, t: int, key, *,
-                mean_type: str, var_type: str, clip_denoised: bool = True,
-                shared_noise: bool = False):
+
+def interpolate(
+    schedule: Schedule,
+    denoise_fn: DenoiseFn,
+    x0_a,
+    x0_b,
+    lambdas,
+    t: int,
+    key,
+    *,
+    mean_type: str,
+    var_type: str,
+    clip_denoised: bool = True,
+    shared_noise: bool = False,
+):
     """Interpolates two images in the latent x_t and decodes (paper Sec. 4.4).
 
     Each source is encoded by its own draw from q(x_t|x_0) (Eq. 4), as the paper does and the
@@ -473,8 +607,13 @@ def interpolate(schedule: Schedule, denoise_fn: DenoiseFn, x0_a, x0_b, lambdas, 
     xt_b = gaussian.q_sample(schedule, x0_b, t_b, eps_b)
     lam = lambdas.reshape((L, 1) + (1,) * x0_a.ndim)
     x_mix = ((1.0 - lam) * xt_a[None] + lam * xt_b[None]).reshape((L * B,) + x0_a.shape[1:])
-    step = _ancestral_step(schedule, _identity_model_fn(denoise_fn), mean_type=mean_type,
-                           var_type=var_type, clip_denoised=clip_denoised)
+    step = _ancestral_step(
+        schedule,
+        _identity_model_fn(denoise_fn),
+        mean_type=mean_type,
+        var_type=var_type,
+        clip_denoised=clip_denoised,
+    )
     out = _run_chain(step, x_mix, t, k_dec, progressive_every=None, noise_shape=x0_a.shape)
     return out.reshape((L,) + x0_a.shape)
 
@@ -483,6 +622,7 @@ def interpolate(schedule: Schedule, denoise_fn: DenoiseFn, x0_a, x0_b, lambdas, 
 # Many samples: batches, a device mesh, several processes
 # ---------------------------------------------------------------------------------------------
 
+
 def _local_rows(arr) -> np.ndarray:
     """This process's rows of a batch-sharded array, in batch order, as NumPy."""
     if arr.is_fully_addressable:
@@ -490,13 +630,20 @@ def _local_rows(arr) -> np.ndarray:
     shards = {}
     for s in arr.addressable_shards:
         start = s.index[0].start or 0
-        shards.setdefault(start, s.data)   # replicas along other mesh axes: keep one
+        shards.setdefault(start, s.data)  # replicas along other mesh axes: keep one
     return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)], axis=0)
 
 
-def sample_in_batches(sample_fn: Callable, num_samples: int, batch_size: int, key, *,
-                      mesh: Optional[Mesh] = None, as_uint8: bool = True,
-                      progress: bool = True) -> np.ndarray:
+def sample_in_batches(
+    sample_fn: Callable,
+    num_samples: int,
+    batch_size: int,
+    key,
+    *,
+    mesh: Optional[Mesh] = None,
+    as_uint8: bool = True,
+    progress: bool = True,
+) -> np.ndarray:
     """Draws ``num_samples`` samples in batches, optionally sharded over a device mesh.
 
     ``sample_fn(key, n) -> [n, ...]`` float samples in [−1, 1] (``n`` a static Python int), e.g.
@@ -518,11 +665,13 @@ def sample_in_batches(sample_fn: Callable, num_samples: int, batch_size: int, ke
     pcount, pindex = jax.process_count(), jax.process_index()
     num_samples, batch_size = int(num_samples), int(batch_size)
     if num_samples < 1 or batch_size < 1:
-        raise ValueError(f"num_samples and batch_size must be positive, got {num_samples}, "
-                         f"{batch_size}")
+        raise ValueError(
+            f"num_samples and batch_size must be positive, got {num_samples}, {batch_size}"
+        )
     if num_samples % pcount:
-        raise ValueError(f"num_samples={num_samples} must be divisible by the process count "
-                         f"{pcount}")
+        raise ValueError(
+            f"num_samples={num_samples} must be divisible by the process count {pcount}"
+        )
     n_local = num_samples // pcount
     global_mesh = mesh is not None and len({d.process_index for d in mesh.devices.flat}) > 1
     global_batch = batch_size * pcount if global_mesh else batch_size
@@ -540,8 +689,10 @@ def sample_in_batches(sample_fn: Callable, num_samples: int, batch_size: int, ke
             raise ValueError(f"mesh must have a 'data' axis, got axes {mesh.axis_names}")
         n_data = mesh.shape["data"]
         if global_batch % n_data:
-            raise ValueError(f"batch_size={batch_size} (global batch {global_batch}) must be "
-                             f"divisible by the mesh's 'data' axis size {n_data}")
+            raise ValueError(
+                f"batch_size={batch_size} (global batch {global_batch}) must be "
+                f"divisible by the mesh's 'data' axis size {n_data}"
+            )
         run = jax.jit(fn, out_shardings=NamedSharding(mesh, P("data")))
         replicated = NamedSharding(mesh, P())
         put_key = lambda k: jax.device_put(k, replicated)
@@ -552,6 +703,7 @@ def sample_in_batches(sample_fn: Callable, num_samples: int, batch_size: int, ke
     if show:
         try:
             from tqdm.auto import tqdm  # optional
+
             bar = tqdm(total=n_local, desc="sampling", unit="img", file=sys.stderr)
         except ImportError:
             bar = None
@@ -563,8 +715,16 @@ def sample_in_batches(sample_fn: Callable, num_samples: int, batch_size: int, ke
             bar.update(min(len(rows), n_local - i * batch_size))
         elif show:
             done = min((i + 1) * batch_size, n_local)
-            print(f"sampling: batch {i + 1}/{n_batches}, {done}/{n_local} images, "
-                  f"{time.time() - t0:.1f}s", file=sys.stderr, flush=True)
+            el = time.time() - t0
+            eta = el / done * (n_local - done)
+            print(
+                f"sampling: batch {i + 1}/{n_batches}, {done}/{n_local} images, {el:.1f}s "
+                f"elapsed"
+                + (f", ETA {eta:.0f}s" if done < n_local else ", done")
+                + (" (the first batch includes compiling the chain)" if i == 0 else ""),
+                file=sys.stderr,
+                flush=True,
+            )
     if bar is not None:
         bar.close()
     return np.concatenate(out, axis=0)[:n_local]

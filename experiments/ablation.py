@@ -21,6 +21,7 @@ Beyond the paper: xstart_simple (x0 prediction), v_simple (v prediction), cosine
 (Improved DDPM's cosine schedule), hybrid_learned_range (Improved DDPM's L_hybrid with a
 learned-range Σ). "Fixed isotropic Σ" is σ² = β_t (``fixedlarge``), the released code's default.
 """
+
 from experiments import cifar10, mnist5k
 
 # row -> (mean_type, loss_type, var_type, beta_schedule)
@@ -36,8 +37,14 @@ ROWS = {
     "cosine_eps_simple": ("eps", "mse", "fixedlarge", "cosine"),
     "hybrid_learned_range": ("eps", "hybrid", "learned_range", "linear"),
 }
-PAPER_ROWS = ("xprev_L_learned", "xprev_L_fixed", "xprev_mse", "eps_L_learned", "eps_L_fixed",
-              "eps_simple")
+PAPER_ROWS = (
+    "xprev_L_learned",
+    "xprev_L_fixed",
+    "xprev_mse",
+    "eps_L_learned",
+    "eps_L_fixed",
+    "eps_simple",
+)
 SCALES = ("paper", "offline")
 
 
@@ -45,8 +52,9 @@ def parse_arg(arg):
     """``'row=NAME[,scale=paper|offline]'`` or ``'NAME'`` -> (row, scale); ValueError naming the
     valid rows and scales otherwise."""
     if not arg:
-        raise ValueError(f"experiments/ablation.py needs a row: ablation.py:row=NAME with NAME in "
-                         f"{sorted(ROWS)}")
+        raise ValueError(
+            f"experiments/ablation.py needs a row: ablation.py:row=NAME with NAME in {sorted(ROWS)}"
+        )
     fields = {}
     for part in arg.split(","):
         key, _, value = part.partition("=")
@@ -55,7 +63,9 @@ def parse_arg(arg):
         fields[key.strip()] = value.strip()
     unknown = set(fields) - {"row", "scale"}
     if unknown:
-        raise ValueError(f"unknown ablation argument(s) {sorted(unknown)}; use row=NAME,scale=paper|offline")
+        raise ValueError(
+            f"unknown ablation argument(s) {sorted(unknown)}; use row=NAME,scale=paper|offline"
+        )
     row, scale = fields.get("row"), fields.get("scale", "paper")
     if row not in ROWS:
         raise ValueError(f"unknown ablation row {row!r}; valid rows: {sorted(ROWS)}")
@@ -88,13 +98,15 @@ def offline_config():
     t.keep_every = OFFLINE_TRAIN_STEPS
     t.sample_every = OFFLINE_TRAIN_STEPS
     t.grid_sample_steps = 100
-    t.num_grid_samples = 16       # learned-Σ rows draw the grid with the full 1000-step chain
+    t.num_grid_samples = 16  # learned-Σ rows draw the grid with the full 1000-step chain
     e = config.eval
     e.num_samples = 128
     e.batch_size = 128
     e.sample_steps = 0
     e.fid_split = "train[:1000]"
     e.bpd_num_examples = 32
+    e.bpd_timesteps = 0  # the full bound
+    e.real_floor_split = "auto"
     return config
 
 

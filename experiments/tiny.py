@@ -1,13 +1,15 @@
 """A tiny config for tests: real offline data (mnist5k), a 2-level U-Net with ch 32, T = 100.
 
-    python launch.py --config experiments/tiny.py --workdir /tmp/ddpm_tiny
+python launch.py --config experiments/tiny.py --workdir /tmp/ddpm_tiny
 """
+
 from experiments import mnist5k
 
 
 def get_config():
     config = mnist5k.get_config()
     config.diffusion.num_timesteps = 100
+    config.diffusion.var_type = "fixedlarge"
     config.diffusion.beta_end = 0.2
     config.model.ch = 32
     config.model.ch_mult = (1, 2)
@@ -27,5 +29,8 @@ def get_config():
     config.training.grid_sample_steps = 5
     config.eval.num_samples = 16
     config.eval.batch_size = 8
+    config.eval.sample_steps = 100
+    config.eval.fid_split = "train[:1000]"
     config.eval.bpd_num_examples = 8
+    config.eval.bpd_timesteps = 0
     return config

