@@ -9,6 +9,7 @@ draws exactly what an uninterrupted one would.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import signal
@@ -198,12 +199,11 @@ def _grid_sampler(config, model, schedule) -> Callable:
     and does not respace). x̂_0 is clipped, as in the released code's sample summaries."""
     tr = config.training
     param = parameterization(config)
-    steps = tr.grid_sample_steps
-    method = samplers.spec_from_config(config).method
-    if method == "ancestral" and param.var == "learned":
-        steps = 0
-    spec = samplers.spec_from_config(config, steps=steps)
-    spec = samplers.SamplerSpec(spec.method, spec.steps, spec.eta, clip_denoised=True)
+    spec = dataclasses.replace(
+        samplers.spec_from_config(config, steps=tr.grid_sample_steps), clip_denoised=True
+    )
+    if spec.method == "ancestral" and param.var == "learned":
+        spec = dataclasses.replace(spec, steps=0)
     shape = (
         tr.num_grid_samples,
         config.data.image_size,

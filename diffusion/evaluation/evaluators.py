@@ -20,6 +20,7 @@ The primary split's results keep their plain keys (``fid``, ``kid``, ``inception
 
 from __future__ import annotations
 
+import abc
 import logging
 import math
 import os
@@ -523,21 +524,23 @@ class EvalContext:
 
 
 # ----------------------------------------------------------------------------- evaluators
-class Evaluator:
-    """One metric. ``key``: its entry in a step's results; ``settings(ctx)``: what it depends
+class Evaluator(abc.ABC):
+    """One metric (abstract: subclasses define ``settings`` and ``evaluate``). ``key``: its entry in a step's results; ``settings(ctx)``: what it depends
     on (a stored value with equal settings is reused); ``evaluate`` computes it, stores it in
     ``entry`` and returns TensorBoard scalars."""
 
     key: str = ""
 
+    @abc.abstractmethod
     def settings(self, ctx: EvalContext) -> dict:
-        raise NotImplementedError
+        """The values this metric depends on (stored with it)."""
 
     def needed(self, ctx: EvalContext, entry: dict) -> bool:
         return not settings_match(entry.get(self.key), self.settings(ctx))
 
+    @abc.abstractmethod
     def evaluate(self, ctx: EvalContext, step: int, params, entry: dict) -> Dict[str, float]:
-        raise NotImplementedError
+        """Computes the metric for ``step``, stores it in ``entry``, returns scalars."""
 
 
 class FidKidEvaluator(Evaluator):
