@@ -11,7 +11,10 @@ Sections (``--sections``, comma-separated; default all):
           flops / median time) and its fraction of the fp32 matmul peak measured in this run.
   peer    adds the diffusers ``UNet2DModel`` (same architecture, 35,746,307 parameters) with a
           PyTorch train step to ``train`` (steps alternate ours/peer each round), ``sample`` and
-          ``memory``. Skipped with a message if torch/diffusers do not import.
+          ``memory``. The peer runs in its own process (benchmarks/peer_process.py; its step is
+          timed there), so the two runtimes' threads and heaps never share the process
+          (``--peer_in_process`` for the old way). Skipped with a message if torch/diffusers do
+          not import.
   sample  per-step time of ``diffusion.sampling.ancestral_sample`` (one lax.scan) vs the bare
           jitted forward at the same batch (overhead %), and vs diffusers' DDPMScheduler loop.
   memory  peak RSS (``VmHWM`` of /proc/self/status) of ~3 train steps at batch 32, each side in a fresh
@@ -97,6 +100,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="untimed steps after compile (default 2; 1 with --quick)",
     )
     p.add_argument("--threads", type=int, default=None, help="CPUs for both sides (default all)")
+    p.add_argument(
+        "--no_keep_freed_memory",
+        action="store_true",
+        help="leave glibc's malloc defaults on our side (before 2026-12-02: every step then "
+        "faults its ~2 GiB of XLA buffers in afresh)",
+    )
+    p.add_argument(
+        "--peer_in_process",
+        action="store_true",
+        help="run the peer (torch) in this process, as before 2026-12-02; default: in its own "
+        "process (benchmarks/peer_process.py), steps still alternating round by round",
+    )
     p.add_argument(
         "--model_dtype",
         default="float32",
@@ -186,14 +201,30 @@ def _met(value, target, op) -> str:
     return "yes" if op(value, target) else "NO"
 
 
-def load_peer(threads: int):
-    """The peer module, or ``(None, reason)`` if torch/diffusers are missing."""
+def load_peer(threads: int, in_process: bool = False):
+    """``(peer, None)``, or ``(None, reason)`` if torch/diffusers are missing. By default the
+    peer runs in its own process (`benchmarks.peer_process.PeerProcess`, same interface as the
+    module); ``in_process`` imports ``benchmarks.peer_diffusers`` here instead (the method of
+    the runs before 2026-12-02)."""
+    if not in_process:
+        from benchmarks.peer_process import PeerProcess, PeerProcessError
+
+        try:
+            return PeerProcess(threads), None
+        except PeerProcessError as e:
+            return None, str(e)
     try:
         from benchmarks import peer_diffusers
     except Exception as e:  # pylint: disable=broad-except  (ImportError, or a broken install)
         return None, f"{type(e).__name__}: {e}"
     peer_diffusers.set_threads(threads)
     return peer_diffusers, None
+
+
+def _release(peer, obj) -> None:
+    """Frees a peer trainer/sampler (in the child process where the peer runs there)."""
+    if obj is not None and hasattr(peer, "drop"):
+        peer.drop(obj)
 
 
 # ----------------------------------------------------------------------------- sections
@@ -287,6 +318,7 @@ def section_train(args, peer, peak: float, res: Dict[str, Any]) -> None:
                 r["ours"]["images_per_s"], r["peer"]["images_per_s"]
             )
         out["batches"][str(B)] = r
+        _release(peer, trainer)
         del ours, trainer, base
 
 
@@ -350,6 +382,7 @@ def section_sample(args, peer, res: Dict[str, Any]) -> None:
             "sampler_compile_s": base.sample_compile_s,
         }
         r["speedup_ours_over_baseline"] = cb["median"] / co["median"]
+    _release(peer, ps)
     res["sample"] = r
 
 
@@ -629,6 +662,9 @@ def main(argv=None) -> int:
     from diffusion import cpu_runtime
 
     cpu_runtime.apply_xla_cpu_flags()  # as launch.py does; an XLA_FLAGS value given wins
+    if args.no_keep_freed_memory:  # children (rss_child) inherit it
+        os.environ[cpu_runtime.KEEP_FREED_MEMORY_ENV] = "0"
+    keep = cpu_runtime.keep_freed_memory()  # as launch.py does
     import jax
 
     res: Dict[str, Any] = {
@@ -643,6 +679,7 @@ def main(argv=None) -> int:
         "quick": args.quick,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "conv_impl": args.conv_impl or "auto (config default)",
+        "keep_freed_memory": keep,
         "targets": TARGETS,
     }
     print(f"command: {res['command']}")
@@ -653,6 +690,7 @@ def main(argv=None) -> int:
     print("versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()))
     print(f"XLA_FLAGS: {res['xla_flags'] or '(none)'}")
     print(f"our model.conv_impl: {res['conv_impl']}")
+    print(f"our side keeps freed memory for reuse (cpu_runtime.keep_freed_memory): {keep}")
 
     load = res["machine"].get("loadavg_at_start")
     if load and load[0] > 0.5:
@@ -663,15 +701,20 @@ def main(argv=None) -> int:
         )
     peer, reason = (None, "not selected")
     if "peer" in args.sections:
-        peer, reason = load_peer(threads)
+        peer, reason = load_peer(threads, in_process=args.peer_in_process)
         if peer is None:
             print(f"peer skipped: {reason}")
         else:
             print(
                 f"peer: diffusers UNet2DModel ({peer.EXPECTED_PARAMS:,} parameters asserted), "
-                f"torch threads {threads}"
+                f"torch threads {threads}, "
+                + ("in this process" if args.peer_in_process else f"own process {peer.pid}")
             )
-    res["peer"] = {"available": peer is not None, "reason": reason}
+    res["peer"] = {
+        "available": peer is not None,
+        "reason": reason,
+        "process": "same" if args.peer_in_process else "own",
+    }
     if peer is not None:
         res["peer"]["unet_kwargs"] = peer.UNET_KWARGS
 
@@ -687,6 +730,8 @@ def main(argv=None) -> int:
         section_memory(args, peer, threads, res)
     if "eval" in args.sections:
         section_eval(args, res)
+    if hasattr(peer, "close"):
+        peer.close()
 
     try:
         res["loadavg_at_end"] = os.getloadavg()

@@ -106,6 +106,38 @@ def test_winograd_wgrad_function():
         assert _rel(conv.winograd_wgrad(x, g, m), rdk) < TOL[method]
 
 
+def test_chunk_images_is_the_largest_divisor_within_the_row_budget():
+    # 32x32 with F(2,3): 256 tiles per image; 16x16: 64; F(4,3) at 32x32: 64.
+    assert conv._chunk_images(32, 32, 32, 2, max_rows=1024) == 4
+    assert conv._chunk_images(8, 32, 32, 2, max_rows=1024) == 4
+    assert conv._chunk_images(32, 16, 16, 2, max_rows=1024) == 16
+    assert conv._chunk_images(32, 32, 32, 4, max_rows=1024) == 16
+    assert conv._chunk_images(6, 8, 8, 2, max_rows=40) == 2  # 16 tiles: 2 fit, 3 divides 6 but not
+    assert conv._chunk_images(7, 64, 64, 2, max_rows=100) == 1  # one image exceeds: 1 at a time
+    assert conv._chunk_images(3, 4, 4, 2, max_rows=1024) == 3  # all fit: no chunks
+
+
+@pytest.mark.parametrize("plan", [("w2", "w2", "w2"), ("w4", "w4", "w4"), ("xla", "w2", "w4")])
+def test_batch_chunks_give_the_same_output_and_gradients(plan, monkeypatch):
+    """With a budget of 8 tile rows (8x8 images: 16 tiles each for w2 -> 6 chunks of 1 image, 4
+    for w4 -> 3 chunks of 2) the batch of 6 goes through lax.map / lax.scan, and the forward,
+    the input gradient and the summed weight gradient still equal lax.conv's."""
+    monkeypatch.setattr(conv, "MAX_TILE_ROWS", 8)
+    x, k, g = _data((6, 8, 8, 4, 5), seed=3)
+
+    def loss(x, k):
+        return jnp.sum(conv.conv3x3(x, k, plan) * g)
+
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, k))
+    assert "scan" in jaxpr  # the batch really went in chunks
+    y = jax.jit(lambda x, k: conv.conv3x3(x, k, plan))(x, k)
+    dx, dk = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, k)
+    rdx, rdk = _ref_grads(x, k, g)
+    assert _rel(y, conv.xla_conv(x, k)) < TOL[plan[0]]
+    assert _rel(dx, rdx) < TOL[plan[1]]
+    assert _rel(dk, rdk) < TOL[plan[2]]
+
+
 def test_xla_plan_is_plain_lax_conv():
     """The all-XLA plan is exactly lax.conv (no custom_vjp in the program)."""
     x, k, _ = _data(SHAPES[0])

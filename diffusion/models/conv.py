@@ -238,24 +238,75 @@ def winograd_wgrad(x: jax.Array, dy: jax.Array, m: int = 2) -> jax.Array:
     )
 
 
+#: Most tile rows (images x tiles per image) one Winograd matmul takes at once; larger batches are
+#: computed in chunks of whole images (`_by_chunks`): at batch 32 the U-Net's 32x32 layers (F(2,3):
+#: 256 tiles per image) go 4 images at a time, at batch 8 likewise. Measured on the CIFAR10
+#: train step (benchmarks/RESULTS.md): XLA's temporary buffers at batch 32 were 3,110 MiB
+#: unchunked (all tiles of a layer's transforms live at once), 2,356 MiB with 2,048 rows and
+#: 2,005 MiB with 1,024 (XLA's own convs: 1,953 MiB), and the step got faster (3.71 -> 4.07
+#: images/s); at batch 8, 2,048 / 1,024 / 512 rows ran within noise of each other.
+MAX_TILE_ROWS = 1024
+
+
+def _chunk_images(n: int, h: int, w: int, m: int, max_rows: Optional[int] = None) -> int:
+    """The largest divisor ``c`` of the batch ``n`` with ``c * tiles(h, w) <= max_rows`` (>= 1;
+    ``max_rows`` defaults to `MAX_TILE_ROWS`, read when the layer is traced)."""
+    max_rows = MAX_TILE_ROWS if max_rows is None else max_rows
+    tiles = (-(-h // m)) * (-(-w // m))
+    best = 1
+    for c in range(1, n + 1):
+        if n % c == 0 and c * tiles <= max_rows:
+            best = c
+    return best
+
+
+def _by_chunks(fn, chunk: int, *arrays):
+    """``fn(*arrays)`` computed on ``chunk`` images at a time with ``lax.map`` (one compiled body;
+    only one chunk's transforms are live), results concatenated back along the batch."""
+    n = arrays[0].shape[0]
+    if chunk >= n:
+        return fn(*arrays)
+    split = [a.reshape((n // chunk, chunk) + a.shape[1:]) for a in arrays]
+    out = lax.map(lambda xs: fn(*xs), tuple(split))
+    return out.reshape((n,) + out.shape[2:])
+
+
 def _fwd_method(method: str, x: jax.Array, w: jax.Array) -> jax.Array:
     if method == "xla":
         return xla_conv(x, w)
-    return winograd_conv(x, w, _MATS[method][0])
+    m = _MATS[method][0]
+    chunk = _chunk_images(x.shape[0], x.shape[1], x.shape[2], m)
+    return _by_chunks(lambda x_: winograd_conv(x_, w, m), chunk, x)
 
 
 def _dx_method(method: str, dy: jax.Array, w: jax.Array) -> jax.Array:
     if method == "xla":  # XLA's own backward-input convolution
         x_shape = jax.ShapeDtypeStruct(dy.shape[:3] + w.shape[2:3], dy.dtype)
         return jax.linear_transpose(lambda x_: xla_conv(x_, w), x_shape)(dy)[0]
-    return winograd_conv(dy, w, _MATS[method][0], transposed=True)
+    m = _MATS[method][0]
+    chunk = _chunk_images(dy.shape[0], dy.shape[1], dy.shape[2], m)
+    return _by_chunks(lambda d_: winograd_conv(d_, w, m, transposed=True), chunk, dy)
 
 
 def _wgrad_method(method: str, x: jax.Array, dy: jax.Array, w: jax.Array) -> jax.Array:
     if method == "xla":
         _, vjp_w = jax.vjp(lambda w_: xla_conv(x, w_), w)
         return vjp_w(dy)[0]
-    return winograd_wgrad(x, dy, _MATS[method][0]).astype(w.dtype)
+    m = _MATS[method][0]
+    chunk = _chunk_images(x.shape[0], x.shape[1], x.shape[2], m)
+    if chunk >= x.shape[0]:
+        return winograd_wgrad(x, dy, m).astype(w.dtype)
+    # Sum of the per-chunk weight gradients, accumulated in a scan carry (fp32 like the matmuls).
+    n = x.shape[0]
+    xs = x.reshape((n // chunk, chunk) + x.shape[1:])
+    dys = dy.reshape((n // chunk, chunk) + dy.shape[1:])
+
+    def body(acc, xd):
+        return acc + winograd_wgrad(xd[0], xd[1], m), None
+
+    acc0 = jnp.zeros(w.shape, jnp.result_type(x.dtype, dy.dtype))
+    dw, _ = lax.scan(body, acc0, (xs, dys))
+    return dw.astype(w.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
