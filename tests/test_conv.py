@@ -302,7 +302,9 @@ def test_auto_is_xla_off_cpu_and_for_bf16():
     assert len(plan) == 3 and all(p in conv.METHODS for p in plan)
     # a 3-channel layer (the RGB in/out convs) stays on XLA's conv on CPU
     assert conv.auto_choice((8, 32, 32, 3), 128, jnp.float32, backend="cpu") == conv.PLANS["xla"]
-    assert conv.auto_choice((8, 4, 4, 256), 256, jnp.float32, backend="cpu") == conv.PLANS["xla"]
+    # under 16x16: Winograd forward (sampling/evaluation gain), XLA's gradients
+    assert conv.auto_choice((8, 4, 4, 256), 256, jnp.float32, backend="cpu") == ("w2", "xla", "xla")
+    assert conv.auto_choice((8, 8, 8, 512), 256, jnp.float32, backend="cpu") == ("w2", "xla", "xla")
     assert (
         conv.auto_choice((8, 16, 16, 256), 256, jnp.float32, backend="cpu")
         == conv.PLANS["winograd"]

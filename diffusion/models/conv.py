@@ -25,7 +25,8 @@ Model-level choices (``config.model.conv_impl``, `IMPLS`):
                  backward-filter convolution replaced).
   ``auto``       on CPU with float32 compute: a fixed per-layer-shape rule measured on the
                  benchmark machine (`_cpu_rule`: F(2,3) for layers >= 16x16 with >= 64
-                 channels, XLA's conv for the rest); on GPU/TPU, or for other dtypes: ``xla``.
+                 channels; below 16x16 F(2,3) forward only; XLA's conv for the RGB convs);
+                 on GPU/TPU, or for other dtypes: ``xla``.
 
 All but ``xla`` go through one ``jax.custom_vjp`` whose residuals are just ``(x, w)`` (as for
 XLA's conv), so the Winograd-transformed activations are recomputed in the backward pass rather
@@ -372,21 +373,29 @@ def auto_choice(
 _MIN_CHANNELS = 64
 
 
+#: The plan of `_cpu_rule` for layers under 16x16: F(2,3) forward, XLA's backward convolutions.
+SMALL_LAYER_PLAN: Tuple[str, str, str] = ("w2", "xla", "xla")
+
+
 def _cpu_rule(h: int, w: int, cin: int, cout: int) -> Tuple[str, str, str]:
     """The CPU rule of ``conv_impl='auto'`` (benchmarks/RESULTS.md, "Per-layer conv methods"):
-    F(2,3) in all three directions for layers of at least 16x16 pixels and 64 channels in and
-    out, XLA's conv otherwise.
+    fewer than 64 channels in or out: XLA's conv; at least 16x16 pixels: F(2,3) in all three
+    directions; smaller layers: F(2,3) forward, XLA's conv for both gradients
+    (`SMALL_LAYER_PLAN`).
 
     The per-layer measurements (benchmarks/conv_select.py, batch 8) favour Winograd at every
-    CIFAR10 shape with >= 128 channels (F(4,3) by ~20 % over F(2,3) at >= 16x16, F(2,3) below), and
-    the whole train step with that per-direction choice everywhere ran 1.3x faster than XLA's
-    convs; but its compile time grew from ~50 s to ~290 s, because every Winograd convolution is
-    (m+2)^2 separate matmuls + transforms (the stacked single-dot form compiles fast but made the
-    step 2x slower). This rule keeps Winograd where a layer's saving is largest (the 16x16 and
-    32x32 layers: 75 % of the U-Net's conv FLOPs) and with the fewer kernels of F(2,3).
+    CIFAR10 shape with >= 128 channels (F(4,3) by ~20 % over F(2,3) at >= 16x16, F(2,3) below).
+    In the whole train step, though, F(4,3) at >= 16x16 ran 0.92x of F(2,3) and compiled 2.2x
+    longer, and F(2,3) gradients at 8x8/4x4 gained nothing measurable (1.01x) for 1.9x the
+    compile time: XLA compiles every Winograd convolution into (m+2)^2 separate matmuls +
+    transforms (the stacked single-dot form compiles fast but ran the step 2x slower). The
+    forward alone at 8x8/4x4 does pay: the bare U-Net forward (what sampling and evaluation
+    run) took 481 ms with it against 565 ms without (batch 8, same run), for ~7 s more compile.
     """
-    if min(cin, cout) < _MIN_CHANNELS or min(h, w) < 16:
+    if min(cin, cout) < _MIN_CHANNELS:
         return PLANS["xla"]
+    if min(h, w) < 16:
+        return SMALL_LAYER_PLAN
     return PLANS["winograd"]
 
 
