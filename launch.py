@@ -32,7 +32,7 @@ def main(argv):
 
     quiet_logs.install()
     cpu_runtime.apply_xla_cpu_flags()  # before JAX starts its backend
-    cpu_runtime.keep_freed_memory()  # reuse XLA's per-step buffers (no page faults)
+    cpu_runtime.keep_freed_memory()  # opt-in: DIFFUSION_KEEP_FREED_MEMORY=1
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     from diffusion import cpu_runtime
 
     cpu_runtime.apply_xla_cpu_flags()
-    cpu_runtime.keep_freed_memory()  # reuse XLA's per-step buffers (no page faults)
+    cpu_runtime.keep_freed_memory()  # opt-in: DIFFUSION_KEEP_FREED_MEMORY=1
     from benchmarks.common import matmul_peak
 
     shapes = unet_conv_shapes(a.batch, a.config)

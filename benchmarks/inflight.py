@@ -29,7 +29,7 @@ def main() -> None:
     from diffusion import cpu_runtime
 
     cpu_runtime.apply_xla_cpu_flags()
-    cpu_runtime.keep_freed_memory()  # reuse XLA's per-step buffers (no page faults)
+    cpu_runtime.keep_freed_memory()  # opt-in: DIFFUSION_KEEP_FREED_MEMORY=1
     import importlib.util
 
     import jax

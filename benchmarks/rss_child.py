@@ -38,7 +38,7 @@ def main(argv=None) -> int:
         from diffusion import cpu_runtime
 
         cpu_runtime.apply_xla_cpu_flags()  # as launch.py does (inherited from run.py anyway)
-        cpu_runtime.keep_freed_memory()  # reuse XLA's per-step buffers (no page faults)
+        cpu_runtime.keep_freed_memory()  # opt-in: DIFFUSION_KEEP_FREED_MEMORY=1
         from benchmarks import ours_jax
 
         result = ours_jax.memory_child(args.batch, args.steps, args.conv_impl)

@@ -101,10 +101,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--threads", type=int, default=None, help="CPUs for both sides (default all)")
     p.add_argument(
-        "--no_keep_freed_memory",
+        "--keep_freed_memory",
         action="store_true",
-        help="leave glibc's malloc defaults on our side (before 2026-12-02: every step then "
-        "faults its ~2 GiB of XLA buffers in afresh)",
+        help="our side with DIFFUSION_KEEP_FREED_MEMORY=1 (cpu_runtime.keep_freed_memory: "
+        "XLA's per-step buffers reused instead of faulted in afresh; opt-in, see RESULTS.md)",
     )
     p.add_argument(
         "--peer_in_process",
@@ -662,9 +662,9 @@ def main(argv=None) -> int:
     from diffusion import cpu_runtime
 
     cpu_runtime.apply_xla_cpu_flags()  # as launch.py does; an XLA_FLAGS value given wins
-    if args.no_keep_freed_memory:  # children (rss_child) inherit it
-        os.environ[cpu_runtime.KEEP_FREED_MEMORY_ENV] = "0"
-    keep = cpu_runtime.keep_freed_memory()  # as launch.py does
+    if args.keep_freed_memory:  # children (rss_child) inherit it; the peer ignores it
+        os.environ[cpu_runtime.KEEP_FREED_MEMORY_ENV] = "1"
+    keep = cpu_runtime.keep_freed_memory()  # as launch.py does (opt-in)
     import jax
 
     res: Dict[str, Any] = {

@@ -11,13 +11,14 @@ Measured on 2 CPU cores, CIFAR10 U-Net train step at batch 32 (benchmarks/RESULT
     went from 1.60 to 1.35 s (same loss to 6 digits).
   * ``malloc_trim(0)`` after compiling: glibc keeps ~1 GiB freed by the XLA compiler in its heap,
     which the step's buffers cannot reuse; trimming lowers the whole-process peak RSS by ~0.8 GiB.
-  * `keep_freed_memory` (glibc ``mallopt``): XLA CPU allocates the step's ~2 GiB of temporary
-    buffers at every execution; glibc serves blocks that large with ``mmap`` and unmaps them on
-    free, so every step faulted in ~3.2 GB of fresh zeroed pages (~820k minor page faults, ~2 s
-    of kernel time per batch-32 step; 2-3x that, and a 1.2-1.7x slower step, whenever another
-    process held a few GiB on the host, e.g. the PyTorch peer of the benchmark). Served from
-    one heap that is not trimmed on free, the same memory is reused: 0 faults, ~0.2 s of kernel
-    time per step.
+  * `keep_freed_memory` (glibc ``mallopt``; **opt-in**, ``DIFFUSION_KEEP_FREED_MEMORY=1``): XLA
+    CPU allocates the step's ~2 GiB of temporary buffers at every execution; glibc serves blocks
+    that large with ``mmap`` and unmaps them on free, so every step faults ~3.2 GB of fresh
+    zeroed pages back in (~820k minor page faults, ~2 s of kernel time per batch-32 step; a
+    1.2-2x slower step whenever another process holds a few GiB on the host). Served from one
+    heap that is not trimmed, the same memory is reused: 0 faults, ~0.2 s of kernel time. Not
+    the default because the single heap can fragment: a jitted function with a 256 MiB
+    temporary grew the process to ~4 GiB before it stopped faulting (glibc's defaults: ~1 GiB).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def apply_xla_cpu_flags(
     return env["XLA_FLAGS"]
 
 
-#: ``0`` in the environment disables `keep_freed_memory`.
+#: ``1`` in the environment enables `keep_freed_memory` (off by default).
 KEEP_FREED_MEMORY_ENV = "DIFFUSION_KEEP_FREED_MEMORY"
 
 # glibc mallopt parameters (malloc.h).
@@ -67,28 +68,29 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 
 
 def keep_freed_memory(*, force: bool = False) -> bool:
-    """Makes glibc keep and reuse freed memory instead of returning it to the OS on every free.
+    """Opt-in (``DIFFUSION_KEEP_FREED_MEMORY=1``, or ``force``): makes glibc keep and reuse freed
+    memory instead of returning it to the OS on every free.
 
     Sets ``M_ARENA_MAX=1`` (all threads allocate from the main heap, which alone can grow
     past 64 MiB per block without ``mmap``), ``M_MMAP_MAX=0`` (no per-block ``mmap``: large
     blocks come from the heap and their pages stay mapped after ``free``) and
     ``M_TRIM_THRESHOLD=SIZE_MAX`` (the heap top is not given back by ``free``). Call it before
-    JAX starts its thread pool (first computation), as the entry points do.
+    JAX starts its thread pool (first computation); the entry points do, so the variable is all
+    a user sets.
 
-    Measured on the CIFAR10 train step at batch 32 (benchmarks/RESULTS.md): the peak RSS is the
-    same with and without it (3,620 vs 3,630 MiB), but the process keeps that memory after the
-    steps: 3,496 MiB after ``malloc_trim(0)`` against 1,715 MiB with glibc's defaults (the
-    freed blocks sit below live ones, where trimming cannot return them). For a training
-    process, which needs the same memory at every step, that is the point.
+    Measured (benchmarks/RESULTS.md): on the CIFAR10 train step at batch 32, 825k -> 0 page
+    faults and 2.0 -> 0.2 s of kernel time per step, the same peak RSS (3,620 vs 3,630 MiB), and
+    the step no longer slows down 1.2-2x while another process holds memory; but the process
+    keeps that memory afterwards (3,496 vs 1,715 MiB after ``malloc_trim``), and in other
+    allocation patterns the single heap fragments: a jitted function with a 256 MiB temporary
+    grew the process to ~4 GiB (vs ~1 GiB) over its first 7 calls before it stopped faulting.
+    Hence off by default.
 
-    Like `apply_xla_cpu_flags`, does nothing (returns False) where an accelerator backend is
-    installed, unless ``force``: there the host heap is not the step's memory, and one arena
-    would serialize the input pipeline's threads' allocations.
-
-    Returns False where glibc is not available (macOS, musl) or refused a value; never raises.
-    ``DIFFUSION_KEEP_FREED_MEMORY=0`` in the environment turns it off (glibc's defaults stay).
+    Does nothing where an accelerator backend is installed, unless ``force``: there the host
+    heap is not the step's memory. Returns True if the settings were applied; False when not
+    enabled, off CPU, where glibc is missing (macOS, musl) or refused a value. Never raises.
     """
-    if os.environ.get(KEEP_FREED_MEMORY_ENV, "1") == "0":
+    if not force and os.environ.get(KEEP_FREED_MEMORY_ENV, "0") != "1":
         return False
     if not force and accelerator_plugin_installed():
         return False

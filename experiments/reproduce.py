@@ -540,7 +540,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     quiet_logs.install()
     cpu_runtime.apply_xla_cpu_flags()  # before JAX starts its backend
-    cpu_runtime.keep_freed_memory()  # reuse XLA's per-step buffers (no page faults)
+    cpu_runtime.keep_freed_memory()  # opt-in: DIFFUSION_KEEP_FREED_MEMORY=1
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
