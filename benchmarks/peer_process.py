@@ -20,6 +20,7 @@ round trip is not counted.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -139,7 +140,8 @@ _ATTRS = {
 
 def serve() -> int:
     """The child: reads one JSON command per line on stdin, answers ``PEER {json}`` on stdout."""
-    objects: Dict[int, Any] = {}
+    objects: Dict[int, Any] = {}  # handle -> (kind, object)
+    handles = itertools.count(1)
     out = sys.stdout
     sys.stdout = sys.stderr  # library prints must not interleave with replies
 
@@ -167,16 +169,13 @@ def serve() -> int:
             elif msg["op"] == "new":
                 cls = {"trainer": peer.PeerTrainer, "sampler": peer.PeerSampler}[msg["kind"]]
                 obj = cls(*msg["args"])
-                handle = len(objects) + 1
-                while handle in objects:
-                    handle += 1
-                objects[handle] = obj
+                handle = next(handles)
+                objects[handle] = (msg["kind"], obj)
                 attrs = {a: getattr(obj, a) for a in _ATTRS[msg["kind"]]}
                 reply({"handle": handle, "attrs": attrs})
             elif msg["op"] == "call":
-                obj = objects[msg["handle"]]
+                kind, obj = objects[msg["handle"]]
                 value = getattr(obj, msg["method"])()
-                kind = "trainer" if hasattr(obj, "adam_impl") else "sampler"
                 reply({"value": value, "attrs": {a: getattr(obj, a) for a in _ATTRS[kind]}})
             elif msg["op"] == "drop":
                 objects.pop(msg["handle"], None)
