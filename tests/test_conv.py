@@ -315,3 +315,58 @@ def test_default_config_has_conv_impl():
     from experiments import default
 
     assert default.get_config().model.conv_impl in conv.IMPLS
+
+
+def test_infer_method_runs_only_when_not_differentiated():
+    """``conv3x3(..., infer=m)``: the undifferentiated forward (sampling, evaluation) is method
+    ``m``'s, bit for bit; under ``jax.grad`` the plan's methods run (same gradients as without
+    ``infer``); both forwards agree with lax.conv within their tolerances."""
+    x, k, g = _data((2, 8, 8, 16, 8), seed=5)
+    plan = ("w2", "w2", "w2")
+    y = jax.jit(lambda x, k: conv.conv3x3(x, k, plan, infer="w4"))(x, k)
+    np.testing.assert_array_equal(y, jax.jit(lambda x, k: conv._fwd_method("w4", x, k))(x, k))
+    y2 = jax.jit(lambda x, k: conv.conv3x3(x, k, plan))(x, k)
+    assert not np.array_equal(np.asarray(y), np.asarray(y2))  # F(4,3) really ran, not F(2,3)
+    assert _rel(y, conv.xla_conv(x, k)) < TOL["w4"] and _rel(y2, conv.xla_conv(x, k)) < TOL["w2"]
+
+    def grads(infer):
+        f = lambda x, k: jnp.sum(conv.conv3x3(x, k, plan, infer=infer) * g)  # noqa: E731
+        return jax.jit(jax.grad(f, argnums=(0, 1)))(x, k)
+
+    for a, b in zip(grads("w4"), grads(None)):
+        np.testing.assert_array_equal(a, b)
+    # the all-XLA plan with a Winograd inference forward still differentiates like lax.conv
+    dx, dk = jax.jit(
+        jax.grad(
+            lambda x, k: jnp.sum(conv.conv3x3(x, k, conv.PLANS["xla"], infer="w2") * g), (0, 1)
+        )
+    )(x, k)
+    rdx, rdk = _ref_grads(x, k, g)
+    assert _rel(dx, rdx) < TOL["xla"] and _rel(dk, rdk) < TOL["xla"]
+    with pytest.raises(ValueError, match="infer"):
+        conv.conv3x3(x, k, plan, infer="fft")
+
+
+def test_auto_inference_rule_and_its_use_by_flax_conv():
+    """``auto``'s forward-only rule: F(4,3) at >= 16x16 with >= 256 input channels, otherwise the
+    forward of the training plan; XLA off CPU and for bf16. A flax ``nn.Conv`` built with
+    ``conv_impl='auto'`` runs that method when not differentiated."""
+    rule = conv.auto_infer_choice
+    assert rule((8, 16, 16, 256), 256, jnp.float32, backend="cpu") == "w4"
+    assert rule((8, 32, 32, 384), 128, jnp.float32, backend="cpu") == "w4"
+    assert rule((8, 32, 32, 128), 128, jnp.float32, backend="cpu") == "w2"
+    assert rule((8, 8, 8, 512), 256, jnp.float32, backend="cpu") == "w2"
+    assert rule((8, 32, 32, 3), 128, jnp.float32, backend="cpu") == "xla"
+    assert rule((8, 16, 16, 256), 256, jnp.float32, backend="gpu") == "xla"
+    assert rule((8, 16, 16, 256), 256, jnp.bfloat16, backend="cpu") == "xla"
+    if jax.default_backend() != "cpu":
+        pytest.skip("the flax-level half checks the CPU rule")
+    import flax.linen as nn
+
+    x, k, _ = _data((1, 16, 16, 256, 64), seed=6)
+    layer = nn.Conv(
+        64, (3, 3), padding="SAME", conv_general_dilated=conv.conv_general_dilated_for("auto")
+    )
+    params = {"params": {"kernel": k, "bias": jnp.zeros((64,))}}
+    y = jax.jit(layer.apply)(params, x)
+    np.testing.assert_array_equal(y, jax.jit(lambda x, k: conv._fwd_method("w4", x, k))(x, k))

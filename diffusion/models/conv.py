@@ -310,16 +310,17 @@ def _wgrad_method(method: str, x: jax.Array, dy: jax.Array, w: jax.Array) -> jax
     return dw.astype(w.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _planned_conv(x, w, plan):
-    return _fwd_method(plan[0], x, w)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _planned_conv(x, w, plan, infer):
+    # The primal: what runs when the convolution is not differentiated (sampling, evaluation).
+    return _fwd_method(infer, x, w)
 
 
-def _planned_fwd(x, w, plan):
+def _planned_fwd(x, w, plan, infer):
     return _fwd_method(plan[0], x, w), (x, w)
 
 
-def _planned_bwd(plan, res, dy):
+def _planned_bwd(plan, infer, res, dy):
     x, w = res
     dx = _dx_method(plan[1], dy, w)
     dw = _wgrad_method(plan[2], x, dy, w)
@@ -330,24 +331,37 @@ _planned_conv.defvjp(_planned_fwd, _planned_bwd)
 
 
 def conv3x3(
-    x: jax.Array, w: jax.Array, plan: Tuple[str, str, str] = ("xla", "xla", "xla")
+    x: jax.Array,
+    w: jax.Array,
+    plan: Tuple[str, str, str] = ("xla", "xla", "xla"),
+    infer: Optional[str] = None,
 ) -> jax.Array:
     """3x3 stride-1 'SAME' convolution NHWC x HWIO with per-direction methods.
 
     Args:
       x: ``[N, H, W, Cin]``.
       w: ``[3, 3, Cin, Cout]``.
-      plan: ``(forward, input gradient, weight gradient)`` methods, each in `METHODS`. The all-XLA
+      plan: ``(forward, input gradient, weight gradient)`` methods, each in `METHODS`, used when
+        the convolution is differentiated (``jax.grad``/``jax.vjp``: the train step). The all-XLA
         plan is plain ``lax.conv_general_dilated`` (XLA's own autodiff, no custom_vjp).
+      infer: the forward method when the convolution is *not* differentiated (sampling,
+        evaluation; a ``custom_vjp`` runs its primal then); ``None``: ``plan[0]``. Forward-only
+        programs can afford a method whose backward would cost too much memory or compile time.
+
+    Returns:
+      ``[N, H, W, Cout]``.
     """
     plan = tuple(plan)
-    if len(plan) != 3 or any(p not in METHODS for p in plan):
-        raise ValueError(f"plan must be 3 methods from {METHODS}, got {plan!r}")
+    infer = plan[0] if infer is None else infer
+    if len(plan) != 3 or any(p not in METHODS for p in plan + (infer,)):
+        raise ValueError(
+            f"plan must be 3 methods from {METHODS} (and infer one), got {plan!r}, {infer!r}"
+        )
     if w.shape[:2] != (3, 3):
         raise ValueError(f"conv3x3 needs a [3, 3, Cin, Cout] kernel, got {w.shape}")
-    if plan == ("xla", "xla", "xla"):
+    if plan == ("xla", "xla", "xla") and infer == "xla":
         return xla_conv(x, w)
-    return _planned_conv(x, w, plan)
+    return _planned_conv(x, w, plan, infer)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -397,6 +411,41 @@ def _cpu_rule(h: int, w: int, cin: int, cout: int) -> Tuple[str, str, str]:
     if min(h, w) < 16:
         return SMALL_LAYER_PLAN
     return PLANS["winograd"]
+
+
+def auto_infer_choice(
+    shape: Tuple[int, int, int, int], cout: int, dtype, backend: Optional[str] = None
+) -> str:
+    """The forward method ``conv_impl='auto'`` uses when the convolution is not differentiated
+    (sampling, evaluation): `_cpu_infer_rule` on CPU with float32 compute, else ``xla``."""
+    backend = jax.default_backend() if backend is None else backend
+    if backend != "cpu" or jnp.dtype(dtype) != jnp.float32:
+        return "xla"
+    _, h, w, cin = shape
+    return _cpu_infer_rule(h, w, cin, cout)
+
+
+def _cpu_infer_rule(h: int, w: int, cin: int, cout: int) -> str:
+    """Forward-only CPU rule: F(4,3) for layers >= 16x16 with >= 256 input channels (and >= 64
+    outputs), else the forward of `_cpu_rule`.
+
+    Per-layer forward timings of the CIFAR10 U-Net at batch 8 (benchmarks/RESULTS.md, "Forward
+    only"): F(4,3) beat F(2,3) at every 16x16 and 32x32 shape with >= 256 input channels
+    (0.82-0.97x the time) and lost at 32x32 128->128, 16x16 128->256 and at 8x8/4x4. In the train
+    step F(4,3) lost overall (its backward), which is why this is a separate, forward-only rule.
+    """
+    if min(cin, cout) >= _MIN_CHANNELS and min(h, w) >= 16 and cin >= 256:
+        return "w4"
+    return _cpu_rule(h, w, cin, cout)[0]
+
+
+def resolve_infer(conv_impl: str, shape, cout: int, dtype) -> Optional[str]:
+    """``config.model.conv_impl`` -> the forward method when not differentiated (None: the
+    plan's own forward)."""
+    check_conv_impl(conv_impl)
+    if conv_impl == "auto":
+        return auto_infer_choice(tuple(shape), cout, dtype)
+    return None
 
 
 def resolve_plan(conv_impl: str, shape, cout: int, dtype) -> Tuple[str, str, str]:
@@ -463,7 +512,12 @@ def _conv_general_dilated(
             feature_group_count,
         )
     ):
-        return conv3x3(lhs, rhs, resolve_plan(conv_impl, lhs.shape, rhs.shape[-1], lhs.dtype))
+        return conv3x3(
+            lhs,
+            rhs,
+            resolve_plan(conv_impl, lhs.shape, rhs.shape[-1], lhs.dtype),
+            resolve_infer(conv_impl, lhs.shape, rhs.shape[-1], lhs.dtype),
+        )
     return lax.conv_general_dilated(
         lhs,
         rhs,
@@ -501,6 +555,8 @@ __all__ = [
     "winograd_conv",
     "conv3x3",
     "auto_choice",
+    "auto_infer_choice",
     "resolve_plan",
+    "resolve_infer",
     "conv_general_dilated_for",
 ]
