@@ -10,6 +10,7 @@ and the best method per direction; ``count`` is how many layers of the U-Net hav
 The last lines sum each plan over the whole network (count-weighted).
 
     python -m benchmarks.conv_select --batch 8 --repeats 3
+    python -m benchmarks.conv_select --batch 8 --repeats 7 --forward_only   # the inference rule
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def unet_conv_shapes(batch: int, config_name: str = "cifar10"):
     return out
 
 
-def time_shape(B, H, W, cin, cout, repeats):
+def time_shape(B, H, W, cin, cout, repeats, directions=("fwd", "dx", "dw")):
     """``{direction: {method: seconds}}`` for one shape: all 9 programs compiled first, then
     ``repeats`` rounds that run each once in turn (so load changes hit all alike); min of rounds
     (the least disturbed run on a shared host)."""
@@ -83,11 +84,12 @@ def time_shape(B, H, W, cin, cout, repeats):
     x = jnp.asarray(rng.standard_normal((B, H, W, cin), np.float32))
     w = jnp.asarray(rng.standard_normal((3, 3, cin, cout), np.float32) * 0.05)
     g = jnp.asarray(rng.standard_normal((B, H, W, cout), np.float32))
-    fns = {}
-    for m in METHODS:
-        fns[("fwd", m)] = jax.jit(lambda x, w, g, m=m: conv._fwd_method(m, x, w))
-        fns[("dx", m)] = jax.jit(lambda x, w, g, m=m: conv._dx_method(m, g, w))
-        fns[("dw", m)] = jax.jit(lambda x, w, g, m=m: conv._wgrad_method(m, x, g, w))
+    make = {
+        "fwd": lambda m: jax.jit(lambda x, w, g: conv._fwd_method(m, x, w)),
+        "dx": lambda m: jax.jit(lambda x, w, g: conv._dx_method(m, g, w)),
+        "dw": lambda m: jax.jit(lambda x, w, g: conv._wgrad_method(m, x, g, w)),
+    }
+    fns = {(d, m): make[d](m) for m in METHODS for d in directions}
     for f in fns.values():
         jax.block_until_ready(f(x, w, g))
     ts = {key: [] for key in fns}
@@ -96,7 +98,7 @@ def time_shape(B, H, W, cin, cout, repeats):
             t0 = time.perf_counter()
             jax.block_until_ready(f(x, w, g))
             ts[key].append(time.perf_counter() - t0)
-    res = {"fwd": {}, "dx": {}, "dw": {}}
+    res = {d: {} for d in directions}
     for (d, m), t in ts.items():
         res[d][m] = min(t)
     return res
@@ -108,6 +110,11 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--config", default="cifar10")
     p.add_argument("--out", default=None, help="JSON file for the raw timings")
+    p.add_argument(
+        "--forward_only",
+        action="store_true",
+        help="time the forward only (what sampling/evaluation run: conv_impl='auto''s inference rule)",
+    )
     a = p.parse_args(argv)
     from diffusion import cpu_runtime
 
@@ -115,6 +122,7 @@ def main(argv=None) -> int:
     cpu_runtime.keep_freed_memory()  # opt-in: DIFFUSION_KEEP_FREED_MEMORY=1
     from benchmarks.common import matmul_peak
 
+    dirs = ("fwd",) if a.forward_only else ("fwd", "dx", "dw")
     shapes = unet_conv_shapes(a.batch, a.config)
     peak = matmul_peak([1024], 3)["peak_flops"]
     print(f"XLA_FLAGS: {os.environ.get('XLA_FLAGS', '')}")
@@ -124,20 +132,20 @@ def main(argv=None) -> int:
     )
     hdr = (
         f"{'B,H,W,Cin->Cout':>20} | n | "
-        + " | ".join(f"{d} {m:>3}" for d in ("fwd", "dx", "dw") for m in METHODS)
-        + " | best fwd/dx/dw"
+        + " | ".join(f"{d} {m:>3}" for d in dirs for m in METHODS)
+        + f" | best {'/'.join(dirs)}"
     )
     print(hdr + "\n" + "-" * len(hdr))
     rows, totals = [], collections.defaultdict(float)
     for (B, H, W, cin, cout), n in sorted(shapes.items(), key=lambda kv: -kv[0][1]):
-        t = time_shape(B, H, W, cin, cout, a.repeats)
-        best = tuple(min(t[d], key=t[d].get) for d in ("fwd", "dx", "dw"))
+        t = time_shape(B, H, W, cin, cout, a.repeats, dirs)
+        best = tuple(min(t[d], key=t[d].get) for d in dirs)
         rows.append({"shape": [B, H, W, cin, cout], "count": n, "times_s": t, "best": best})
-        for d in ("fwd", "dx", "dw"):
+        for d in dirs:
             for m in METHODS:
                 totals[(d, m)] += n * t[d][m]
-            totals[(d, "best")] += n * t[d][best[("fwd", "dx", "dw").index(d)]]
-        cells = " | ".join(f"{t[d][m] * 1e3:7.1f}" for d in ("fwd", "dx", "dw") for m in METHODS)
+            totals[(d, "best")] += n * t[d][best[dirs.index(d)]]
+        cells = " | ".join(f"{t[d][m] * 1e3:7.1f}" for d in dirs for m in METHODS)
         print(
             f"{B:>3},{H:>3},{W:>3},{cin:>4}->{cout:<4} | {n} | {cells} | {'/'.join(best)}",
             flush=True,
@@ -145,9 +153,7 @@ def main(argv=None) -> int:
     print(
         "network total (ms, count-weighted): "
         + ", ".join(
-            f"{d} {m} {totals[(d, m)] * 1e3:.0f}"
-            for d in ("fwd", "dx", "dw")
-            for m in METHODS + ("best",)
+            f"{d} {m} {totals[(d, m)] * 1e3:.0f}" for d in dirs for m in METHODS + ("best",)
         )
     )
     if a.out:

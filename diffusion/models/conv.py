@@ -26,7 +26,10 @@ Model-level choices (``config.model.conv_impl``, `IMPLS`):
   ``auto``       on CPU with float32 compute: a fixed per-layer-shape rule measured on the
                  benchmark machine (`_cpu_rule`: F(2,3) for layers >= 16x16 with >= 64
                  channels; below 16x16 F(2,3) forward only; XLA's conv for the RGB convs);
-                 on GPU/TPU, or for other dtypes: ``xla``.
+                 on GPU/TPU, or for other dtypes: ``xla``. When a convolution is not
+                 differentiated (sampling, evaluation) ``auto`` runs the forward of
+                 `_cpu_infer_rule` instead: F(4,3) at >= 16x16 layers with >= 256 input
+                 channels, where it beats F(2,3) but its backward would cost the train step.
 
 All but ``xla`` go through one ``jax.custom_vjp`` whose residuals are just ``(x, w)`` (as for
 XLA's conv), so the Winograd-transformed activations are recomputed in the backward pass rather
