@@ -1,6 +1,7 @@
 """`diffusion.models.group_norm`: the column-sum GroupNorm against a float64 NumPy GroupNorm
 (Wu & He 2018, Eq. 1-2 written out directly), against ``flax.linen.GroupNorm`` (a second
-implementation: values, gradients and the parameter tree), and on inputs whose mean dwarfs their
+implementation: values and the parameter tree; under differentiation it is flax's program), its
+gradients against autodiff of the float64 definition, and on inputs whose mean dwarfs their
 spread (where the one-pass variance E[x^2] - mean^2 loses its digits)."""
 
 import flax.linen as nn
@@ -57,7 +58,7 @@ def test_two_pass_variance_keeps_precision_on_a_large_mean():
     assert np.abs(got_fast - want).max() > 10 * np.abs(got - want).max()
 
 
-def test_same_parameters_values_and_gradients_as_flax_groupnorm():
+def test_same_parameters_and_values_as_flax_groupnorm_and_float64_gradients():
     x, scale, bias = _inputs((2, 8, 8, 64), seed=7)
     ours = GroupNorm(num_groups=32, epsilon=1e-6)
     ref = nn.GroupNorm(num_groups=32, epsilon=1e-6, use_fast_variance=False)
@@ -75,10 +76,29 @@ def test_same_parameters_values_and_gradients_as_flax_groupnorm():
         return jnp.sum(jax.nn.swish(mod.apply(p, x)) * g)
 
     np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=0, atol=1e-5)
+    # Under differentiation the module runs flax's formulation: the train step's program is
+    # flax's, value for value.
+    y_diff, _ = jax.vjp(lambda x: ours.apply(params, x), x)
+    np.testing.assert_array_equal(y_diff, ref.apply(params, x))
+    # Gradients (through swish) against autodiff of the float64 definition.
     go = jax.grad(lambda p, x: loss(ours, p, x), argnums=(0, 1))(params, x)
-    gr = jax.grad(lambda p, x: loss(ref, p, x), argnums=(0, 1))(params, x)
-    for a, b in zip(jax.tree.leaves(go), jax.tree.leaves(gr)):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * float(jnp.abs(b).max()))
+    with jax.enable_x64(True):
+
+        def loss64(scale, bias, x):
+            b, h, w, c = x.shape
+            xg = x.reshape(b, h, w, 32, c // 32)
+            mean = xg.mean(axis=(1, 2, 4), keepdims=True)
+            var = ((xg - mean) ** 2).mean(axis=(1, 2, 4), keepdims=True)
+            y = ((xg - mean) / jnp.sqrt(var + 1e-6)).reshape(x.shape) * scale + bias
+            return jnp.sum(jax.nn.swish(y) * jnp.asarray(g, jnp.float64))
+
+        as64 = [jnp.asarray(np.asarray(v), jnp.float64) for v in (scale, bias, x)]
+        ds, db, dx = (np.asarray(v) for v in jax.grad(loss64, argnums=(0, 1, 2))(*as64))
+    got = {"scale": go[0]["params"]["scale"], "bias": go[0]["params"]["bias"], "x": go[1]}
+    for name, want in (("scale", ds), ("bias", db), ("x", dx)):
+        np.testing.assert_allclose(
+            got[name], want, rtol=0, atol=1e-4 * np.abs(want).max(), err_msg=name
+        )
 
 
 def test_bfloat16_compute_keeps_float32_statistics():

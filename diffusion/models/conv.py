@@ -432,8 +432,8 @@ def _cpu_infer_rule(h: int, w: int, cin: int, cout: int) -> str:
     """Forward-only CPU rule: F(4,3) for layers >= 16x16 with >= 256 input channels (and >= 64
     outputs), else the forward of `_cpu_rule`.
 
-    Per-layer forward timings of the CIFAR10 U-Net at batch 8 (benchmarks/RESULTS.md, "Forward
-    only"): F(4,3) beat F(2,3) at every 16x16 and 32x32 shape with >= 256 input channels
+    Per-layer forward timings of the CIFAR10 U-Net at batch 8 (benchmarks/RESULTS.md, §9 "A
+    forward-only conv rule"; `python -m benchmarks.conv_select --forward_only`): F(4,3) beat F(2,3) at every 16x16 and 32x32 shape with >= 256 input channels
     (0.82-0.97x the time) and lost at 32x32 128->128, 16x16 128->256 and at 8x8/4x4. In the train
     step F(4,3) lost overall (its backward), which is why this is a separate, forward-only rule.
     """

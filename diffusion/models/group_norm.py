@@ -8,7 +8,8 @@ pass its reductions took ~9 % of the time (benchmarks/RESULTS.md). Here the same
 computed as a column sum over ``(H, W)`` that keeps the contiguous channel axis (``[B, C]``, which
 XLA vectorises along ``C``) followed by a tiny sum over the ``C/G`` channels of each group: the
 same numbers up to fp32 summation order (tested against ``flax.linen.GroupNorm`` and a float64
-NumPy reference), 1.5-3x faster forward and backward on CPU.
+NumPy reference), 2-3x faster on CPU. Only the undifferentiated forward (sampling, evaluation)
+uses it: under ``jax.grad`` the module differentiates flax's own formulation (see `_gn_fwd`).
 
 As in the released code (``tf.nn.moments``), the variance is the two-pass ``E[(x - mean)^2]``,
 not ``E[x^2] - mean^2``, and the statistics are float32 whatever the compute dtype.
@@ -28,29 +29,21 @@ import jax.numpy as jnp
 Dtype = Any
 
 
-def _group_mean_fn(shape, num_groups: int):
-    """For ``x`` of ``shape`` ``[B, ..., C]``: a function ``[B, C] -> [B, C]`` that turns
-    per-channel sums over the spatial axes into each channel's group mean (sum over the group's
-    ``C/G`` channels divided by the group's element count)."""
-    b, c = shape[0], shape[-1]
-    cg = c // num_groups
-    count = cg
-    for n in shape[1:-1]:
-        count *= n
-
-    def per_group(col_sums):
-        g = col_sums.reshape(b, num_groups, cg).sum(axis=-1) / count
-        return jnp.repeat(g, cg, axis=1)
-
-    return per_group
-
-
 def _stats(xs: jax.Array, num_groups: int, epsilon: float):
     """Per-channel ``(mean, 1/sqrt(var + eps))`` of each channel's group, ``[B, C]`` float32:
     column sums over the spatial axes (contiguous channel axis kept), then over each group's
     ``C/G`` channels; the two-pass variance."""
+    b, c = xs.shape[0], xs.shape[-1]
+    cg = c // num_groups
     axes = tuple(range(1, xs.ndim - 1))
-    per_group = _group_mean_fn(xs.shape, num_groups)
+    count = cg
+    for a in axes:
+        count *= xs.shape[a]
+
+    def per_group(col_sums):  # [B, C] sums -> [B, C]: each channel gets its group's mean
+        g = col_sums.reshape(b, num_groups, cg).sum(axis=-1) / count
+        return jnp.repeat(g, cg, axis=1)
+
     mean = per_group(jnp.sum(xs, axis=axes))
     d = xs - _bcast(mean, xs.ndim)
     var = per_group(jnp.sum(d * d, axis=axes))
@@ -82,24 +75,14 @@ def group_norm(
       out_dtype: dtype of the result (default: that of ``x``).
 
     Returns:
-      ``[B, ..., C]``; computed in float32 (at least). Differentiable in ``x``, ``scale`` and
-      ``bias`` by the closed-form GroupNorm backward (`_gn_bwd`), which keeps only ``x`` and the
-      ``[B, C]`` statistics for the backward pass (not the normalised activations).
+      ``[B, ..., C]``; computed in float32 (at least). Not differentiated: the column-sum
+      statistics. Under ``jax.grad``/``jax.vjp``: flax's GroupNorm and its autodiff (`_gn_fwd`).
     """
     c = x.shape[-1]
     if c % num_groups:
         raise ValueError(f"GroupNorm: {c} channels are not divisible by {num_groups} groups")
     out_dtype = x.dtype if out_dtype is None else jnp.dtype(out_dtype)
     return _gn(x, scale, bias, num_groups, float(epsilon), out_dtype)
-
-
-def _gn_forward(x, scale, bias, num_groups, epsilon, out_dtype):
-    stat_dtype = jnp.promote_types(x.dtype, jnp.float32)
-    xs = x.astype(stat_dtype)
-    mean, inv = _stats(xs, num_groups, epsilon)
-    mul = inv * scale.astype(stat_dtype)  # [B, C]
-    y = (xs - _bcast(mean, x.ndim)) * _bcast(mul, x.ndim) + bias.astype(stat_dtype)
-    return y.astype(out_dtype), (mean, inv)
 
 
 def _gn_flax(x, scale, bias, num_groups, epsilon, out_dtype):
@@ -117,14 +100,20 @@ def _gn_flax(x, scale, bias, num_groups, epsilon, out_dtype):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _gn(x, scale, bias, num_groups, epsilon, out_dtype):
-    return _gn_forward(x, scale, bias, num_groups, epsilon, out_dtype)[0]
+    # The primal, run when not differentiated: column-sum statistics.
+    stat_dtype = jnp.promote_types(x.dtype, jnp.float32)
+    xs = x.astype(stat_dtype)
+    mean, inv = _stats(xs, num_groups, epsilon)
+    mul = inv * scale.astype(stat_dtype)  # [B, C]
+    y = (xs - _bcast(mean, x.ndim)) * _bcast(mul, x.ndim) + bias.astype(stat_dtype)
+    return y.astype(out_dtype)
 
 
 def _gn_fwd(x, scale, bias, num_groups, epsilon, out_dtype):
     # Under differentiation: JAX's autodiff of flax's GroupNorm, exactly what the train step
     # computed before. The column-sum forward, differentiated by JAX (2,307 MiB) or by the
     # closed-form GroupNorm backward (two [B, C] column sums and one elementwise pass; 2,421 MiB),
-    # ran the CIFAR10 train step within noise of this but raised XLA's temporary memory of the
+    # did not run the CIFAR10 train step faster than this and raised XLA's temporary memory of the
     # batch-32 step from 2,032 MiB (benchmarks/RESULTS.md), so only the forward-only path
     # (sampling, evaluation) uses the column sums.
     y, vjp = jax.vjp(
