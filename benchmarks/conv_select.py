@@ -71,9 +71,9 @@ def unet_conv_shapes(batch: int, config_name: str = "cifar10"):
 
 
 def time_shape(B, H, W, cin, cout, repeats, directions=("fwd", "dx", "dw")):
-    """``{direction: {method: seconds}}`` for one shape: all 9 programs compiled first, then
-    ``repeats`` rounds that run each once in turn (so load changes hit all alike); min of rounds
-    (the least disturbed run on a shared host)."""
+    """``{direction: {method: seconds}}`` for one shape: every (direction, method) program
+    compiled first, then ``repeats`` rounds that run each once in turn (so load changes hit all
+    alike); min of rounds (the least disturbed run on a shared host)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
