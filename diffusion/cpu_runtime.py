@@ -13,7 +13,8 @@ Measured on 2 CPU cores, CIFAR10 U-Net train step at batch 32 (benchmarks/RESULT
     which the step's buffers cannot reuse; trimming lowers the whole-process peak RSS by ~0.8 GiB.
   * `release_compile_caches` after compiling the step: JAX's in-memory caches still hold the
     parameter-init program and the step's traced/lowered forms; dropping them lowered the
-    batch-32 step's peak RSS by a further ~75 MiB (3,616 -> 3,542 MiB, same process layout).
+    batch-32 step's peak RSS by a further ~50 MiB (fresh processes: 3,661-3,666 -> 3,598-3,621
+    MiB).
   * `keep_freed_memory` (glibc ``mallopt``; **opt-in**, ``DIFFUSION_KEEP_FREED_MEMORY=1``): XLA
     CPU allocates the step's ~2 GiB of temporary buffers at every execution; glibc serves blocks
     that large with ``mmap`` and unmaps them on free, so every step faults ~3.2 GB of fresh
