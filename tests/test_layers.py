@@ -109,6 +109,7 @@ LAYERS = [
         "diffusion.models",
         "diffusion.models.registry",
         "diffusion.models.conv",
+        "diffusion.models.winograd_ffi",
         "diffusion.models.group_norm",
         "diffusion.models.layers",
         "diffusion.models.unet",

@@ -24,12 +24,11 @@ Model-level choices (``config.model.conv_impl``, `IMPLS`):
   ``mixed``      XLA forward and input gradient, F(2,3) weight gradient (only XLA's slow
                  backward-filter convolution replaced).
   ``auto``       on CPU with float32 compute: a fixed per-layer-shape rule measured on the
-                 benchmark machine (`_cpu_rule`: F(2,3) for layers >= 16x16 with >= 64
+                 benchmark machine (`_cpu_rule`: F(4,3) for layers >= 16x16 with >= 64
                  channels; below 16x16 F(2,3) forward only; XLA's conv for the RGB convs);
                  on GPU/TPU, or for other dtypes: ``xla``. When a convolution is not
                  differentiated (sampling, evaluation) ``auto`` runs the forward of
-                 `_cpu_infer_rule` instead: F(4,3) at >= 16x16 layers with >= 256 input
-                 channels, where it beats F(2,3) but its backward would cost the train step.
+                 `_cpu_infer_rule` instead (today the same forward methods as training).
 
 All but ``xla`` go through one ``jax.custom_vjp`` whose residuals are just ``(x, w)`` (as for
 XLA's conv), so the Winograd-transformed activations are recomputed in the backward pass rather
@@ -38,6 +37,13 @@ convolution is itself such a convolution (of ``dy`` with the spatially flipped, 
 kernel) and is computed with the chosen forward method; the weight gradient is the transpose of
 the chosen method with respect to ``w`` (for Winograd: ``G^T [sum_tiles V^T dM] G``, again 16/36
 batched matmuls, this time contracting over batch x tiles).
+
+On CPU in float32, F(2,3)'s and F(4,3)'s tile transforms (input, output, the weight gradient's ``dM``, and
+the kernel transform and its transpose) run as C++ XLA custom calls (`winograd_ffi`, built from
+``winograd_cpu.cc`` on first use with the system's C++ compiler): one pass over the data instead
+of one XLA loop fusion per part, the same additions in the same order as the pure-JAX forms here,
+which stay as the fallback (no compiler, ``DDPM_JAX_WINOGRAD_FFI=0``) and as the tests' reference.
+The transformed kernels are computed once per layer and direction, outside the batch chunks.
 
 Parameters are always plain HWIO ``[3, 3, Cin, Cout]`` kernels: the implementation is a pure
 compute choice; checkpoints and parameter trees do not depend on it.
@@ -52,6 +58,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from diffusion.models import winograd_ffi
 
 #: Allowed values of ``config.model.conv_impl``.
 IMPLS = ("auto", "xla", "winograd", "winograd4", "mixed")
@@ -180,27 +188,62 @@ def winograd_conv(x: jax.Array, w: jax.Array, m: int = 2, *, transposed: bool = 
     Returns:
       ``[N, H, W, Cout]`` in the dtype of ``x``/``w``.
     """
-    AT = _MATS[f"w{m}"][1]["AT"]
+    return _conv_with_filter(x, winograd_filter(w, m, transposed=transposed), m, transposed)
+
+
+def winograd_filter(w: jax.Array, m: int = 2, *, transposed: bool = False):
+    """The ``(m+2)^2`` transformed kernels ``U[p][q] = (G g G^T)[p, q]``, each ``[Cin, Cout]``, of
+    ``g = w`` (``transposed``: of the spatially flipped ``w[::-1, ::-1]``); ``w`` is
+    ``[3, 3, Cin, Cout]``. Computed once per layer and shared by all batch chunks."""
+    if _ffi_transforms(m, w.dtype):
+        return winograd_ffi.filter_parts(w, m, flip=transposed)
+    return _filter_parts(w[::-1, ::-1] if transposed else w, m)
+
+
+def _conv_with_filter(x: jax.Array, u, m: int, transposed: bool) -> jax.Array:
+    """`winograd_conv` of ``x`` ``[N, H, W, Cin]`` with the transformed kernels ``u``."""
     a = m + 2
     n, h, wd, _ = x.shape
-    k = w.shape[2] if transposed else w.shape[3]
+    k = u[0][0].shape[0] if transposed else u[0][0].shape[1]
     th, tw = -(-h // m), -(-wd // m)
-    v = _input_tiles(x, m, th, tw)
-    u = _filter_parts(w[::-1, ::-1] if transposed else w, m)
+    ffi = _ffi_transforms(m, x.dtype) and jnp.dtype(u[0][0].dtype) == jnp.float32
+    v = winograd_ffi.input_parts(x, m) if ffi else _input_tiles(x, m, th, tw)
     # (m+2)^2 matrix products over the channels: [N*th*tw, Cin] @ [Cin, Cout].
     mm = [
-        [
-            jnp.matmul(v[p][q], u[p][q].T if transposed else u[p][q]).reshape(n, th, tw, k)
-            for q in range(a)
-        ]
+        [jnp.matmul(v[p][q], u[p][q].T if transposed else u[p][q]) for q in range(a)]
         for p in range(a)
     ]
-    # Output transform Y = A^T M A.
+    if ffi:
+        return winograd_ffi.output(mm, (n, h, wd, k), m)
+    return _output_tiles(mm, m, (n, h, wd, k))
+
+
+def _output_tiles(mm, m: int, shape) -> jax.Array:
+    """Output transform ``Y = A^T M A`` of every tile, assembled into ``shape`` = ``[N, H, W, K]``
+    (cropped); ``mm[p][q]`` are the ``(m+2)^2`` matmul results, each ``[N*th*tw, K]``."""
+    AT = _MATS[f"w{m}"][1]["AT"]
+    a = m + 2
+    n, h, wd, k = shape
+    th, tw = -(-h // m), -(-wd // m)
+    mm = [[mm[p][q].reshape(n, th, tw, k) for q in range(a)] for p in range(a)]
     t = [[_lin(AT[s], mm[p]) for s in range(m)] for p in range(a)]
     y = [[_lin(AT[r], [t[p][s] for p in range(a)]) for s in range(m)] for r in range(m)]
     y = jnp.stack([jnp.stack(row, axis=3) for row in y], axis=2)  # [N, th, m, tw, m, K]
     y = y.reshape(n, th * m, tw * m, k)
     return y[:, :h, :wd, :]
+
+
+def _dm_tiles(dy: jax.Array, m: int, th: int, tw: int):
+    """``dM[p][q] = (A dY A^T)[p, q]`` of every m x m output-gradient tile (the transpose of the
+    output transform), each ``[N*th*tw, K]``; ``dy`` is ``[N, H, W, K]``, zero-padded to tiles."""
+    AT = _MATS[f"w{m}"][1]["AT"]
+    a = m + 2
+    n, h, wd, k = dy.shape
+    dyp = jnp.pad(dy, ((0, 0), (0, th * m - h), (0, tw * m - wd), (0, 0)))
+    d6 = dyp.reshape(n, th, m, tw, m, k)
+    d = [[d6[:, :, r, :, s, :] for s in range(m)] for r in range(m)]
+    t = [[_lin(AT[:, p], [d[r][s] for r in range(m)]) for s in range(m)] for p in range(a)]
+    return [[_lin(AT[:, q], t[p]).reshape(n * th * tw, k) for q in range(a)] for p in range(a)]
 
 
 def winograd_wgrad(x: jax.Array, dy: jax.Array, m: int = 2) -> jax.Array:
@@ -217,21 +260,29 @@ def winograd_wgrad(x: jax.Array, dy: jax.Array, m: int = 2) -> jax.Array:
     Returns:
       ``[3, 3, Cin, Cout]``.
     """
-    mats = _MATS[f"w{m}"][1]
-    AT, G = mats["AT"], mats["G"]
+    return _filter_grad(_wgrad_parts(x, dy, m), m)
+
+
+def _wgrad_parts(x: jax.Array, dy: jax.Array, m: int):
+    """``dU[p][q] = V[p][q]^T dM[p][q]``, each ``[Cin, Cout]`` (before the filter transpose)."""
     a = m + 2
-    n, h, wd, _ = x.shape
-    k = dy.shape[-1]
+    _, h, wd, _ = x.shape
     th, tw = -(-h // m), -(-wd // m)
-    v = _input_tiles(x, m, th, tw)
-    dyp = jnp.pad(dy, ((0, 0), (0, th * m - h), (0, tw * m - wd), (0, 0)))
-    d6 = dyp.reshape(n, th, m, tw, m, k)
-    d = [[d6[:, :, r, :, s, :] for s in range(m)] for r in range(m)]
-    t = [[_lin(AT[:, p], [d[r][s] for r in range(m)]) for s in range(m)] for p in range(a)]
-    du = [
-        [jnp.matmul(v[p][q].T, _lin(AT[:, q], t[p]).reshape(n * th * tw, k)) for q in range(a)]
-        for p in range(a)
-    ]
+    if _ffi_transforms(m, x.dtype) and jnp.dtype(dy.dtype) == jnp.float32:
+        v = winograd_ffi.input_parts(x, m)
+        dm = winograd_ffi.dm_parts(dy, m)
+    else:
+        v = _input_tiles(x, m, th, tw)
+        dm = _dm_tiles(dy, m, th, tw)
+    return [[jnp.matmul(v[p][q].T, dm[p][q]) for q in range(a)] for p in range(a)]
+
+
+def _filter_grad(du, m: int) -> jax.Array:
+    """``dw = G^T dU G``: ``[3, 3, Cin, Cout]`` from the ``(m+2)^2`` parts ``dU[p][q]``."""
+    if _ffi_transforms(m, du[0][0].dtype):
+        return winograd_ffi.filter_grad(du, m)
+    G = _MATS[f"w{m}"][1]["G"]
+    a = m + 2
     # dw[i, j] = sum_{p,q} G[p, i] G[q, j] dU[p, q]
     t2 = [[_lin(G[:, j], du[p]) for j in range(3)] for p in range(a)]
     return jnp.stack(
@@ -240,6 +291,12 @@ def winograd_wgrad(x: jax.Array, dy: jax.Array, m: int = 2) -> jax.Array:
             for i in range(3)
         ]
     )
+
+
+def _ffi_transforms(m: int, dtype) -> bool:
+    """Whether F(m,3)'s tile transforms run as the C++ custom calls of `winograd_ffi` (float32,
+    CPU, kernels built) instead of the pure-JAX forms above (same operations, same results)."""
+    return m in (2, 4) and winograd_ffi.usable(dtype)
 
 
 #: Most tile rows (images x tiles per image) one Winograd matmul takes at once; larger batches are
@@ -280,7 +337,8 @@ def _fwd_method(method: str, x: jax.Array, w: jax.Array) -> jax.Array:
         return xla_conv(x, w)
     m = _MATS[method][0]
     chunk = _chunk_images(x.shape[0], x.shape[1], x.shape[2], m)
-    return _by_chunks(lambda x_: winograd_conv(x_, w, m), chunk, x)
+    u = winograd_filter(w, m)
+    return _by_chunks(lambda x_: _conv_with_filter(x_, u, m, False), chunk, x)
 
 
 def _dx_method(method: str, dy: jax.Array, w: jax.Array) -> jax.Array:
@@ -289,7 +347,8 @@ def _dx_method(method: str, dy: jax.Array, w: jax.Array) -> jax.Array:
         return jax.linear_transpose(lambda x_: xla_conv(x_, w), x_shape)(dy)[0]
     m = _MATS[method][0]
     chunk = _chunk_images(dy.shape[0], dy.shape[1], dy.shape[2], m)
-    return _by_chunks(lambda d_: winograd_conv(d_, w, m, transposed=True), chunk, dy)
+    u = winograd_filter(w, m, transposed=True)
+    return _by_chunks(lambda d_: _conv_with_filter(d_, u, m, True), chunk, dy)
 
 
 def _wgrad_method(method: str, x: jax.Array, dy: jax.Array, w: jax.Array) -> jax.Array:
@@ -300,17 +359,20 @@ def _wgrad_method(method: str, x: jax.Array, dy: jax.Array, w: jax.Array) -> jax
     chunk = _chunk_images(x.shape[0], x.shape[1], x.shape[2], m)
     if chunk >= x.shape[0]:
         return winograd_wgrad(x, dy, m).astype(w.dtype)
-    # Sum of the per-chunk weight gradients, accumulated in a scan carry (fp32 like the matmuls).
+    # Sum of the per-chunk dU parts, accumulated in a scan carry (fp32 like the matmuls), then
+    # one filter transpose for the whole batch.
     n = x.shape[0]
     xs = x.reshape((n // chunk, chunk) + x.shape[1:])
     dys = dy.reshape((n // chunk, chunk) + dy.shape[1:])
 
     def body(acc, xd):
-        return acc + winograd_wgrad(xd[0], xd[1], m), None
+        return jax.tree.map(jnp.add, acc, _wgrad_parts(xd[0], xd[1], m)), None
 
-    acc0 = jnp.zeros(w.shape, jnp.result_type(x.dtype, dy.dtype))
-    dw, _ = lax.scan(body, acc0, (xs, dys))
-    return dw.astype(w.dtype)
+    dtype = jnp.result_type(x.dtype, dy.dtype)
+    a = m + 2
+    acc0 = [[jnp.zeros(w.shape[2:], dtype) for _ in range(a)] for _ in range(a)]
+    du, _ = lax.scan(body, acc0, (xs, dys))
+    return _filter_grad(du, m).astype(w.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -395,25 +457,23 @@ SMALL_LAYER_PLAN: Tuple[str, str, str] = ("w2", "xla", "xla")
 
 
 def _cpu_rule(h: int, w: int, cin: int, cout: int) -> Tuple[str, str, str]:
-    """The CPU rule of ``conv_impl='auto'`` (benchmarks/RESULTS.md, "Per-layer conv methods"):
-    fewer than 64 channels in or out: XLA's conv; at least 16x16 pixels: F(2,3) in all three
-    directions; smaller layers: F(2,3) forward, XLA's conv for both gradients
+    """The CPU rule of ``conv_impl='auto'`` (benchmarks/RESULTS.md, "Per-layer conv methods"
+    and §17): fewer than 64 channels in or out: XLA's conv; at least 16x16 pixels: F(4,3) in all
+    three directions; smaller layers: F(2,3) forward, XLA's conv for both gradients
     (`SMALL_LAYER_PLAN`).
 
-    The per-layer measurements (benchmarks/conv_select.py, batch 8) favour Winograd at every
-    CIFAR10 shape with >= 128 channels (F(4,3) by ~20 % over F(2,3) at >= 16x16, F(2,3) below).
-    In the whole train step, though, F(4,3) at >= 16x16 ran 0.92x of F(2,3) and compiled 2.2x
-    longer, and F(2,3) gradients at 8x8/4x4 gained nothing measurable (1.01x) for 1.9x the
-    compile time: XLA compiles every Winograd convolution into (m+2)^2 separate matmuls +
-    transforms (the stacked single-dot form compiles fast but ran the step 2x slower). The
-    forward alone at 8x8/4x4 does pay: the bare U-Net forward (what sampling and evaluation
-    run) took 481 ms with it against 565 ms without (batch 8, same run), for ~7 s more compile.
+    With the transforms as C++ custom calls (`winograd_ffi`), F(4,3) at >= 16x16 ran the CIFAR10
+    train step 1.17x faster than F(2,3) at batch 8 (1.067 vs 1.245 s, medians of 6 alternating
+    rounds) and 1.11x at batch 32, compiling in 19 s against 16 s; with the pure-JAX transforms
+    it had lost (0.92x, and 2.2x the compile time: each F(4,3) convolution was ~75 XLA kernels).
+    F(4,3) also at 8x8, or F(2,3) gradients at 8x8/4x4, ran within noise of this rule. Its fp32
+    error is ~10x F(2,3)'s (module docstring; still ~1e-6..5e-6 relative on the U-Net).
     """
     if min(cin, cout) < _MIN_CHANNELS:
         return PLANS["xla"]
     if min(h, w) < 16:
         return SMALL_LAYER_PLAN
-    return PLANS["winograd"]
+    return PLANS["winograd4"]
 
 
 def auto_infer_choice(
@@ -429,16 +489,16 @@ def auto_infer_choice(
 
 
 def _cpu_infer_rule(h: int, w: int, cin: int, cout: int) -> str:
-    """Forward-only CPU rule: F(4,3) for layers >= 16x16 with >= 256 input channels (and >= 64
-    outputs), else the forward of `_cpu_rule`.
+    """Forward-only CPU rule: the forward of `_cpu_rule` (F(4,3) at >= 16x16 with >= 64 channels,
+    F(2,3) below 16x16, XLA for the RGB convs).
 
-    Per-layer forward timings of the CIFAR10 U-Net at batch 8 (benchmarks/RESULTS.md, §9 "A
-    forward-only conv rule"; `python -m benchmarks.conv_select --forward_only`): F(4,3) beat F(2,3) at every 16x16 and 32x32 shape with >= 256 input channels
-    (0.82-0.97x the time) and lost at 32x32 128->128, 16x16 128->256 and at 8x8/4x4. In the train
-    step F(4,3) lost overall (its backward), which is why this is a separate, forward-only rule.
+    With the pure-JAX transforms this was a separate rule (F(4,3) only at >= 16x16 layers with
+    >= 256 input channels, where its forward won, benchmarks/RESULTS.md §9, while the training
+    plan used F(2,3)). With the C++ transforms, the train step uses F(4,3) at every >= 16x16
+    layer, and the bare forward ran within noise of the old rule with it (319 vs 327 ms at batch
+    8, §17), so the two rules are one again; a separate forward-only method stays possible
+    (`conv3x3`'s ``infer``).
     """
-    if min(cin, cout) >= _MIN_CHANNELS and min(h, w) >= 16 and cin >= 256:
-        return "w4"
     return _cpu_rule(h, w, cin, cout)[0]
 
 
