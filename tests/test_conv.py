@@ -107,11 +107,13 @@ def test_winograd_wgrad_function():
 
 
 def test_chunk_images_is_the_largest_divisor_within_the_row_budget():
-    # 32x32 with F(2,3): 256 tiles per image; 16x16: 64; F(4,3) at 32x32: 64.
+    # 32x32 with F(2,3): 256 tiles per image; 16x16: 64; F(4,3) at 32x32: 64 tiles of 36 parts,
+    # budget 1024 * 16 / 36 = 455 rows; at 16x16: 16 tiles.
     assert conv._chunk_images(32, 32, 32, 2, max_rows=1024) == 4
     assert conv._chunk_images(8, 32, 32, 2, max_rows=1024) == 4
     assert conv._chunk_images(32, 16, 16, 2, max_rows=1024) == 16
-    assert conv._chunk_images(32, 32, 32, 4, max_rows=1024) == 16
+    assert conv._chunk_images(32, 32, 32, 4, max_rows=1024) == 4
+    assert conv._chunk_images(32, 16, 16, 4, max_rows=1024) == 16
     assert conv._chunk_images(6, 8, 8, 2, max_rows=40) == 2  # 16 tiles: 2 fit, 3 divides 6 but not
     assert conv._chunk_images(7, 64, 64, 2, max_rows=100) == 1  # one image exceeds: 1 at a time
     assert conv._chunk_images(3, 4, 4, 2, max_rows=1024) == 3  # all fit: no chunks
@@ -119,8 +121,9 @@ def test_chunk_images_is_the_largest_divisor_within_the_row_budget():
 
 @pytest.mark.parametrize("plan", [("w2", "w2", "w2"), ("w4", "w4", "w4"), ("xla", "w2", "w4")])
 def test_batch_chunks_give_the_same_output_and_gradients(plan, monkeypatch):
-    """With a budget of 8 tile rows (8x8 images: 16 tiles each for w2 -> 6 chunks of 1 image, 4
-    for w4 -> 3 chunks of 2) the batch of 6 goes through lax.map / lax.scan, and the forward,
+    """With a budget of 8 tile rows (8x8 images: 16 tiles each for w2 -> 6 chunks of 1 image; 4
+    of 36 parts for w4, budget 3 rows -> 6 chunks of 1) the batch of 6 goes through lax.map /
+    lax.scan, and the forward,
     the input gradient and the summed weight gradient still equal lax.conv's."""
     monkeypatch.setattr(conv, "MAX_TILE_ROWS", 8)
     x, k, g = _data((6, 8, 8, 4, 5), seed=3)

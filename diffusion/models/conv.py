@@ -299,24 +299,28 @@ def _ffi_transforms(m: int, dtype) -> bool:
     return m in (2, 4) and winograd_ffi.usable(dtype)
 
 
-#: Most tile rows (images x tiles per image) one Winograd matmul takes at once; larger batches are
+#: Most tile rows (images x tiles per image) one F(2,3) matmul takes at once; larger batches are
 #: computed in chunks of whole images (`_by_chunks`): at batch 32 the U-Net's 32x32 layers (F(2,3):
 #: 256 tiles per image) go 4 images at a time, at batch 8 likewise. Measured on the CIFAR10
 #: train step (benchmarks/RESULTS.md): XLA's temporary buffers at batch 32 were 3,110 MiB
 #: unchunked (all tiles of a layer's transforms live at once), 2,356 MiB with 2,048 rows and
 #: 2,005 MiB with 1,024 (XLA's own convs: 1,953 MiB), and the step got faster (3.71 -> 4.07
 #: images/s); at batch 8, 2,048 / 1,024 / 512 rows ran within noise of each other.
+#: F(m,3) gets the same budget in transformed elements: ``MAX_TILE_ROWS * 16 / (m+2)^2`` rows
+#: (455 for F(4,3): 4 images of 64 tiles at 32x32). With F(4,3) at 1,024 rows the batch-32 step's
+#: peak RSS was 3,582 MiB against 3,417 with 256 (4 % slower; RESULTS.md §17).
 MAX_TILE_ROWS = 1024
 
 
 def _chunk_images(n: int, h: int, w: int, m: int, max_rows: Optional[int] = None) -> int:
-    """The largest divisor ``c`` of the batch ``n`` with ``c * tiles(h, w) <= max_rows`` (>= 1;
-    ``max_rows`` defaults to `MAX_TILE_ROWS`, read when the layer is traced)."""
+    """The largest divisor ``c`` of the batch ``n`` with ``c * tiles(h, w) * (m+2)^2 <= 16 *
+    max_rows`` (>= 1; ``max_rows``, in F(2,3) tile rows, defaults to `MAX_TILE_ROWS`, read when
+    the layer is traced)."""
     max_rows = MAX_TILE_ROWS if max_rows is None else max_rows
     tiles = (-(-h // m)) * (-(-w // m))
     best = 1
     for c in range(1, n + 1):
-        if n % c == 0 and c * tiles <= max_rows:
+        if n % c == 0 and c * tiles * (m + 2) ** 2 <= 16 * max_rows:
             best = c
     return best
 
