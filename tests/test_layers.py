@@ -110,6 +110,7 @@ LAYERS = [
         "diffusion.models.registry",
         "diffusion.models.conv",
         "diffusion.models.winograd_ffi",
+        "diffusion.models.cpu_kernels",
         "diffusion.models.group_norm",
         "diffusion.models.layers",
         "diffusion.models.unet",

@@ -9,7 +9,10 @@ computed as a column sum over ``(H, W)`` that keeps the contiguous channel axis 
 XLA vectorises along ``C``) followed by a tiny sum over the ``C/G`` channels of each group: the
 same numbers up to fp32 summation order (tested against ``flax.linen.GroupNorm`` and a float64
 NumPy reference), 2-3x faster on CPU. Only the undifferentiated forward (sampling, evaluation)
-uses it: under ``jax.grad`` the module differentiates flax's own formulation (see `_gn_fwd`).
+uses it. Under ``jax.grad`` on CPU with float32 NHWC data, the forward and a closed-form backward
+are C++ custom calls (``group_norm_cpu.cc``, built by `cpu_kernels`; 3 + 2 passes over the
+activation, statistics accumulated in float64; the CIFAR10 train step 1.08x faster at batch 8 and
+1.14x at batch 32, benchmarks/RESULTS.md §18); elsewhere JAX's autodiff of flax's GroupNorm.
 
 As in the released code (``tf.nn.moments``), the variance is the two-pass ``E[(x - mean)^2]``,
 not ``E[x^2] - mean^2``, and the statistics are float32 whatever the compute dtype.
@@ -25,6 +28,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from diffusion.models import cpu_kernels
 
 Dtype = Any
 
@@ -109,21 +115,54 @@ def _gn(x, scale, bias, num_groups, epsilon, out_dtype):
     return y.astype(out_dtype)
 
 
+def _kernel_ok(x, scale, bias, out_dtype) -> bool:
+    """Whether the C++ GroupNorm custom calls (`cpu_kernels`, ``group_norm_cpu.cc``) serve this
+    call: NHWC float32 data, parameters and output, on the CPU backend, kernels built."""
+    f32 = jnp.dtype(jnp.float32)
+    return (
+        x.ndim == 4
+        and all(jnp.dtype(a.dtype) == f32 for a in (x, scale, bias))
+        and jnp.dtype(out_dtype) == f32
+        and cpu_kernels.usable(jnp.float32)
+    )
+
+
+def _kernel_fwd(x, scale, bias, num_groups, epsilon):
+    """``(y, mean [B, G], inv [B, G])`` by the C++ forward (statistics accumulated in float64)."""
+    stat = jax.ShapeDtypeStruct((x.shape[0], num_groups), jnp.float32)
+    return jax.ffi.ffi_call(
+        "ddpm_group_norm_fwd", (jax.ShapeDtypeStruct(x.shape, x.dtype), stat, stat)
+    )(x, scale, bias, groups=np.int64(num_groups), eps=np.float32(epsilon))
+
+
 def _gn_fwd(x, scale, bias, num_groups, epsilon, out_dtype):
-    # Under differentiation: JAX's autodiff of flax's GroupNorm, exactly what the train step
-    # computed before. The column-sum forward, differentiated by JAX (2,307 MiB) or by the
-    # closed-form GroupNorm backward (two [B, C] column sums and one elementwise pass; 2,421 MiB),
-    # did not run the CIFAR10 train step faster than this and raised XLA's temporary memory of the
-    # batch-32 step from 2,032 MiB (benchmarks/RESULTS.md), so only the forward-only path
-    # (sampling, evaluation) uses the column sums.
+    # Under differentiation. On CPU with float32 NHWC data: the C++ forward, keeping (x, scale,
+    # mean, inv) for its closed-form backward (benchmarks/RESULTS.md §18). Otherwise JAX's
+    # autodiff of flax's GroupNorm, exactly what the train step computed before. (The
+    # column-sum forward, differentiated by JAX (2,307 MiB) or by a JAX closed-form backward
+    # (2,421 MiB), did not run the CIFAR10 train step faster than flax's and raised XLA's
+    # temporary memory of the batch-32 step from 2,032 MiB.)
+    if _kernel_ok(x, scale, bias, out_dtype):
+        y, mean, inv = _kernel_fwd(x, scale, bias, num_groups, epsilon)
+        return y, (x, scale, mean, inv)
     y, vjp = jax.vjp(
         lambda x_, s_, b_: _gn_flax(x_, s_, b_, num_groups, epsilon, out_dtype), x, scale, bias
     )
     return y, vjp
 
 
-def _gn_bwd(num_groups, epsilon, out_dtype, vjp, dy):
-    return vjp(dy)
+def _gn_bwd(num_groups, epsilon, out_dtype, res, dy):
+    if isinstance(res, tuple):  # the C++ forward's residuals
+        x, scale, mean, inv = res
+        vec = jax.ShapeDtypeStruct(scale.shape, scale.dtype)
+        # dx is written over dy (same shape; each element is read before it is written): no
+        # new activation-sized buffer where dy is dead, an XLA copy where it is not.
+        return jax.ffi.ffi_call(
+            "ddpm_group_norm_bwd",
+            (jax.ShapeDtypeStruct(x.shape, x.dtype), vec, vec),
+            input_output_aliases={4: 0},
+        )(x, scale, mean, inv, dy.astype(jnp.float32))
+    return res(dy)
 
 
 _gn.defvjp(_gn_fwd, _gn_bwd)
