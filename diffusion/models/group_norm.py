@@ -131,7 +131,9 @@ def _kernel_fwd(x, scale, bias, num_groups, epsilon):
     """``(y, mean [B, G], inv [B, G])`` by the C++ forward (statistics accumulated in float64)."""
     stat = jax.ShapeDtypeStruct((x.shape[0], num_groups), jnp.float32)
     return jax.ffi.ffi_call(
-        "ddpm_group_norm_fwd", (jax.ShapeDtypeStruct(x.shape, x.dtype), stat, stat)
+        "ddpm_group_norm_fwd",
+        (jax.ShapeDtypeStruct(x.shape, x.dtype), stat, stat),
+        vmap_method="sequential",  # under jax.vmap: one call per mapped element
     )(x, scale, bias, groups=np.int64(num_groups), eps=np.float32(epsilon))
 
 
@@ -161,6 +163,7 @@ def _gn_bwd(num_groups, epsilon, out_dtype, res, dy):
             "ddpm_group_norm_bwd",
             (jax.ShapeDtypeStruct(x.shape, x.dtype), vec, vec),
             input_output_aliases={4: 0},
+            vmap_method="sequential",
         )(x, scale, mean, inv, dy.astype(jnp.float32))
     return res(dy)
 

@@ -19,6 +19,10 @@ import jax
 
 from diffusion.models.cpu_kernels import available, unavailable_reason, usable
 
+#: How the custom calls run under ``jax.vmap`` (e.g. per-group gradient clipping vmaps the train
+#: step's gradient): one call per mapped element, in a loop.
+_VMAP = "sequential"
+
 
 def _require() -> None:
     if not available():
@@ -45,7 +49,7 @@ def input_parts(x: jax.Array, m: int = 2) -> List[List[jax.Array]]:
     n, h, w, c = x.shape
     a = m + 2
     part = jax.ShapeDtypeStruct((n * -(-h // m) * -(-w // m), c), x.dtype)
-    return _grid(a, jax.ffi.ffi_call(f"ddpm_wino{m}_input", [part] * (a * a))(x))
+    return _grid(a, jax.ffi.ffi_call(f"ddpm_wino{m}_input", [part] * (a * a), vmap_method=_VMAP)(x))
 
 
 def dm_parts(dy: jax.Array, m: int = 2) -> List[List[jax.Array]]:
@@ -61,7 +65,7 @@ def dm_parts(dy: jax.Array, m: int = 2) -> List[List[jax.Array]]:
     n, h, w, k = dy.shape
     a = m + 2
     part = jax.ShapeDtypeStruct((n * -(-h // m) * -(-w // m), k), dy.dtype)
-    return _grid(a, jax.ffi.ffi_call(f"ddpm_wino{m}_dm", [part] * (a * a))(dy))
+    return _grid(a, jax.ffi.ffi_call(f"ddpm_wino{m}_dm", [part] * (a * a), vmap_method=_VMAP)(dy))
 
 
 def output(parts: Sequence[Sequence[jax.Array]], shape, m: int = 2) -> jax.Array:
@@ -76,7 +80,7 @@ def output(parts: Sequence[Sequence[jax.Array]], shape, m: int = 2) -> jax.Array
     a = m + 2
     flat = [parts[p][q] for p in range(a) for q in range(a)]
     out = jax.ShapeDtypeStruct(tuple(shape), flat[0].dtype)
-    return jax.ffi.ffi_call(f"ddpm_wino{m}_output", out)(*flat)
+    return jax.ffi.ffi_call(f"ddpm_wino{m}_output", out, vmap_method=_VMAP)(*flat)
 
 
 def filter_parts(w: jax.Array, m: int = 2, flip: bool = False) -> List[List[jax.Array]]:
@@ -90,7 +94,9 @@ def filter_parts(w: jax.Array, m: int = 2, flip: bool = False) -> List[List[jax.
     _require()
     a = m + 2
     part = jax.ShapeDtypeStruct(tuple(w.shape[2:]), w.dtype)
-    flat = jax.ffi.ffi_call(f"ddpm_wino{m}_filter", [part] * (a * a))(w, flip=bool(flip))
+    flat = jax.ffi.ffi_call(f"ddpm_wino{m}_filter", [part] * (a * a), vmap_method=_VMAP)(
+        w, flip=bool(flip)
+    )
     return _grid(a, flat)
 
 
@@ -105,7 +111,7 @@ def filter_grad(du: Sequence[Sequence[jax.Array]], m: int = 2) -> jax.Array:
     a = m + 2
     flat = [du[p][q] for p in range(a) for q in range(a)]
     out = jax.ShapeDtypeStruct((3, 3) + tuple(flat[0].shape), flat[0].dtype)
-    return jax.ffi.ffi_call(f"ddpm_wino{m}_filter_grad", out)(*flat)
+    return jax.ffi.ffi_call(f"ddpm_wino{m}_filter_grad", out, vmap_method=_VMAP)(*flat)
 
 
 __all__ = [
