@@ -29,6 +29,8 @@ import jax.numpy as jnp
 
 #: the C++ sources, compiled together into one shared library.
 _SOURCES = tuple(Path(__file__).with_name(n) for n in ("winograd_cpu.cc", "group_norm_cpu.cc"))
+#: headers they include (part of the cache key).
+_HEADERS = (Path(__file__).with_name("parallel_for.h"),)
 _FLAGS = (
     "-O3",
     "-march=native",
@@ -69,7 +71,7 @@ def _library_key(compiler: str) -> str:
     import jaxlib
 
     h = hashlib.sha256()
-    for source in _SOURCES:
+    for source in _SOURCES + _HEADERS:
         h.update(source.read_bytes())
     h.update(" ".join((compiler,) + _FLAGS).encode())
     h.update(jaxlib.__version__.encode())
@@ -95,7 +97,15 @@ def _build() -> Path:
     lib.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
     os.close(fd)
-    cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, _SOURCES), "-o", tmp]
+    cmd = [
+        compiler,
+        *_FLAGS,
+        f"-I{jax.ffi.include_dir()}",
+        f"-I{_SOURCES[0].parent}",
+        *map(str, _SOURCES),
+        "-o",
+        tmp,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         os.unlink(tmp)

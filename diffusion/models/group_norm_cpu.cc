@@ -16,50 +16,18 @@
 // Images are split between the calling thread and XLA's intra-op thread pool.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-// As in winograd_cpu.cc: chunks claimed from an atomic counter by the caller and pool helpers;
-// the caller waits only for chunks already claimed.
-template <typename Body>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t grain, Body body) {
-  int64_t chunks = (n + grain - 1) / grain;
-  int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks - 1);
-  if (helpers <= 0) {
-    body(0, n);
-    return;
-  }
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-  };
-  auto state = std::make_shared<State>();
-  auto work = [state, n, grain, chunks, body]() {
-    for (;;) {
-      int64_t c = state->next.fetch_add(1);
-      if (c >= chunks) return;
-      int64_t b = c * grain;
-      body(b, std::min(n, b + grain));
-      state->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t h = 0; h < helpers; ++h) {
-    auto task = work;
-    pool.Schedule(std::move(task));
-  }
-  work();
-  while (state->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
-}
+using ddpm::ParallelFor;
 
 using Image = ffi::Buffer<ffi::F32, 4>;
 using Vec = ffi::Buffer<ffi::F32, 1>;

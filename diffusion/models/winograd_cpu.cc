@@ -22,19 +22,19 @@
 // thread pool.
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <memory>
-#include <thread>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+using ddpm::ParallelFor;
 
 // ---------------------------------------------------------------------------------------------
 // The matrices (Lavin & Gray 2016), as in conv.py's _F2 / _F4 (correlation, like lax.conv).
@@ -121,44 +121,6 @@ inline __attribute__((always_inline)) void Lin(const float (*t)[kB], float* __re
         out[e] = out[e] + (c == 1.0f ? t[i][e] : (c == -1.0f ? -t[i][e] : t[i][e] * c));
     }
   });
-}
-
-// Runs body(begin, end) over [0, n) in chunks claimed from an atomic counter by the calling
-// thread and by helper tasks on XLA's thread pool. The caller only waits for chunks that a
-// helper has already claimed (and is running), never for a task still queued, so a pool whose
-// threads are all busy cannot deadlock it.
-template <typename Body>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t grain, Body body) {
-  int64_t chunks = (n + grain - 1) / grain;
-  int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks - 1);
-  if (helpers <= 0) {
-    body(0, n);
-    return;
-  }
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-  };
-  auto state = std::make_shared<State>();
-  auto work = [state, n, grain, chunks, body]() {
-    for (;;) {
-      int64_t c = state->next.fetch_add(1);
-      if (c >= chunks) return;
-      int64_t b = c * grain;
-      body(b, std::min(n, b + grain));
-      state->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t h = 0; h < helpers; ++h) {
-    auto task = work;
-    pool.Schedule(std::move(task));
-  }
-  work();
-  while (state->done.load(std::memory_order_acquire) < chunks) {
-    // Chunks still running on helpers (at most one each): give the core to them, as the
-    // machine may have fewer cores than busy threads.
-    std::this_thread::yield();
-  }
 }
 
 struct TileGrid {
