@@ -470,7 +470,10 @@ def test_bound_estimate_from_k_timesteps_is_the_full_bound_at_k_equal_t_minus_1(
     assert est["bpd_timesteps"] == T - 1 and est["settings"]["bpd_timesteps"] == T - 1
     np.testing.assert_allclose(est["total"], full["total"], rtol=1e-5)
     np.testing.assert_allclose(est["distortion"], full["distortion"], rtol=1e-5)
-    np.testing.assert_allclose(est["total_se"], full["total_se"], rtol=1e-4)
+    # se = std(per-example totals)/sqrt(m): |Δse| <= max|Δtotal_i|/sqrt(m-1), and the per-example
+    # totals agree to float32 rounding (~1e-5 of the total); relative to se itself (small over
+    # m = 4 close totals) that error is amplified, and differs between CPUs (4.6e-4 on a Xeon)
+    np.testing.assert_allclose(est["total_se"], full["total_se"], rtol=0, atol=2e-5 * full["total"])
     assert e["previous"][-1]["bpd"] == full
     config.eval.bpd_timesteps = 3  # a real estimate: close to the full bound, not equal
     evaluate.run(config, workdir)
