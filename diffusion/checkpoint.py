@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
 import jax
 import orbax.checkpoint as ocp
 
-from diffusion import io
+from diffusion import io, parallel
 
 __all__ = [
     "Checkpointer",
@@ -378,14 +378,11 @@ class Checkpointer:
         """Moves the step directory to ``<directory>_corrupt/<step>-<time>`` (process 0 moves,
         all processes wait), then re-reads the manager's view of the directory. Works on local
         paths and object stores (``gs://``: copy, then delete; see `diffusion.io.move`)."""
-        from jax.experimental import multihost_utils
-
         src = f"{self.directory.rstrip('/')}/{step}"
         dst = f"{self.quarantine_directory}/{step}-{int(time.time())}"
         if jax.process_index() == 0 and io.exists(src):
             io.move(src, dst)
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices(f"quarantine_{step}")
+        parallel.wait_for_all_processes(f"quarantine_{step}")  # a gs:// move can take a while
         self.manager.reload()
         return dst
 

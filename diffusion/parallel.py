@@ -23,6 +23,7 @@ __all__ = [
     "batch_sharding",
     "global_batch_from_local",
     "is_main_process",
+    "wait_for_all_processes",
 ]
 
 
@@ -113,3 +114,31 @@ def global_batch_from_local(local_batch: Any, mesh: Mesh) -> Any:
 def is_main_process() -> bool:
     """True on process 0 (the one that logs and writes images)."""
     return jax.process_index() == 0
+
+
+def wait_for_all_processes(name: str, timeout_s: Optional[float] = None) -> None:
+    """Blocks until every process has reached the barrier ``name``; nothing with one process.
+
+    The barrier goes through JAX's coordination service (TCP to the coordinator), not through a
+    device collective, so it waits as long as ``timeout_s`` allows (default: env
+    DDPM_BARRIER_TIMEOUT, else 1800 s). Call it before the first collective of a program when
+    the processes may arrive at different times (after compiling, sampling or reading files):
+    XLA's CPU (gloo) collectives give up after 30 s when a peer has not yet joined the first
+    collective on a set of devices ("Gloo context initialization failed: ... GetKeyValue()
+    timed out"), which a skew in compile time on a loaded machine exceeds. All processes must
+    call it with the same names in the same order.
+    """
+    if jax.process_count() == 1:
+        return
+    # JAX has no public handle on its distributed client; Orbax reaches it the same way.
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    if client is None:
+        raise RuntimeError(
+            f"{jax.process_count()} processes but no jax.distributed client: call "
+            "diffusion.parallel.maybe_initialize_distributed() before anything else touches JAX"
+        )
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("DDPM_BARRIER_TIMEOUT", "1800"))
+    client.wait_at_barrier(f"ddpm:{name}", int(timeout_s * 1000))

@@ -377,6 +377,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                         time.time() - t_compile,
                         step,
                     )
+                    # Processes finish compiling at different times; the step's first
+                    # cross-process collective must not be what waits for the slowest one.
+                    parallel.wait_for_all_processes("train_step_compiled")
                     # The compiler's freed memory stays in glibc's heap, where the step's
                     # buffers cannot reuse it, and JAX's caches still hold the init program and
                     # the step's traced forms: give both back (~0.9 GiB for the CIFAR10 model).

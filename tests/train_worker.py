@@ -61,6 +61,13 @@ def main():
         help="append this many 512x512 matmuls to each step, on the device and "
         "asynchronously (a step that is slow the way a big model's is)",
     )
+    ap.add_argument(
+        "--compile_delay",
+        type=float,
+        default=0.0,
+        help="sleep this long before compiling the train step (a process that compiles slower "
+        "than its peers, as on a loaded machine)",
+    )
     ap.add_argument("--log_every", type=int, default=1)
     ap.add_argument(
         "--mode",
@@ -114,6 +121,20 @@ def main():
             return jax.jit(lambda *args_: burn(*step(*args_)), donate_argnums=(0,))
 
         train.make_train_step = burning_make_train_step
+    if args.compile_delay:
+        import time
+
+        make_step_c = train.make_train_step
+
+        class _SlowToCompile:
+            def __init__(self, step):
+                self.step = step
+
+            def lower(self, *a, **k):
+                time.sleep(args.compile_delay)
+                return self.step.lower(*a, **k)
+
+        train.make_train_step = lambda *a, **k: _SlowToCompile(make_step_c(*a, **k))
     if args.step_delay:
         import time
 

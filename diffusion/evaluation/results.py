@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import jax
 import numpy as np
 
-from diffusion import io
+from diffusion import io, parallel
 
 __all__ = [
     "ResultsStore",
@@ -97,6 +97,7 @@ def all_processes(flag: bool) -> bool:
         return bool(flag)
     from jax.experimental import multihost_utils
 
+    parallel.wait_for_all_processes("all_processes")
     return bool(np.all(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
 
 
@@ -106,6 +107,7 @@ def from_process_0(flags: List[bool]) -> List[bool]:
         return flags
     from jax.experimental import multihost_utils
 
+    parallel.wait_for_all_processes("from_process_0")  # process 0 read results.json first
     got = multihost_utils.broadcast_one_to_all(np.asarray(flags, np.int32))
     return [bool(v) for v in np.asarray(got)]
 
@@ -116,4 +118,5 @@ def gather(x: np.ndarray) -> np.ndarray:
         return x
     from jax.experimental import multihost_utils
 
+    parallel.wait_for_all_processes("gather")  # sampling/feature extraction end unevenly
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
