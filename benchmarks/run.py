@@ -102,9 +102,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="CPUs for both sides (default all)")
     p.add_argument(
         "--keep_freed_memory",
-        action="store_true",
-        help="our side with DIFFUSION_KEEP_FREED_MEMORY=1 (cpu_runtime.keep_freed_memory: "
-        "XLA's per-step buffers reused instead of faulted in afresh; opt-in, see RESULTS.md)",
+        nargs="?",
+        const="1",
+        default=None,
+        choices=["1", "sync"],
+        help="our side with DIFFUSION_KEEP_FREED_MEMORY=1 (or =sync with a value; "
+        "cpu_runtime.keep_freed_memory: XLA's per-step buffers reused instead of faulted in "
+        "afresh; opt-in, see RESULTS.md)",
     )
     p.add_argument(
         "--peer_in_process",
@@ -663,7 +667,7 @@ def main(argv=None) -> int:
 
     cpu_runtime.apply_xla_cpu_flags()  # as launch.py does; an XLA_FLAGS value given wins
     if args.keep_freed_memory:  # children (rss_child) inherit it; the peer ignores it
-        os.environ[cpu_runtime.KEEP_FREED_MEMORY_ENV] = "1"
+        os.environ[cpu_runtime.KEEP_FREED_MEMORY_ENV] = args.keep_freed_memory
     keep = cpu_runtime.keep_freed_memory()  # as launch.py does (opt-in)
     import jax
 
@@ -679,7 +683,9 @@ def main(argv=None) -> int:
         "quick": args.quick,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "conv_impl": args.conv_impl or "auto (config default)",
-        "keep_freed_memory": keep,
+        "keep_freed_memory": os.environ.get(cpu_runtime.KEEP_FREED_MEMORY_ENV, "0")
+        if keep
+        else False,
         "targets": TARGETS,
     }
     print(f"command: {res['command']}")

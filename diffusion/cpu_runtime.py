@@ -23,6 +23,10 @@ Measured on 2 CPU cores, CIFAR10 U-Net train step at batch 32 (benchmarks/RESULT
     heap that is not trimmed, the same memory is reused: 0 faults, ~0.2 s of kernel time. Not
     the default because the single heap can fragment: a jitted function with a 256 MiB
     temporary grew the process to ~4 GiB before it stopped faulting (glibc's defaults: ~1 GiB).
+    ``DIFFUSION_KEEP_FREED_MEMORY=sync`` keeps glibc's per-thread heaps and instead runs CPU
+    computations synchronously on the calling thread, whose heap serves XLA's buffers without
+    ``mmap``: the same 0 faults on the train step without one heap shared by all threads (the
+    ``1`` mode's lock contention cost as much user time at batch 8 as the faults had).
 """
 
 from __future__ import annotations
@@ -72,15 +76,27 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 
 
 def keep_freed_memory(*, force: bool = False) -> bool:
-    """Opt-in (``DIFFUSION_KEEP_FREED_MEMORY=1``, or ``force``): makes glibc keep and reuse freed
-    memory instead of returning it to the OS on every free.
+    """Opt-in (``DIFFUSION_KEEP_FREED_MEMORY=1`` or ``=sync``, or ``force`` for ``1``): makes
+    glibc keep and reuse freed memory instead of returning it to the OS on every free.
 
-    Sets ``M_ARENA_MAX=1`` (all threads allocate from the main heap, which alone can grow
-    past 64 MiB per block without ``mmap``), ``M_MMAP_MAX=0`` (no per-block ``mmap``: large
-    blocks come from the heap and their pages stay mapped after ``free``) and
-    ``M_TRIM_THRESHOLD=SIZE_MAX`` (the heap top is not given back by ``free``). Call it before
-    JAX starts its thread pool (first computation); the entry points do, so the variable is all
-    a user sets.
+    Both modes set ``M_MMAP_MAX=0`` (no per-block ``mmap``: large blocks come from the heap and
+    their pages stay mapped after ``free``) and ``M_TRIM_THRESHOLD=SIZE_MAX`` (the heap top is not
+    given back by ``free``). Only the main heap can grow past 64 MiB per block without ``mmap``,
+    so the large blocks must be allocated there: ``1`` sets ``M_ARENA_MAX=1`` (every thread
+    allocates from the main heap); ``sync`` instead turns off JAX's asynchronous CPU dispatch
+    (``jax_cpu_enable_async_dispatch``), so that XLA allocates an execution's buffers on the
+    calling (main) thread, and leaves the other threads their own heaps. Call it before JAX
+    creates its CPU backend (first computation); the entry points do, so the variable is all a
+    user sets.
+
+    ``sync``, measured (benchmarks/RESULTS.md §20, CIFAR10 train step): 152k -> ~0 faults at
+    batch 8 and 587k -> ~0 at batch 32 per step, kernel time 0.45 -> 0.04 s and 1.9 -> 0.2 s;
+    against diffusers in one ``benchmarks.run``, batch 32 1.06x where the run without it
+    minutes later measured 0.74x, batch 8 1.12x vs 1.10x. It does not cure every pattern: a
+    function whose multi-threaded kernels allocate large scratch blocks on the pool's threads
+    still faults, and a 256 MiB-temporary sort grew a process to ~2 GiB (defaults: ~0.8 GiB).
+    With synchronous dispatch a call returns only when its result is computed, so the host
+    no longer prepares the next step while one runs.
 
     Measured (benchmarks/RESULTS.md): on the CIFAR10 train step at batch 32, 825k -> 0 page
     faults and 2.0 -> 0.2 s of kernel time per step, the same peak RSS (3,620 vs 3,630 MiB), and
@@ -94,19 +110,24 @@ def keep_freed_memory(*, force: bool = False) -> bool:
     heap is not the step's memory. Returns True if the settings were applied; False when not
     enabled, off CPU, where glibc is missing (macOS, musl) or refused a value. Never raises.
     """
-    if not force and os.environ.get(KEEP_FREED_MEMORY_ENV, "0") != "1":
+    mode = "1" if force else os.environ.get(KEEP_FREED_MEMORY_ENV, "0")
+    if mode not in ("1", "sync"):
         return False
     if not force and accelerator_plugin_installed():
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
         ok = [
-            libc.mallopt(_M_ARENA_MAX, 1),
+            libc.mallopt(_M_ARENA_MAX, 1) if mode == "1" else 1,
             libc.mallopt(_M_MMAP_MAX, 0),
             libc.mallopt(_M_TRIM_THRESHOLD, -1),  # (size_t)-1: never trim on free
         ]
     except (OSError, AttributeError):
         return False
+    if mode == "sync":
+        import jax
+
+        jax.config.update("jax_cpu_enable_async_dispatch", False)
     return all(v == 1 for v in ok)
 
 

@@ -40,6 +40,8 @@ _FAULTS_CODE = """
 import ctypes, resource
 from diffusion import cpu_runtime
 print("keep", cpu_runtime.keep_freed_memory())
+import jax
+print("async", jax.config.read("jax_cpu_enable_async_dispatch"))
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
@@ -64,7 +66,8 @@ def _faults_per_call(env_extra):
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.split("\n")
     keep = [ln.split()[1] for ln in lines if ln.startswith("keep ")][0] == "True"
-    return keep, [int(ln.split()[1]) for ln in lines if ln.startswith("faults ")]
+    is_async = [ln.split()[1] for ln in lines if ln.startswith("async ")][0] == "True"
+    return keep, [int(ln.split()[1]) for ln in lines if ln.startswith("faults ")], is_async
 
 
 def test_keep_freed_memory_is_opt_in_and_stops_refaulting_large_blocks():
@@ -75,13 +78,14 @@ def test_keep_freed_memory_is_opt_in_and_stops_refaulting_large_blocks():
     each time; with ``DIFFUSION_KEEP_FREED_MEMORY=1`` the block's pages are reused after the
     first time."""
     pages = 256 * 1024 * 1024 // 4096
-    keep, faults = _faults_per_call({})
-    assert not keep
+    keep, faults, is_async = _faults_per_call({})
+    assert not keep and is_async
     assert min(faults) >= 0.9 * pages, faults
-    keep, faults = _faults_per_call({cpu_runtime.KEEP_FREED_MEMORY_ENV: "1"})
-    assert keep
-    assert faults[0] >= 0.9 * pages, faults  # the first time the pages are new
-    assert max(faults[1:]) < 0.01 * pages, faults
+    for mode in ("1", "sync"):  # one shared heap, or the main thread's heap + synchronous calls
+        keep, faults, is_async = _faults_per_call({cpu_runtime.KEEP_FREED_MEMORY_ENV: mode})
+        assert keep and is_async == (mode == "1"), (mode, is_async)
+        assert faults[0] >= 0.9 * pages, faults  # the first time the pages are new
+        assert max(faults[1:]) < 0.01 * pages, (mode, faults)
 
 
 _CACHES_CODE = """
