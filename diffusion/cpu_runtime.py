@@ -98,7 +98,7 @@ def keep_freed_memory(*, force: bool = False) -> bool:
     With synchronous dispatch a call returns only when its result is computed, so the host
     no longer prepares the next step while one runs.
 
-    Measured (benchmarks/RESULTS.md): on the CIFAR10 train step at batch 32, 825k -> 0 page
+    ``1``, measured (benchmarks/RESULTS.md §1): on the CIFAR10 train step at batch 32, 825k -> 0 page
     faults and 2.0 -> 0.2 s of kernel time per step, the same peak RSS (3,620 vs 3,630 MiB), and
     the step no longer slows down 1.2-2x while another process holds memory; but the process
     keeps that memory afterwards (3,496 vs 1,715 MiB after ``malloc_trim``), and in other
