@@ -126,6 +126,7 @@ def test_batch_chunks_give_the_same_output_and_gradients(plan, monkeypatch):
     lax.scan, and the forward,
     the input gradient and the summed weight gradient still equal lax.conv's."""
     monkeypatch.setattr(conv, "MAX_TILE_ROWS", 8)
+    monkeypatch.setattr(conv, "W2_WGRAD_MAX_TILE_ROWS", 8)
     x, k, g = _data((6, 8, 8, 4, 5), seed=3)
 
     def loss(x, k):
@@ -139,6 +140,25 @@ def test_batch_chunks_give_the_same_output_and_gradients(plan, monkeypatch):
     assert _rel(y, conv.xla_conv(x, k)) < TOL[plan[0]]
     assert _rel(dx, rdx) < TOL[plan[1]]
     assert _rel(dk, rdk) < TOL[plan[2]]
+
+
+def test_w2_weight_gradient_has_its_own_smaller_chunks():
+    """The F(2,3) weight gradient runs ``W2_WGRAD_MAX_TILE_ROWS`` tile rows at a time (64: 4
+    images of 8x8), whatever `MAX_TILE_ROWS` allows the other directions: at batch 8 the forward
+    and input gradient take the whole batch and the weight gradient two chunks of 4, and it
+    still equals lax.conv's."""
+    assert conv.W2_WGRAD_MAX_TILE_ROWS == 64 and conv.MAX_TILE_ROWS >= 128
+    x, k, g = _data((8, 8, 8, 4, 5), seed=4)
+
+    def loss(x, k):
+        return jnp.sum(conv.conv3x3(x, k, ("w2", "w2", "w2")) * g)
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, k)
+    lengths = [e.params["length"] for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
+    assert lengths == [2]  # only the weight gradient goes in chunks, two of 4 images
+    dx, dk = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, k)
+    rdx, rdk = _ref_grads(x, k, g)
+    assert _rel(dx, rdx) < TOL["w2"] and _rel(dk, rdk) < TOL["w2"]
 
 
 def test_xla_plan_is_plain_lax_conv():
@@ -229,7 +249,7 @@ def test_unet_output_and_gradients_match_xla(conv_impl):
 def test_unet_auto_trains_with_f43_within_1e_5_of_xla():
     """A U-Net whose 16x16 layers have 64 channels, so that ``auto`` runs its CPU training plan
     there (F(4,3) forward, input and weight gradient, with the C++ transforms where built) and
-    F(2,3) forward / XLA gradients at 8x8: output, input gradient and every parameter gradient
+    F(2,3) in all three directions at 8x8: output, input gradient and every parameter gradient
     within 1e-5 relative of lax.conv (measured on the CIFAR10 U-Net: 1.7e-6, 1.0e-6, <= 2.2e-6)."""
     if jax.default_backend() != "cpu":
         pytest.skip("the CPU rule")
@@ -338,9 +358,9 @@ def test_auto_is_xla_off_cpu_and_for_bf16():
     assert len(plan) == 3 and all(p in conv.METHODS for p in plan)
     # a 3-channel layer (the RGB in/out convs) stays on XLA's conv on CPU
     assert conv.auto_choice((8, 32, 32, 3), 128, jnp.float32, backend="cpu") == conv.PLANS["xla"]
-    # under 16x16: Winograd forward (sampling/evaluation gain), XLA's gradients
-    assert conv.auto_choice((8, 4, 4, 256), 256, jnp.float32, backend="cpu") == ("w2", "xla", "xla")
-    assert conv.auto_choice((8, 8, 8, 512), 256, jnp.float32, backend="cpu") == ("w2", "xla", "xla")
+    # under 16x16: F(2,3) in all three directions
+    assert conv.auto_choice((8, 4, 4, 256), 256, jnp.float32, backend="cpu") == ("w2", "w2", "w2")
+    assert conv.auto_choice((8, 8, 8, 512), 256, jnp.float32, backend="cpu") == ("w2", "w2", "w2")
     # at least 16x16: F(4,3) in all three directions
     for shape, cout in (((8, 16, 16, 256), 256), ((8, 32, 32, 128), 128), ((32, 32, 32, 384), 128)):
         assert conv.auto_choice(shape, cout, jnp.float32, backend="cpu") == conv.PLANS["winograd4"]

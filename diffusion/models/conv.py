@@ -311,6 +311,12 @@ def _ffi_transforms(m: int, dtype) -> bool:
 #: peak RSS was 3,582 MiB against 3,417 with 256 (4 % slower; RESULTS.md §17).
 MAX_TILE_ROWS = 1024
 
+#: The F(2,3) weight gradient's row budget (it runs under 16x16 only, mid-backward where most
+#: activations are still live): with `MAX_TILE_ROWS` the batch-32 CIFAR10 step's XLA temporaries
+#: grew by 110 MiB (2,215 -> 2,325 MiB), with 64 rows (4 images of 8x8) not at all (2,216), the
+#: step's speed within noise at batch 32 and 1.08x XLA's gradients at batch 8 (RESULTS.md §21).
+W2_WGRAD_MAX_TILE_ROWS = 64
+
 
 def _chunk_images(n: int, h: int, w: int, m: int, max_rows: Optional[int] = None) -> int:
     """The largest divisor ``c`` of the batch ``n`` with ``c * tiles(h, w) * (m+2)^2 <= 16 *
@@ -360,7 +366,8 @@ def _wgrad_method(method: str, x: jax.Array, dy: jax.Array, w: jax.Array) -> jax
         _, vjp_w = jax.vjp(lambda w_: xla_conv(x, w_), w)
         return vjp_w(dy)[0]
     m = _MATS[method][0]
-    chunk = _chunk_images(x.shape[0], x.shape[1], x.shape[2], m)
+    rows = W2_WGRAD_MAX_TILE_ROWS if m == 2 else None
+    chunk = _chunk_images(x.shape[0], x.shape[1], x.shape[2], m, rows)
     if chunk >= x.shape[0]:
         return winograd_wgrad(x, dy, m).astype(w.dtype)
     # Sum of the per-chunk dU parts, accumulated in a scan carry (fp32 like the matmuls), then
@@ -391,6 +398,12 @@ def _planned_fwd(x, w, plan, infer):
 
 def _planned_bwd(plan, infer, res, dy):
     x, w = res
+    if plan[2] != "xla" and plan[0] != "xla":
+        # The Winograd weight gradient transforms x as the forward did; without the barrier XLA
+        # shares that transform with the forward's and keeps it alive from the forward pass to
+        # the backward (4x x's size for F(2,3): +110 MiB of temporaries in the CIFAR10 step at
+        # batch 32). Tied to dy, it is computed again when the gradient needs it.
+        x, dy = lax.optimization_barrier((x, dy))
     dx = _dx_method(plan[1], dy, w)
     dw = _wgrad_method(plan[2], x, dy, w)
     return dx, dw
@@ -456,22 +469,26 @@ def auto_choice(
 _MIN_CHANNELS = 64
 
 
-#: The plan of `_cpu_rule` for layers under 16x16: F(2,3) forward, XLA's backward convolutions.
-SMALL_LAYER_PLAN: Tuple[str, str, str] = ("w2", "xla", "xla")
+#: The plan of `_cpu_rule` for layers under 16x16 (8x8 and 4x4 in the CIFAR10 U-Net): F(2,3) in
+#: all three directions.
+SMALL_LAYER_PLAN: Tuple[str, str, str] = ("w2", "w2", "w2")
 
 
 def _cpu_rule(h: int, w: int, cin: int, cout: int) -> Tuple[str, str, str]:
     """The CPU rule of ``conv_impl='auto'`` (benchmarks/RESULTS.md, "Per-layer conv methods"
     and §17): fewer than 64 channels in or out: XLA's conv; at least 16x16 pixels: F(4,3) in all
-    three directions; smaller layers: F(2,3) forward, XLA's conv for both gradients
-    (`SMALL_LAYER_PLAN`).
+    three directions; smaller layers: F(2,3) in all three directions (`SMALL_LAYER_PLAN`).
 
     With the transforms as C++ custom calls (`winograd_ffi`), F(4,3) at >= 16x16 ran the CIFAR10
     train step 1.17x faster than F(2,3) at batch 8 (1.067 vs 1.245 s, medians of 6 alternating
     rounds) and 1.11x at batch 32, compiling in 19 s against 16 s; with the pure-JAX transforms
     it had lost (0.92x, and 2.2x the compile time: each F(4,3) convolution was ~75 XLA kernels).
-    F(4,3) also at 8x8, or F(2,3) gradients at 8x8/4x4, ran within noise of this rule. Its fp32
-    error is ~10x F(2,3)'s (module docstring; still ~1e-6..5e-6 relative on the U-Net).
+    Under 16x16, F(2,3) gradients replaced XLA's (RESULTS.md §21, 2026-12-03): the train step
+    with ``DIFFUSION_KEEP_FREED_MEMORY=sync`` was faster in 10 of 10 alternating rounds at batch
+    8 (medians 1.104 vs 1.191 s, with `W2_WGRAD_MAX_TILE_ROWS`) and within noise at batch 32
+    (5.35 vs 5.23 s; an earlier run 4.49 vs 5.02 s), with the same XLA temporaries; F(4,3)
+    there ran within noise of F(2,3). F(4,3)'s fp32 error is ~10x F(2,3)'s (module docstring; still
+    ~1e-6..5e-6 relative on the U-Net).
     """
     if min(cin, cout) < _MIN_CHANNELS:
         return PLANS["xla"]
