@@ -32,9 +32,14 @@ def main(argv):
 
     quiet_logs.install()
     cpu_runtime.apply_xla_cpu_flags()  # before JAX starts its backend
-    cpu_runtime.keep_freed_memory()  # opt-in: DIFFUSION_KEEP_FREED_MEMORY=1
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    try:  # opt-in: DIFFUSION_KEEP_FREED_MEMORY=1 or sync (cpu_runtime.keep_freed_memory)
+        heap_mode = cpu_runtime.keep_freed_memory_mode()
+    except ValueError as e:  # a typo in the variable: say so before anything starts
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    heap_kept = cpu_runtime.keep_freed_memory()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
@@ -47,12 +52,15 @@ def main(argv):
         coordinator_address=_COORD.value, num_processes=_NPROC.value, process_id=_PID.value
     )
     logging.info(
-        "JAX process %d/%d, %d local / %d global devices (%s)",
+        "JAX process %d/%d, %d local / %d global devices (%s); %s=%s (%s)",
         jax.process_index(),
         jax.process_count(),
         jax.local_device_count(),
         jax.device_count(),
         jax.devices()[0].platform,
+        cpu_runtime.KEEP_FREED_MEMORY_ENV,
+        heap_mode,
+        "applied" if heap_kept else "glibc defaults",
     )
     from diffusion import checkpoint, train
     from diffusion.config_check import ConfigError

@@ -105,10 +105,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         nargs="?",
         const="1",
         default=None,
-        choices=["1", "sync"],
-        help="our side with DIFFUSION_KEEP_FREED_MEMORY=1 (or =sync with a value; "
-        "cpu_runtime.keep_freed_memory: XLA's per-step buffers reused instead of faulted in "
-        "afresh; opt-in, see RESULTS.md)",
+        choices=["0", "1", "sync"],
+        help="our side's DIFFUSION_KEEP_FREED_MEMORY (cpu_runtime.keep_freed_memory: XLA's "
+        "per-step buffers reused instead of faulted in afresh; opt-in, see RESULTS.md). "
+        "Default: the variable if set, else 0 (glibc's defaults, as launch.py); the bare flag "
+        "means 1",
     )
     p.add_argument(
         "--peer_in_process",
@@ -666,9 +667,11 @@ def main(argv=None) -> int:
     from diffusion import cpu_runtime
 
     cpu_runtime.apply_xla_cpu_flags()  # as launch.py does; an XLA_FLAGS value given wins
-    if args.keep_freed_memory:  # children (rss_child) inherit it; the peer ignores it
-        os.environ[cpu_runtime.KEEP_FREED_MEMORY_ENV] = args.keep_freed_memory
-    keep = cpu_runtime.keep_freed_memory()  # as launch.py does (opt-in)
+    # As launch.py runs; children (rss_child) inherit it, the peer ignores it.
+    os.environ[cpu_runtime.KEEP_FREED_MEMORY_ENV] = (
+        args.keep_freed_memory or cpu_runtime.keep_freed_memory_mode()
+    )
+    keep = cpu_runtime.keep_freed_memory()
     import jax
 
     res: Dict[str, Any] = {
@@ -683,9 +686,7 @@ def main(argv=None) -> int:
         "quick": args.quick,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "conv_impl": args.conv_impl or "auto (config default)",
-        "keep_freed_memory": os.environ.get(cpu_runtime.KEEP_FREED_MEMORY_ENV, "0")
-        if keep
-        else False,
+        "keep_freed_memory": os.environ[cpu_runtime.KEEP_FREED_MEMORY_ENV] if keep else False,
         "targets": TARGETS,
     }
     print(f"command: {res['command']}")
@@ -696,7 +697,10 @@ def main(argv=None) -> int:
     print("versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()))
     print(f"XLA_FLAGS: {res['xla_flags'] or '(none)'}")
     print(f"our model.conv_impl: {res['conv_impl']}")
-    print(f"our side keeps freed memory for reuse (cpu_runtime.keep_freed_memory): {keep}")
+    print(
+        f"our side's {cpu_runtime.KEEP_FREED_MEMORY_ENV}: "
+        f"{os.environ[cpu_runtime.KEEP_FREED_MEMORY_ENV]} (applied: {keep})"
+    )
 
     load = res["machine"].get("loadavg_at_start")
     if load and load[0] > 0.5:

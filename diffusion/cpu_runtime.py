@@ -15,7 +15,7 @@ Measured on 2 CPU cores, CIFAR10 U-Net train step at batch 32 (benchmarks/RESULT
     parameter-init program and the step's traced/lowered forms; dropping them lowered the
     batch-32 step's peak RSS by a further ~50 MiB (fresh processes: 3,661-3,666 -> 3,598-3,621
     MiB).
-  * `keep_freed_memory` (glibc ``mallopt``; **opt-in**, ``DIFFUSION_KEEP_FREED_MEMORY=1``): XLA
+  * `keep_freed_memory` (glibc ``mallopt``; **opt-in**, ``DIFFUSION_KEEP_FREED_MEMORY=1|sync``): XLA
     CPU allocates the step's ~2 GiB of temporary buffers at every execution; glibc serves blocks
     that large with ``mmap`` and unmaps them on free, so every step faults ~3.2 GB of fresh
     zeroed pages back in (~820k minor page faults, ~2 s of kernel time per batch-32 step; a
@@ -26,7 +26,11 @@ Measured on 2 CPU cores, CIFAR10 U-Net train step at batch 32 (benchmarks/RESULT
     ``DIFFUSION_KEEP_FREED_MEMORY=sync`` keeps glibc's per-thread heaps and instead runs CPU
     computations synchronously on the calling thread, whose heap serves XLA's buffers without
     ``mmap``: the same 0 faults on the train step without one heap shared by all threads (the
-    ``1`` mode's lock contention cost as much user time at batch 8 as the faults had).
+    ``1`` mode's lock contention cost as much user time at batch 8 as the faults had). Not the
+    default either: in launch.py's real training loop (benchmarks/RESULTS.md §22) ``sync`` ran
+    1.14-1.27x the steps/s of glibc's defaults at batch 8, but at batch 32 (CIFAR10 model) the
+    process peaked at 6.4 GB where the defaults peaked at 4.2 GB (its untrimmed heap kept
+    growing; not analysed further).
 """
 
 from __future__ import annotations
@@ -68,16 +72,34 @@ def apply_xla_cpu_flags(
     return env["XLA_FLAGS"]
 
 
-#: ``1`` in the environment enables `keep_freed_memory` (off by default).
+#: Selects `keep_freed_memory`'s mode: ``0`` (glibc's defaults; also when unset), ``1`` or ``sync``.
 KEEP_FREED_MEMORY_ENV = "DIFFUSION_KEEP_FREED_MEMORY"
+KEEP_FREED_MEMORY_MODES = ("0", "1", "sync")
+
+
+def keep_freed_memory_mode(environ: Optional[MutableMapping[str, str]] = None) -> str:
+    """The mode `keep_freed_memory` applies: ``DIFFUSION_KEEP_FREED_MEMORY`` from ``environ``
+    (default ``os.environ``) when set and non-empty, else ``0``. Raises ValueError naming
+    the variable and the accepted values for anything else (a typo must not silently fall back)."""
+    env = os.environ if environ is None else environ
+    mode = env.get(KEEP_FREED_MEMORY_ENV, "").strip() or "0"
+    if mode not in KEEP_FREED_MEMORY_MODES:
+        raise ValueError(
+            f"{KEEP_FREED_MEMORY_ENV}={mode!r} is not one of {', '.join(KEEP_FREED_MEMORY_MODES)}: "
+            "0 keeps glibc's defaults, 1 one shared untrimmed heap, sync untrimmed heaps with "
+            "synchronous CPU dispatch (see diffusion/cpu_runtime.py)."
+        )
+    return mode
+
 
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 
 
 def keep_freed_memory(*, force: bool = False) -> bool:
-    """Opt-in (``DIFFUSION_KEEP_FREED_MEMORY=1`` or ``=sync``, or ``force`` for ``1``): makes
-    glibc keep and reuse freed memory instead of returning it to the OS on every free.
+    """Opt-in (``DIFFUSION_KEEP_FREED_MEMORY=1`` or ``=sync``, or ``force`` for ``1``; ``0`` or
+    unset: glibc's defaults): makes glibc keep and reuse freed memory instead of returning it to
+    the OS on every free.
 
     Both modes set ``M_MMAP_MAX=0`` (no per-block ``mmap``: large blocks come from the heap and
     their pages stay mapped after ``free``) and ``M_TRIM_THRESHOLD=SIZE_MAX`` (the heap top is not
@@ -96,7 +118,10 @@ def keep_freed_memory(*, force: bool = False) -> bool:
     function whose multi-threaded kernels allocate large scratch blocks on the pool's threads
     still faults, and a 256 MiB-temporary sort grew a process to ~2 GiB (defaults: ~0.8 GiB).
     With synchronous dispatch a call returns only when its result is computed, so the host
-    no longer prepares the next step while one runs.
+    no longer prepares the next step while one runs (the input pipeline still prefetches on its
+    own threads). JAX applies the flag only to single-device computations: with several local
+    CPU devices dispatch stays asynchronous and the buffers come from the worker threads' heaps
+    (not measured there).
 
     ``1``, measured (benchmarks/RESULTS.md §1): on the CIFAR10 train step at batch 32, 825k -> 0 page
     faults and 2.0 -> 0.2 s of kernel time per step, the same peak RSS (3,620 vs 3,630 MiB), and
@@ -107,10 +132,11 @@ def keep_freed_memory(*, force: bool = False) -> bool:
     Hence off by default.
 
     Does nothing where an accelerator backend is installed, unless ``force``: there the host
-    heap is not the step's memory. Returns True if the settings were applied; False when not
-    enabled, off CPU, where glibc is missing (macOS, musl) or refused a value. Never raises.
+    heap is not the step's memory. Returns True if the settings were applied; False when the
+    mode is ``0``, off CPU, where glibc is missing (macOS, musl) or refused a value. Raises
+    ValueError only for an unknown value of the variable.
     """
-    mode = "1" if force else os.environ.get(KEEP_FREED_MEMORY_ENV, "0")
+    mode = "1" if force else keep_freed_memory_mode()
     if mode not in ("1", "sync"):
         return False
     if not force and accelerator_plugin_installed():

@@ -1,8 +1,11 @@
 """CPU runtime settings: XLA flags are added without overriding the user's, and heap trimming is
 safe to call."""
 
+import os
 import subprocess
 import sys
+
+import pytest
 
 from diffusion import cpu_runtime
 
@@ -56,12 +59,14 @@ for i in range(4):
 
 
 def _faults_per_call(env_extra):
-    import os
-
     env = {k: v for k, v in os.environ.items() if k != cpu_runtime.KEEP_FREED_MEMORY_ENV}
     env.update(env_extra)
     out = subprocess.run(
-        [sys.executable, "-c", _FAULTS_CODE], capture_output=True, text=True, timeout=120, env=env
+        [sys.executable, "-c", _FAULTS_CODE],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.split("\n")
@@ -73,19 +78,51 @@ def _faults_per_call(env_extra):
 def test_keep_freed_memory_is_opt_in_and_stops_refaulting_large_blocks():
     """XLA CPU's per-execution buffers are large blocks, which glibc maps afresh for every
     allocation and unmaps on free: every train step faulted its ~3 GB working set back in
-    (~820k faults, ~2 s of kernel time per batch-32 CIFAR10 step). By default (glibc's
-    settings) a 256 MiB block written, freed and allocated again faults all its 65,536 pages
-    each time; with ``DIFFUSION_KEEP_FREED_MEMORY=1`` the block's pages are reused after the
-    first time."""
+    (~820k faults, ~2 s of kernel time per batch-32 CIFAR10 step). With glibc's settings (the
+    variable unset, or ``0``) a 256 MiB block written, freed and allocated again faults all its
+    65,536 pages each time; with ``DIFFUSION_KEEP_FREED_MEMORY=1`` or ``sync`` the block's
+    pages are reused after the first time."""
     pages = 256 * 1024 * 1024 // 4096
-    keep, faults, is_async = _faults_per_call({})
-    assert not keep and is_async
-    assert min(faults) >= 0.9 * pages, faults
+    env = cpu_runtime.KEEP_FREED_MEMORY_ENV
+    for env_extra in ({}, {env: "0"}):
+        keep, faults, is_async = _faults_per_call(env_extra)
+        assert not keep and is_async, env_extra
+        assert min(faults) >= 0.9 * pages, (env_extra, faults)
     for mode in ("1", "sync"):  # one shared heap, or the main thread's heap + synchronous calls
-        keep, faults, is_async = _faults_per_call({cpu_runtime.KEEP_FREED_MEMORY_ENV: mode})
+        keep, faults, is_async = _faults_per_call({env: mode})
         assert keep and is_async == (mode == "1"), (mode, is_async)
         assert faults[0] >= 0.9 * pages, faults  # the first time the pages are new
         assert max(faults[1:]) < 0.01 * pages, (mode, faults)
+
+
+def test_an_unknown_mode_is_an_error_that_names_the_variable(tmp_path):
+    """A typo (``Sync``) must not silently train with glibc's defaults: the mode resolver
+    raises, and launch.py exits with status 2 and the message before JAX starts (before this
+    check any value but ``1``/``sync`` was ignored without a word)."""
+    env = cpu_runtime.KEEP_FREED_MEMORY_ENV
+    assert cpu_runtime.keep_freed_memory_mode({}) == "0"
+    assert cpu_runtime.keep_freed_memory_mode({env: " "}) == "0"  # empty = unset
+    assert cpu_runtime.keep_freed_memory_mode({env: "sync"}) == "sync"
+    with pytest.raises(ValueError, match=f"{env}='Sync' is not one of 0, 1, sync"):
+        cpu_runtime.keep_freed_memory_mode({env: "Sync"})
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(root, "launch.py"),
+            "--config",
+            os.path.join(root, "experiments", "tiny.py"),
+            "--workdir",
+            str(tmp_path / "never-created"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, env: "Sync"},
+    )
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert f"error: {env}='Sync' is not one of 0, 1, sync" in p.stderr, p.stderr[-2000:]
+    assert not (tmp_path / "never-created").exists()
 
 
 _CACHES_CODE = """
