@@ -29,8 +29,8 @@ Measured on 2 CPU cores, CIFAR10 U-Net train step at batch 32 (benchmarks/RESULT
     ``1`` mode's lock contention cost as much user time at batch 8 as the faults had). Not the
     default either: in launch.py's real training loop (benchmarks/RESULTS.md §22) ``sync`` ran
     1.14-1.27x the steps/s of glibc's defaults at batch 8, but at batch 32 (CIFAR10 model) the
-    process peaked at 6.4 GB where the defaults peaked at 4.2 GB (its untrimmed heap kept
-    growing; not analysed further).
+    process peaked at 6.4 GB where the defaults peaked at 4.2 GB: it held ~4.2 GB between steps
+    but once in a while one ~2.2 GB block was mapped outside the main heap for a few seconds.
 """
 
 from __future__ import annotations
