@@ -34,12 +34,16 @@ def main(argv):
     cpu_runtime.apply_xla_cpu_flags()  # before JAX starts its backend
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    try:  # opt-in: DIFFUSION_KEEP_FREED_MEMORY=1 or sync (cpu_runtime.keep_freed_memory)
-        heap_mode = cpu_runtime.keep_freed_memory_mode()
+    # DIFFUSION_KEEP_FREED_MEMORY (cpu_runtime.keep_freed_memory); unset: sync for a process
+    # that only trains (1.14-1.30x steps/s at the same peak RSS), glibc's defaults for one that
+    # samples or evaluates (slower and larger under sync; benchmarks/RESULTS.md §23).
+    heap_default = "sync" if _MODE.value == "train" else "0"
+    try:
+        heap_mode = cpu_runtime.keep_freed_memory_mode(default=heap_default)
     except ValueError as e:  # a typo in the variable: say so before anything starts
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    heap_kept = cpu_runtime.keep_freed_memory()
+    heap_kept = cpu_runtime.keep_freed_memory(default=heap_default)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
@@ -60,7 +64,7 @@ def main(argv):
         jax.devices()[0].platform,
         cpu_runtime.KEEP_FREED_MEMORY_ENV,
         heap_mode,
-        "applied" if heap_kept else "glibc defaults",
+        "applied" if heap_kept else "glibc defaults" if heap_mode == "0" else "not applied",
     )
     from diffusion import checkpoint, train
     from diffusion.config_check import ConfigError

@@ -73,7 +73,7 @@ def _apply_cpu_flags() -> None:
     from diffusion import cpu_runtime
 
     cpu_runtime.apply_xla_cpu_flags()
-    cpu_runtime.keep_freed_memory()  # opt-in: DIFFUSION_KEEP_FREED_MEMORY=1
+    cpu_runtime.keep_freed_memory()  # DIFFUSION_KEEP_FREED_MEMORY (unset: 0)
 
 
 def _log(msg: str) -> None:

@@ -38,7 +38,7 @@ def main(argv=None) -> int:
         from diffusion import cpu_runtime
 
         cpu_runtime.apply_xla_cpu_flags()  # as launch.py does (inherited from run.py anyway)
-        cpu_runtime.keep_freed_memory()  # opt-in: DIFFUSION_KEEP_FREED_MEMORY=1
+        cpu_runtime.keep_freed_memory(default="sync")  # as launch.py --mode train
         from benchmarks import ours_jax
 
         result = ours_jax.memory_child(args.batch, args.steps, args.conv_impl)

@@ -107,9 +107,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         choices=["0", "1", "sync"],
         help="our side's DIFFUSION_KEEP_FREED_MEMORY (cpu_runtime.keep_freed_memory: XLA's "
-        "per-step buffers reused instead of faulted in afresh; opt-in, see RESULTS.md). "
-        "Default: the variable if set, else 0 (glibc's defaults, as launch.py); the bare flag "
-        "means 1",
+        "per-step buffers reused instead of faulted in afresh, see RESULTS.md). Default: the "
+        "variable if set, else sync (what launch.py --mode train runs; --mode "
+        "train_and_evaluate runs 0, glibc's defaults); the bare flag means 1",
     )
     p.add_argument(
         "--peer_in_process",
@@ -667,9 +667,9 @@ def main(argv=None) -> int:
     from diffusion import cpu_runtime
 
     cpu_runtime.apply_xla_cpu_flags()  # as launch.py does; an XLA_FLAGS value given wins
-    # As launch.py runs; children (rss_child) inherit it, the peer ignores it.
+    # As launch.py --mode train runs; children (rss_child) inherit it, the peer ignores it.
     os.environ[cpu_runtime.KEEP_FREED_MEMORY_ENV] = (
-        args.keep_freed_memory or cpu_runtime.keep_freed_memory_mode()
+        args.keep_freed_memory or cpu_runtime.keep_freed_memory_mode(default="sync")
     )
     keep = cpu_runtime.keep_freed_memory()
     import jax

@@ -15,7 +15,8 @@ Measured on 2 CPU cores, CIFAR10 U-Net train step at batch 32 (benchmarks/RESULT
     parameter-init program and the step's traced/lowered forms; dropping them lowered the
     batch-32 step's peak RSS by a further ~50 MiB (fresh processes: 3,661-3,666 -> 3,598-3,621
     MiB).
-  * `keep_freed_memory` (glibc ``mallopt``; **opt-in**, ``DIFFUSION_KEEP_FREED_MEMORY=1|sync``): XLA
+  * `keep_freed_memory` (glibc ``mallopt``; ``DIFFUSION_KEEP_FREED_MEMORY=0|1|sync``, default
+    ``sync`` for ``launch.py --mode train`` and the benchmarks, ``0`` elsewhere): XLA
     CPU allocates the step's ~2 GiB of temporary buffers at every execution; glibc serves blocks
     that large with ``mmap`` and unmaps them on free, so every step faults ~3.2 GB of fresh
     zeroed pages back in (~820k minor page faults, ~2 s of kernel time per batch-32 step; a
@@ -26,11 +27,13 @@ Measured on 2 CPU cores, CIFAR10 U-Net train step at batch 32 (benchmarks/RESULT
     ``DIFFUSION_KEEP_FREED_MEMORY=sync`` keeps glibc's per-thread heaps and instead runs CPU
     computations synchronously on the calling thread, whose heap serves XLA's buffers without
     ``mmap``: the same 0 faults on the train step without one heap shared by all threads (the
-    ``1`` mode's lock contention cost as much user time at batch 8 as the faults had). Not the
-    default either: in launch.py's real training loop (benchmarks/RESULTS.md §22) ``sync`` ran
-    1.14-1.27x the steps/s of glibc's defaults at batch 8, but at batch 32 (CIFAR10 model) the
-    process peaked at 6.4 GB where the defaults peaked at 4.2 GB: it held ~4.2 GB between steps
-    but once in a while one ~2.2 GB block was mapped outside the main heap for a few seconds.
+    ``1`` mode's lock contention cost as much user time at batch 8 as the faults had). In
+    launch.py's real training loop (benchmarks/RESULTS.md §22-§23) ``sync`` ran 1.14-1.27x the
+    steps/s of glibc's defaults at batch 8 and 1.30x at batch 32 (CIFAR10 model) at the same
+    peak RSS (4,192 vs 4,178 MiB), once a step was no longer queued behind the copy of its
+    batch (`diffusion.parallel.global_batch_from_local`). It is the default only for processes
+    that just train: in ``--mode train_and_evaluate`` (the main job) evaluation under ``sync``
+    took 3 min 49 s against 3 min 10 s and the process peaked at 8.5 GB against 4.8 GB.
 """
 
 from __future__ import annotations
@@ -72,17 +75,22 @@ def apply_xla_cpu_flags(
     return env["XLA_FLAGS"]
 
 
-#: Selects `keep_freed_memory`'s mode: ``0`` (glibc's defaults; also when unset), ``1`` or ``sync``.
+#: Selects `keep_freed_memory`'s mode: ``0`` (glibc's defaults), ``1`` or ``sync``; when unset, the
+#: caller's default (``launch.py --mode train`` and the benchmarks: ``sync``; elsewhere ``0``).
 KEEP_FREED_MEMORY_ENV = "DIFFUSION_KEEP_FREED_MEMORY"
 KEEP_FREED_MEMORY_MODES = ("0", "1", "sync")
 
 
-def keep_freed_memory_mode(environ: Optional[MutableMapping[str, str]] = None) -> str:
+def keep_freed_memory_mode(
+    environ: Optional[MutableMapping[str, str]] = None, default: str = "0"
+) -> str:
     """The mode `keep_freed_memory` applies: ``DIFFUSION_KEEP_FREED_MEMORY`` from ``environ``
-    (default ``os.environ``) when set and non-empty, else ``0``. Raises ValueError naming
+    (default ``os.environ``) when set and non-empty, else ``default``. Raises ValueError naming
     the variable and the accepted values for anything else (a typo must not silently fall back)."""
+    if default not in KEEP_FREED_MEMORY_MODES:
+        raise ValueError(f"default={default!r} is not one of {KEEP_FREED_MEMORY_MODES}")
     env = os.environ if environ is None else environ
-    mode = env.get(KEEP_FREED_MEMORY_ENV, "").strip() or "0"
+    mode = env.get(KEEP_FREED_MEMORY_ENV, "").strip() or default
     if mode not in KEEP_FREED_MEMORY_MODES:
         raise ValueError(
             f"{KEEP_FREED_MEMORY_ENV}={mode!r} is not one of {', '.join(KEEP_FREED_MEMORY_MODES)}: "
@@ -96,10 +104,11 @@ def keep_freed_memory_mode(environ: Optional[MutableMapping[str, str]] = None) -
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 
 
-def keep_freed_memory(*, force: bool = False) -> bool:
-    """Opt-in (``DIFFUSION_KEEP_FREED_MEMORY=1`` or ``=sync``, or ``force`` for ``1``; ``0`` or
-    unset: glibc's defaults): makes glibc keep and reuse freed memory instead of returning it to
-    the OS on every free.
+def keep_freed_memory(*, force: bool = False, default: str = "0") -> bool:
+    """Makes glibc keep and reuse freed memory instead of returning it to the OS on every free,
+    in the mode `keep_freed_memory_mode` gives (``DIFFUSION_KEEP_FREED_MEMORY`` if set, else
+    ``default``): ``1`` or ``sync`` apply it, ``0`` keeps glibc's defaults; ``force`` means
+    ``1``. ``launch.py --mode train`` and the benchmarks pass ``default='sync'``.
 
     Both modes set ``M_MMAP_MAX=0`` (no per-block ``mmap``: large blocks come from the heap and
     their pages stay mapped after ``free``) and ``M_TRIM_THRESHOLD=SIZE_MAX`` (the heap top is not
@@ -129,14 +138,14 @@ def keep_freed_memory(*, force: bool = False) -> bool:
     keeps that memory afterwards (3,496 vs 1,715 MiB after ``malloc_trim``), and in other
     allocation patterns the single heap fragments: a jitted function with a 256 MiB temporary
     grew the process to ~4 GiB (vs ~1 GiB) over its first 7 calls before it stopped faulting.
-    Hence off by default.
+    Hence never a default.
 
     Does nothing where an accelerator backend is installed, unless ``force``: there the host
     heap is not the step's memory. Returns True if the settings were applied; False when the
     mode is ``0``, off CPU, where glibc is missing (macOS, musl) or refused a value. Raises
     ValueError only for an unknown value of the variable.
     """
-    mode = "1" if force else keep_freed_memory_mode()
+    mode = "1" if force else keep_freed_memory_mode(default=default)
     if mode not in ("1", "sync"):
         return False
     if not force and accelerator_plugin_installed():

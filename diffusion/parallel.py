@@ -96,7 +96,15 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def global_batch_from_local(local_batch: Any, mesh: Mesh) -> Any:
     """Assembles per-process host arrays ``[B_local, ...]`` into global jax Arrays ``[B, ...]``
-    (B = B_local · process_count) sharded over 'data' (``jax.make_array_from_process_local_data``)."""
+    (B = B_local · process_count) sharded over 'data' (``jax.make_array_from_process_local_data``).
+
+    On CPU devices with synchronous dispatch (``jax_cpu_enable_async_dispatch=False``, which
+    ``DIFFUSION_KEEP_FREED_MEMORY=sync`` sets) it returns only once the arrays are copied in.
+    XLA CPU copies a host array of 100 KB or more that is not 64-byte aligned on a worker
+    thread, and a computation called with an input still being copied is not run inline but
+    queued for a pool thread: there its temporaries come from that thread's heap, i.e. a fresh
+    ``mmap`` of the whole block (a ~2.2 GB spike of the CIFAR10 train step at batch 32, see
+    diffusion/cpu_runtime.py), and the call returns before the step has run."""
     sharding = batch_sharding(mesh)
     n = mesh.devices.size
     leaves = jax.tree.leaves(local_batch)
@@ -106,8 +114,18 @@ def global_batch_from_local(local_batch: Any, mesh: Mesh) -> Any:
             f"The global batch {global_b} must be divisible by the number of devices "
             f"{n}: set --config.training.batch_size to a multiple of {n}"
         )
-    return jax.tree.map(
+    batch = jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
+    )
+    if _cpu_dispatch_is_synchronous(mesh):
+        jax.block_until_ready(batch)
+    return batch
+
+
+def _cpu_dispatch_is_synchronous(mesh: Mesh) -> bool:
+    """True if ``mesh`` is CPU devices and JAX runs CPU computations inline (synchronously)."""
+    return mesh.devices.flat[0].platform == "cpu" and not jax.config.read(
+        "jax_cpu_enable_async_dispatch"
     )
 
 

@@ -413,6 +413,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     save(step)
                 if step % tr.sample_every == 0 or step == tr.num_train_steps:
                     flush(step)
+                    # With DIFFUSION_KEEP_FREED_MEMORY the heap keeps the step's ~2 GB of freed
+                    # temporaries (CIFAR10 b32); compiling and running the sampler on top of it
+                    # would add its own. Give it back first (the next step faults it in once).
+                    cpu_runtime.release_free_heap()
                     grid_sampler = grid_sampler or _grid_sampler(config, model, schedule)
                     images = grid_sampler(state.ema_params, grid_key)  # same noise every time
                     if main:
@@ -432,6 +436,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 batches.close()
             ckpt.close()
             writer.flush()
+            cpu_runtime.release_free_heap()  # the kept step temporaries: evaluation needs others
     return state
 
 

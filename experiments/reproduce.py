@@ -540,7 +540,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     quiet_logs.install()
     cpu_runtime.apply_xla_cpu_flags()  # before JAX starts its backend
-    cpu_runtime.keep_freed_memory()  # opt-in: DIFFUSION_KEEP_FREED_MEMORY=1
+    cpu_runtime.keep_freed_memory()  # DIFFUSION_KEEP_FREED_MEMORY (unset: 0)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 

@@ -103,6 +103,11 @@ def test_an_unknown_mode_is_an_error_that_names_the_variable(tmp_path):
     assert cpu_runtime.keep_freed_memory_mode({}) == "0"
     assert cpu_runtime.keep_freed_memory_mode({env: " "}) == "0"  # empty = unset
     assert cpu_runtime.keep_freed_memory_mode({env: "sync"}) == "sync"
+    # launch.py --mode train and the benchmarks default to sync; a set variable still wins
+    assert cpu_runtime.keep_freed_memory_mode({}, default="sync") == "sync"
+    assert cpu_runtime.keep_freed_memory_mode({env: "0"}, default="sync") == "0"
+    with pytest.raises(ValueError, match="default='Sync'"):
+        cpu_runtime.keep_freed_memory_mode({}, default="Sync")
     with pytest.raises(ValueError, match=f"{env}='Sync' is not one of 0, 1, sync"):
         cpu_runtime.keep_freed_memory_mode({env: "Sync"})
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -162,3 +167,43 @@ def test_release_compile_caches_frees_cached_programs_and_keeps_functions_usable
     assert before - after >= 64, (before, after)
     assert first == again
     assert abs(first - expect) <= 1e-4 * abs(expect) + 1.0
+
+
+_INLINE_CODE = """
+import numpy as np
+from diffusion import cpu_runtime, parallel
+print("keep", cpu_runtime.keep_freed_memory())
+import jax, jax.numpy as jnp
+mesh = parallel.make_mesh()
+step = jax.jit(lambda x: jnp.tanh(x).sum())
+rng = np.random.default_rng(0)
+n = 32 * 32 * 32 * 3  # a batch-32 CIFAR10 batch: 384 KiB
+queued = 0
+for i in range(100):
+    raw = np.empty(n + 16, np.float32)
+    off = (-(raw.ctypes.data // 4) % 16) + 1  # 4 bytes past a 64-byte boundary: XLA must copy
+    x = raw[off:off + n].reshape(32, 32, 32, 3)
+    x[...] = rng.standard_normal(x.shape, dtype=np.float32)
+    out = step(parallel.global_batch_from_local({"image": x}, mesh)["image"])
+    queued += not out.is_ready()  # returned before it ran: queued for a pool thread
+    out.block_until_ready()
+print("queued", queued)
+"""
+
+
+def test_synchronous_dispatch_runs_the_step_inline_on_a_fresh_batch():
+    """With ``DIFFUSION_KEEP_FREED_MEMORY=sync`` every call must run on the calling thread (its
+    heap, not a fresh mmap per call). XLA copies an unaligned host batch >= 100 KB on a worker
+    thread; before `parallel.global_batch_from_local` waited for that copy, a step called right
+    after it was queued for a pool thread instead whenever the copy had not finished (47 of 100
+    calls here; in launch.py's loop one CIFAR10 b32 step in ~14, mapping 2.2 GB outside the
+    heap)."""
+    env = {**os.environ, cpu_runtime.KEEP_FREED_MEMORY_ENV: "sync"}
+    env.pop("XLA_FLAGS", None)
+    p = subprocess.run(
+        [sys.executable, "-c", _INLINE_CODE], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = p.stdout.split("\n")
+    assert "keep True" in lines, p.stdout
+    assert "queued 0" in lines, p.stdout

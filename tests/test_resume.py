@@ -217,20 +217,20 @@ def test_relaunch_with_grad_clip_off_exits_nonzero_and_keeps_the_checkpoint(tmp_
         "--config.training.num_train_steps=8",
         "--config.training.grad_clip=0",
     ]
-    p = subprocess.run(
-        cmd,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={
-            **{k: v for k, v in os.environ.items() if k != "DIFFUSION_KEEP_FREED_MEMORY"},
-            "PYTHONPATH": ROOT,
-        },
-    )
-    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-3000:]
-    # The log says which heap mode ran (glibc's defaults unless the variable opts in).
-    assert "DIFFUSION_KEEP_FREED_MEMORY=0 (glibc defaults)" in p.stderr, p.stderr[-3000:]
-    assert "does not match what this config builds" in p.stderr
-    assert "training.grad_clip > 0" in p.stderr and "resume=params" in p.stderr
-    assert _listing(ck_dir) == before and not os.path.exists(ck_dir + "_corrupt")
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "DIFFUSION_KEEP_FREED_MEMORY"},
+        "PYTHONPATH": ROOT,
+    }
+    # The log says which heap mode ran; with the variable unset: glibc's defaults for a process
+    # that evaluates, sync for one that only trains (cpu_runtime.keep_freed_memory).
+    for mode, heap in (
+        ("train_and_evaluate", "DIFFUSION_KEEP_FREED_MEMORY=0 (glibc defaults)"),
+        ("train", "DIFFUSION_KEEP_FREED_MEMORY=sync (applied)"),
+    ):
+        cmd[cmd.index("--mode") + 1] = mode
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+        assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-3000:]
+        assert heap in p.stderr, p.stderr[-3000:]
+        assert "does not match what this config builds" in p.stderr
+        assert "training.grad_clip > 0" in p.stderr and "resume=params" in p.stderr
+        assert _listing(ck_dir) == before and not os.path.exists(ck_dir + "_corrupt")
