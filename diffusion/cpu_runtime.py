@@ -16,13 +16,13 @@ Measured on 2 CPU cores, CIFAR10 U-Net train step at batch 32 (benchmarks/RESULT
     batch-32 step's peak RSS by a further ~50 MiB (fresh processes: 3,661-3,666 -> 3,598-3,621
     MiB).
   * `keep_freed_memory` (glibc ``mallopt``; ``DIFFUSION_KEEP_FREED_MEMORY=0|1|sync``, default
-    ``sync`` for ``launch.py --mode train`` and the benchmarks, ``0`` elsewhere): XLA
+    ``sync`` for ``launch.py --mode train`` and ``benchmarks.run``, ``0`` elsewhere): XLA
     CPU allocates the step's ~2 GiB of temporary buffers at every execution; glibc serves blocks
     that large with ``mmap`` and unmaps them on free, so every step faults ~3.2 GB of fresh
     zeroed pages back in (~820k minor page faults, ~2 s of kernel time per batch-32 step; a
     1.2-2x slower step whenever another process holds a few GiB on the host). Served from one
-    heap that is not trimmed, the same memory is reused: 0 faults, ~0.2 s of kernel time. Not
-    the default because the single heap can fragment: a jitted function with a 256 MiB
+    heap that is not trimmed, the same memory is reused: 0 faults, ~0.2 s of kernel time. ``1``
+    does that with one heap for all threads, which can fragment: a jitted function with a 256 MiB
     temporary grew the process to ~4 GiB before it stopped faulting (glibc's defaults: ~1 GiB).
     ``DIFFUSION_KEEP_FREED_MEMORY=sync`` keeps glibc's per-thread heaps and instead runs CPU
     computations synchronously on the calling thread, whose heap serves XLA's buffers without
@@ -76,7 +76,7 @@ def apply_xla_cpu_flags(
 
 
 #: Selects `keep_freed_memory`'s mode: ``0`` (glibc's defaults), ``1`` or ``sync``; when unset, the
-#: caller's default (``launch.py --mode train`` and the benchmarks: ``sync``; elsewhere ``0``).
+#: caller's default (``launch.py --mode train`` and ``benchmarks.run``: ``sync``; elsewhere ``0``).
 KEEP_FREED_MEMORY_ENV = "DIFFUSION_KEEP_FREED_MEMORY"
 KEEP_FREED_MEMORY_MODES = ("0", "1", "sync")
 
@@ -108,7 +108,7 @@ def keep_freed_memory(*, force: bool = False, default: str = "0") -> bool:
     """Makes glibc keep and reuse freed memory instead of returning it to the OS on every free,
     in the mode `keep_freed_memory_mode` gives (``DIFFUSION_KEEP_FREED_MEMORY`` if set, else
     ``default``): ``1`` or ``sync`` apply it, ``0`` keeps glibc's defaults; ``force`` means
-    ``1``. ``launch.py --mode train`` and the benchmarks pass ``default='sync'``.
+    ``1``. ``launch.py --mode train`` and ``benchmarks.run`` pass ``default='sync'``.
 
     Both modes set ``M_MMAP_MAX=0`` (no per-block ``mmap``: large blocks come from the heap and
     their pages stay mapped after ``free``) and ``M_TRIM_THRESHOLD=SIZE_MAX`` (the heap top is not
