@@ -35,6 +35,9 @@ def get_config():
     m.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
     m.remat = False  # rematerialise each block (memory for 256x256)
     m.conv_impl = "auto"  # auto | xla | winograd | winograd4 | mixed (3x3 conv compute)
+    # ResBlocks recomputed in the backward pass, by feature-map height, e.g. (32,); unset: on CPU
+    # (float32) the heights >= 32, elsewhere none (diffusion.models.unet.auto_remat_resolutions)
+    m.remat_resolutions = ml_collections.config_dict.placeholder(tuple)
 
     # Optimisation, EMA, logging and checkpoint cadence (docs/reference.md, "Training hyperparameters").
     config.training = t = ml_collections.ConfigDict()

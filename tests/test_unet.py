@@ -390,6 +390,7 @@ def test_jit_grad_and_remat_equivalence():
     x, t = _inputs(batch=2, size=8)
     plain = UNet(**TINY, dropout=0.1)
     remat = UNet(**TINY, dropout=0.1, remat=True)
+    top = UNet(**TINY, dropout=0.1, remat_resolutions=(8,))  # the 8x8 level's ResBlocks only
     params = _random_params(plain)
     # Same parameter tree with and without remat (checkpoints stay interchangeable).
     assert jax.tree_util.tree_structure(
@@ -405,6 +406,26 @@ def test_jit_grad_and_remat_equivalence():
     np.testing.assert_allclose(o1, o2, atol=1e-5, rtol=1e-5)
     for a, b in zip(leaves, jax.tree_util.tree_leaves(g2)):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    (_, o3), g3 = _loss_and_grads(top, params, x, t, key)
+    np.testing.assert_allclose(o1, o3, atol=1e-5, rtol=1e-5)
+    for a, b in zip(leaves, jax.tree_util.tree_leaves(g3)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_remat_resolutions_default_and_validation():
+    """Unset, the ResBlocks at heights >= 32 are recomputed on CPU with float32 compute (the
+    measured memory/time trade, benchmarks/RESULTS.md §24), none on GPU/TPU or in bfloat16; an
+    explicit height that the U-Net never has is a config error naming the heights it has."""
+    from diffusion.models.unet import auto_remat_resolutions
+
+    assert auto_remat_resolutions(32, backend="cpu") == (32,)
+    assert auto_remat_resolutions(256, backend="cpu") == (256, 128, 64, 32)
+    assert auto_remat_resolutions(16, backend="cpu") == ()
+    assert auto_remat_resolutions(32, backend="gpu") == ()
+    assert auto_remat_resolutions(32, jnp.bfloat16, backend="cpu") == ()
+    with pytest.raises(ValueError, match=r"remat_resolutions has \[16\], which never occur"):
+        UNet(**TINY, remat_resolutions=(16,)).validate(8)
+    UNet(**TINY, remat_resolutions=(8, 4)).validate(8)
 
 
 @pytest.mark.slow

@@ -56,7 +56,8 @@ def get_model(config_model: Any, *, out_ch: int) -> Any:
       config_model: ``ml_collections.ConfigDict`` or mapping with fields ``name`` (e.g.
         ``'ddpm_unet'``), ``ch``, ``ch_mult``, ``num_res_blocks``, ``attn_resolutions``, ``dropout``,
         and optionally ``resamp_with_conv`` (default True), ``dtype`` / ``param_dtype``
-        (``'float32'`` | ``'bfloat16'``, default float32), ``remat`` (default False),
+        (``'float32'`` | ``'bfloat16'``, default float32), ``remat`` (default False), ``remat_resolutions``
+        (default None: `diffusion.models.unet.auto_remat_resolutions`),
         ``conv_impl`` (``diffusion.models.conv.IMPLS``, default ``'auto'``).
       out_ch: output channels; set by the trainer from the data channels and the variance type
         (``C``, or ``2C`` for learned variances).
@@ -82,7 +83,7 @@ def get_model(config_model: Any, *, out_ch: int) -> Any:
         from diffusion.models.conv import check_conv_impl  # pylint: disable=g-import-not-at-top
 
         check_conv_impl(fields["conv_impl"])
-    for key in ("ch_mult", "attn_resolutions"):
+    for key in ("ch_mult", "attn_resolutions", "remat_resolutions"):
         if key in fields and isinstance(fields[key], (list, tuple)):
             fields[key] = tuple(int(v) for v in fields[key])
     if dataclasses.is_dataclass(builder):
