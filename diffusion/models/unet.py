@@ -204,8 +204,7 @@ class UNet(nn.Module):
         if not isinstance(self.conv_impl, str) or self.conv_impl not in CONV_IMPLS:
             problems.append(f"model.conv_impl={self.conv_impl!r} is not one of {list(CONV_IMPLS)}")
         if self.remat_resolutions is not None:
-            size = image_size if isinstance(image_size, int) else image_size[0]
-            heights = [int(size) // 2**i for i in range(len(self.ch_mult))]
+            heights = unet_resolutions(image_size, self.ch_mult)
             never = [r for r in self.remat_resolutions if r not in heights]
             if never:
                 problems.append(
