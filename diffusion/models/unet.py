@@ -132,8 +132,9 @@ def auto_remat_resolutions(
 ) -> Tuple[int, ...]:
     """The feature-map heights whose ResBlocks ``remat_resolutions=None`` recomputes in the
     backward pass, for a U-Net on ``image_size`` inputs: on the CPU backend with float32 compute
-    every height >= 32 that the U-Net has (its levels halve ``image_size``), elsewhere none
-    (nothing was measured there). On CPU the train step's peak memory is its activations; the
+    every height >= 32 among ``image_size, image_size // 2, ...`` (a height below the U-Net's
+    last level matches no ResBlock and changes nothing), elsewhere none (nothing was measured
+    there). On CPU the train step's peak memory is its activations; the
     top level holds most of them and costs the least to recompute."""
     backend = jax.default_backend() if backend is None else backend
     if backend != "cpu" or jnp.dtype(dtype) != jnp.float32:
