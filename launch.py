@@ -9,7 +9,10 @@ several GPU hosts or CPU processes pass --coordinator_address/--num_processes/--
 
 import logging
 import os
+import re
 import sys
+import tempfile
+import traceback
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -66,22 +69,131 @@ def main(argv):
         heap_mode,
         "applied" if heap_kept else "glibc defaults" if heap_mode == "0" else "not applied",
     )
-    from diffusion import checkpoint, train
-    from diffusion.config_check import ConfigError
-
     try:
         run(_CONFIG.value, _WORKDIR.value, _MODE.value)
-    except (
+    except Exception as e:  # noqa: BLE001 - every failure ends as one message, never a traceback
+        message, status = error_message(e)
+        logging.error("%s", message)
+        print(f"error: {message}", file=sys.stderr)
+        _exit_now(status)
+
+
+def error_message(e: BaseException):
+    """``(message, exit status)`` for an exception that ended a run.
+
+    The project's own errors (bad config, non-finite loss, checkpoint and storage failures) carry
+    a message with the fix and give status 2. Storage errors of the libraries (TensorStore's
+    ``ValueError`` with an absl status code, gcsfs' and OS errors) are classified (no space,
+    permission, not found, unavailable) into one line with the fix, status 2. Anything else is
+    ``Type: text`` on one line with status 1; its traceback goes to a file the message names.
+    """
+    from diffusion import checkpoint, io, train
+    from diffusion.config_check import ConfigError
+
+    ours = (
         ConfigError,
+        io.StorageError,
         train.NonFiniteError,
         checkpoint.CheckpointIncompatibleError,
         checkpoint.NoRestorableCheckpointError,
-        FileNotFoundError,
-        OSError,
-    ) as e:
-        logging.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        checkpoint.CheckpointSaveError,
+        checkpoint.CheckpointReadError,
+    )
+    if isinstance(e, ours):
+        return str(e), 2
+    text = " ".join(str(e).split())
+    if len(text) > 500:
+        text = text[:497] + "..."
+    kind, fix = checkpoint.storage_problem(e)
+    if isinstance(e, OSError) or kind != "error":
+        if isinstance(e, OSError) and kind == "error":
+            return f"{type(e).__name__}: {text}", 2
+        return f"storage: {kind} ({type(e).__name__}: {text}). Fix: {fix}.", 2
+    return f"{type(e).__name__}: {text} (traceback in {_save_traceback(e)})", 1
+
+
+def _save_traceback(e: BaseException) -> str:
+    """Writes ``e``'s traceback to a local temporary file; returns its path."""
+    fd, path = tempfile.mkstemp(prefix="ddpm-jax-error-", suffix=".txt")
+    with os.fdopen(fd, "w") as f:
+        f.write("".join(traceback.format_exception(type(e), e, e.__traceback__)))
+    return path
+
+
+def _exit_now(status: int) -> None:
+    """Ends the process with ``status`` after flushing the logs, without waiting for other
+    threads: a checkpoint writer blocked on unreachable storage would otherwise hold the
+    interpreter's exit forever (and Orbax's background threads print tracebacks as it stops)."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def parse_flags(argv):
+    """absl's flag parsing, with one-line errors for the config: a missing ``--config`` file
+    (named, before anything heavy is imported), a config that fails to load, and an unknown
+    ``--config.a.b=...`` field (with ml_collections' "did you mean" suggestion). Exit status 2."""
+    path = _config_path(argv)
+    if path is not None and not os.path.isfile(path):
+        _usage_error(
+            f"--config {path!r}: no such file (relative to {os.getcwd()}). Give the path of a "
+            "config file, e.g. --config experiments/mnist5k.py."
+        )
+    try:
+        rest = flags.FLAGS(argv)
+    except flags.Error as e:
+        _usage_error(" ".join(str(e).split()))
+    except (AttributeError, KeyError) as e:  # an override names a field the config lacks
+        _usage_error(_override_message(e, argv))
+    except Exception as e:  # noqa: BLE001 - the config file itself fails to load (syntax ...)
+        where = f" (line {e.lineno})" if isinstance(e, SyntaxError) and e.lineno else ""
+        detail = " ".join(str(e).split())
+        _usage_error(f"--config {path!r} could not be loaded{where}: {type(e).__name__}: {detail}")
+    try:
+        _ = _CONFIG.value  # loads the file now: its errors are reported before start-up
+    except Exception as e:  # noqa: BLE001 - the file's own error, on one line
+        cause = e.__cause__ or e
+        detail = " ".join(str(cause).split())
+        _usage_error(f"--config {path!r} could not be loaded: {type(cause).__name__}: {detail}")
+    return rest
+
+
+def _config_path(argv):
+    """The file part of ``--config PATH[:ARGS]`` / ``--config=PATH[:ARGS]`` in ``argv``."""
+    for i, a in enumerate(argv):
+        if a in ("--config", "-config") and i + 1 < len(argv):
+            return argv[i + 1].split(":", 1)[0]
+        if a.startswith(("--config=", "-config=")):
+            return a.split("=", 1)[1].split(":", 1)[0]
+    return None
+
+
+def _override_message(e: BaseException, argv) -> str:
+    """One line for a failed ``--config.x.y=v`` override: the flag, the unknown field and the
+    suggestion ml_collections made."""
+    text = " ".join((str(e.args[0]) if e.args else str(e)).replace("\\", "").split())
+    text = text.replace("\\n", " ").replace("\n", " ")
+    named = re.search(r'instead of "(\w+)"', text) or re.search(r"'(\w+)'", text)
+    key = named.group(1) if named else None
+
+    def names_key(arg: str) -> bool:
+        return bool(key) and re.search(rf"\.{re.escape(key)}(\.|$)", arg.split("=")[0]) is not None
+
+    flag = next((a for a in argv if a.startswith("--config.") and names_key(a)), None)
+    hint = re.search(r'Did you mean "(\w+)"', text)
+    return (
+        (f"{flag}: " if flag else "")
+        + (f"unknown config field {key!r}" if key else f"bad config override ({text})")
+        + (f"; did you mean {hint.group(1)!r}?" if hint else ".")
+        + " The fields are listed in experiments/default.py."
+    )
+
+
+def _usage_error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def run(config, workdir: str, mode: str) -> None:
@@ -123,4 +235,4 @@ def run(config, workdir: str, mode: str) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

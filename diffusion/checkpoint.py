@@ -17,6 +17,15 @@ writes atomically: a step directory appears only once complete).
 
 A workdir that holds checkpoints of which none restores stops with `NoRestorableCheckpointError`:
 a run never silently starts again from step 0 over a workdir that has (or had) checkpoints.
+
+Saving is asynchronous, and every wait on it is bounded. `Checkpointer.poll` (the training loop
+calls it after every step) sees a finished save at once: a failed one (disk full, a dead bucket,
+permissions) raises `CheckpointSaveError` naming the step that was not saved, the last good one
+and the cause, after its ``<step>.orbax-checkpoint-tmp`` directory is removed (or named for the
+user to remove, when even that fails). A save still running after ``save_timeout_s`` raises
+`StorageTimeoutError`. `close` waits at most ``close_timeout_s`` (30 s by default) and then gives
+up with `StorageTimeoutError`; the writer thread may still be blocked then, so the process should
+end with ``os._exit`` (``launch.py`` does) instead of waiting for it at interpreter exit.
 """
 
 from __future__ import annotations
@@ -37,7 +46,10 @@ __all__ = [
     "CheckpointIncompatibleError",
     "CheckpointReadError",
     "NoRestorableCheckpointError",
+    "CheckpointSaveError",
+    "StorageTimeoutError",
     "is_transient_error",
+    "storage_problem",
 ]
 
 #: Parts of the saved `TrainState` that a ``resume='params'`` restore takes from a checkpoint.
@@ -69,6 +81,76 @@ class CheckpointReadError(OSError):
 
 class NoRestorableCheckpointError(RuntimeError):
     """The workdir has (or had) checkpoints but none of them restores."""
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written; the message names the step, the last good step, the
+    cause and the fix. Earlier checkpoints are untouched."""
+
+
+class StorageTimeoutError(CheckpointSaveError):
+    """A checkpoint write (or the wait for one) did not finish within its time bound."""
+
+
+# What a storage error means, from its text (OSError errno names, TensorStore's absl status
+# codes, HTTP codes of object stores), with the fix; the first match wins.
+_STORAGE_PROBLEMS = (
+    (
+        ("No space left", "ENOSPC", "os_error_code='28'", "RESOURCE_EXHAUSTED", "Disk quota"),
+        "no space left",
+        "free space on that file system (or point --workdir at a larger one)",
+    ),
+    (
+        ("PERMISSION_DENIED", "Permission denied", "Forbidden", "403", "UNAUTHENTICATED", "401"),
+        "permission denied",
+        "grant the credentials in use write access to the workdir (or choose one they can write)",
+    ),
+    (
+        ("NOT_FOUND", "No such file", "does not exist", "404"),
+        "not found",
+        "check that the workdir (and its bucket) still exists",
+    ),
+    (
+        (
+            "UNAVAILABLE",
+            "DEADLINE_EXCEEDED",
+            "out of retries",
+            "Connection refused",
+            "Cannot connect",
+            "timed out",
+            "Timeout",
+            "ConnectionError",
+            "ServerDisconnected",
+        ),
+        "storage unavailable",
+        "check the network and that the bucket or file system is reachable",
+    ),
+)
+
+
+def storage_problem(e: BaseException) -> Tuple[str, str]:
+    """``(what, fix)`` for a storage error ``e`` (an ``OSError``, TensorStore's ``ValueError``
+    with an absl status code, gcsfs' errors): e.g. ``('no space left', 'free space ...')``;
+    ``('error', 'check the workdir ...')`` when the text matches no known kind."""
+    text = f"{type(e).__name__}: {e}"
+    if isinstance(e, PermissionError):
+        return _STORAGE_PROBLEMS[1][1:]
+    if getattr(e, "errno", None) == 28:
+        return _STORAGE_PROBLEMS[0][1:]
+    for words, what, fix in _STORAGE_PROBLEMS:
+        if any(w in text for w in words):
+            return what, fix
+    if isinstance(e, (TimeoutError, ConnectionError)):
+        return _STORAGE_PROBLEMS[3][1:]
+    return "error", "check the workdir's file system or bucket"
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    """``Type: text`` of ``e`` on one line, cut at ``limit`` characters."""
+    text = " ".join(str(e).split())
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(e).__name__}: {text}"
 
 
 def abstract_like(tree: Any, sharding=None) -> Any:
@@ -152,10 +234,18 @@ class Checkpointer:
     """Saves and restores ``(TrainState, config dict)`` pairs in ``directory``.
 
     ``retry_delays``: seconds to wait before each retry of a transient read error (the number of
-    retries is its length).
+    retries is its length). ``save_timeout_s``: the longest one asynchronous save may run before
+    `poll` / `save` give up on it (`StorageTimeoutError`); ``close_timeout_s``: the longest `close`
+    waits for a running save.
     """
 
     retry_delays: Tuple[float, ...] = (2.0, 8.0, 30.0)
+    #: How often a bounded wait re-checks whether the save finished (seconds).
+    poll_interval_s: float = 0.05
+    #: A failed local save's partial files are removed up to this many times, this many seconds
+    #: apart, until they stay gone (writes still in flight can recreate them).
+    cleanup_passes: int = 10
+    cleanup_quiet_s: float = 0.5
 
     def __init__(
         self,
@@ -165,6 +255,8 @@ class Checkpointer:
         max_to_keep: int = 2,
         async_save: bool = True,
         retry_delays: Optional[Iterable[float]] = None,
+        save_timeout_s: float = 300.0,
+        close_timeout_s: float = 30.0,
     ):
         directory = io.absolute(str(directory))  # Orbax needs absolute paths
         options = ocp.CheckpointManagerOptions(
@@ -177,6 +269,13 @@ class Checkpointer:
         self.directory = str(directory)
         if retry_delays is not None:
             self.retry_delays = tuple(retry_delays)
+        self.save_timeout_s = float(save_timeout_s)
+        self.close_timeout_s = float(close_timeout_s)
+        #: The newest step known to be saved completely (set by `save` / `poll` and by
+        #: `restore_latest`; the training loop may set it at start).
+        self.last_good: Optional[int] = None
+        self._pending: Optional[Tuple[int, float]] = None  # (step, monotonic start) of a save
+        self._broken = False  # a save failed or hung: close() must not wait on Orbax again
         # Handlers named up front, so that the saved tree's metadata can be read before any save.
         self.manager = ocp.CheckpointManager(
             directory,
@@ -207,14 +306,167 @@ class Checkpointer:
         q = self.quarantine_directory
         return io.listdir(q) if io.isdir(q) else []
 
-    def save(self, step: int, state: Any, config_dict: dict, *, force: bool = True) -> bool:
-        """Saves (asynchronously) ``state`` and ``config_dict`` at ``step``; every process calls it."""
-        return self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config_dict)
-            ),
-            force=force,
+    def save(
+        self,
+        step: int,
+        state: Any,
+        config_dict: dict,
+        *,
+        force: bool = True,
+        should_abort: Optional[Callable[[], bool]] = None,
+    ) -> bool:
+        """Starts saving ``state`` and ``config_dict`` at ``step`` (asynchronously); every process
+        calls it. First waits (bounded) for the previous save and raises its failure, so a failed
+        save is never followed by another; a save that cannot even start raises
+        `CheckpointSaveError`. `poll` / `wait` report how it ends."""
+        self.wait(should_abort=should_abort)
+        try:
+            saved = self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config_dict)
+                ),
+                force=force,
+            )
+        except Exception as e:  # noqa: BLE001 - classified into CheckpointSaveError
+            self._broken = True
+            raise self._save_error(step, e) from e
+        if saved:
+            self._pending = (step, time.monotonic())
+            self.poll()  # a synchronous save has ended already
+        return saved
+
+    def poll(self) -> Optional[int]:
+        """Checks the save in flight without blocking (call it after every train step).
+
+        Returns the step of a save that has just completed (then `last_good`), else None.
+        Raises `CheckpointSaveError` if it failed (its temporary directory removed) and
+        `StorageTimeoutError` if it has run longer than ``save_timeout_s``."""
+        if self._pending is None:
+            return None
+        step, started = self._pending
+        if self.manager.is_saving_in_progress():
+            if time.monotonic() - started > self.save_timeout_s:
+                self._broken = True
+                raise self._timeout_error(step, time.monotonic() - started)
+            return None
+        self._pending = None
+        try:
+            self.manager.wait_until_finished()  # returns at once; raises the save's error
+            if not io.exists(self._step_dir(step)):  # Orbax logs some failures and goes on
+                raise OSError(
+                    f"the save ended without error but {self._step_dir(step)} was not written"
+                )
+        except Exception as e:  # noqa: BLE001 - classified into CheckpointSaveError
+            self._broken = True
+            raise self._save_error(step, e) from e
+        self.last_good = step
+        return step
+
+    def wait(
+        self,
+        timeout_s: Optional[float] = None,
+        *,
+        should_abort: Optional[Callable[[], bool]] = None,
+    ) -> Optional[int]:
+        """Blocks until the save in flight ends, at most ``timeout_s`` (default: what is left of
+        ``save_timeout_s``) or until ``should_abort()`` is true; then as `poll`. Raises
+        `StorageTimeoutError` when the time runs out or it is aborted."""
+        if self._pending is None:
+            return None
+        step, started = self._pending
+        deadline = (
+            started + self.save_timeout_s if timeout_s is None else time.monotonic() + timeout_s
+        )
+        while self.manager.is_saving_in_progress():
+            if time.monotonic() > deadline or (should_abort is not None and should_abort()):
+                self._broken = True
+                raise self._timeout_error(step, time.monotonic() - started)
+            time.sleep(self.poll_interval_s)
+        return self.poll()
+
+    def _step_dir(self, step: int) -> str:
+        return f"{self.directory.rstrip('/')}/{step}"
+
+    def _partial_paths(self, step: int) -> List[str]:
+        """Where a save of ``step`` that did not complete leaves files: Orbax writes a local step
+        into ``<step>.orbax-checkpoint-tmp*`` and renames it when complete; on an object store
+        (no rename) it writes ``<step>/`` in place and adds ``commit_success.txt`` last."""
+        base = self.directory.rstrip("/")
+        names = [n for n in io.listdir(self.directory) if n.startswith(f"{step}.orbax-")]
+        paths = [f"{base}/{n}" for n in names]
+        step_dir = self._step_dir(step)
+        if io.is_remote(base) and io.exists(step_dir):
+            if not io.exists(f"{step_dir}/commit_success.txt"):
+                paths.append(step_dir)
+        return paths
+
+    def _remove_temporaries(self, step: int, unreachable: bool) -> List[str]:
+        """Removes the partial files of a failed save of ``step`` (process 0); returns what could
+        not be removed, as paths or patterns for the message. With ``unreachable`` (the storage
+        does not answer) nothing is tried: each request would only wait for its retries."""
+        if jax.process_index() != 0:
+            return []
+        pattern = (
+            self._step_dir(step) + "/"
+            if io.is_remote(self.directory)
+            else f"{self._step_dir(step)}.orbax-checkpoint-tmp*"
+        )
+        if unreachable:
+            return [pattern]
+        # Writes of the failed save that were still in flight can recreate files after a removal
+        # (TensorStore goes on with the other arrays when one fails): remove until the paths
+        # stay gone for a quiet period, within a bounded time (local storage; one pass remote).
+        passes = 1 if io.is_remote(self.directory) else self.cleanup_passes
+        left: List[str] = []
+        for i in range(passes):
+            try:
+                paths = self._partial_paths(step)
+            except Exception:  # noqa: BLE001 - the storage itself is failing
+                return [pattern]
+            if not paths and i > 0:
+                break
+            left = []
+            for p in paths:
+                try:
+                    io.rmtree(p)
+                except Exception:  # noqa: BLE001 - reported to the user instead
+                    left.append(p)
+            if i + 1 < passes:
+                time.sleep(self.cleanup_quiet_s)
+        else:
+            left = left or self._partial_paths(step)
+        return left
+
+    def _last_good_text(self) -> str:
+        if self.last_good is None:
+            return f"No earlier checkpoint exists in {self.directory}"
+        return f"The last good checkpoint, step {self.last_good}, is untouched in {self.directory}"
+
+    def _save_error(self, step: int, e: BaseException) -> CheckpointSaveError:
+        what, fix = storage_problem(e)
+        left = self._remove_temporaries(step, unreachable=what == "storage unavailable")
+        tmp = (
+            f" Its partial files could not be removed: delete {', '.join(left)} (or let the "
+            "next launch remove them)."
+            if left
+            else " Its partial files were removed."
+        )
+        return CheckpointSaveError(
+            f"Could not save the checkpoint at step {step} ({what}; {_one_line(e)}). "
+            f"{self._last_good_text()}.{tmp} Fix: {fix}, then relaunch the same command to "
+            "resume from it."
+        )
+
+    def _timeout_error(self, step: int, seconds: float) -> StorageTimeoutError:
+        return StorageTimeoutError(
+            f"The checkpoint save at step {step} did not finish within {seconds:.0f} s "
+            f"(storage unreachable or far too slow; bound: save_timeout_s="
+            f"{self.save_timeout_s:.0f}). {self._last_good_text()}. Partial files may remain "
+            f"under {self._step_dir(step)}*; the next launch removes them. Fix: check the "
+            "network and the bucket or file system (or raise --config.training.save_timeout_s "
+            "for very large checkpoints on slow storage), then relaunch the same command to "
+            "resume."
         )
 
     def restore(self, step: int, abstract_state: Any) -> Tuple[Any, dict]:
@@ -352,6 +604,7 @@ class Checkpointer:
                     )
                 else:
                     state, _ = self._read(step, "state", lambda: self.restore(step, abstract_state))
+                self.last_good = step
                 return state, saved_config, step
             except CheckpointIncompatibleError as e:
                 if how_to_proceed and how_to_proceed not in str(e):
@@ -386,11 +639,17 @@ class Checkpointer:
         self.manager.reload()
         return dst
 
-    def wait(self) -> None:
-        """Blocks until asynchronous saves have finished."""
-        self.manager.wait_until_finished()
-
-    def close(self) -> None:
-        """Waits for pending saves and releases the manager."""
-        self.manager.wait_until_finished()
-        self.manager.close()
+    def close(
+        self, *, after_error: bool = False, should_abort: Optional[Callable[[], bool]] = None
+    ) -> None:
+        """Waits for the save in flight, then releases the manager. The wait is bounded by what
+        is left of ``save_timeout_s``, or with ``after_error`` (the caller is stopping because of
+        another error) by ``close_timeout_s``; it also ends when ``should_abort()`` is true. After
+        a failed or hung save only what does not wait on storage is released. Raises the save's
+        `CheckpointSaveError` / `StorageTimeoutError`."""
+        try:
+            if not self._broken and self._pending is not None:
+                self.wait(self.close_timeout_s if after_error else None, should_abort=should_abort)
+        finally:
+            if not self._broken:
+                self.manager.close()

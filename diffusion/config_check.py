@@ -149,6 +149,8 @@ def config_problems(
     _choice(p, config, t + "nonfinite", ("raise", "skip"))
     _choice(p, config, t + "resume", ("full", "params"))
     _choice(p, config, t + "tensorboard", (True, False))
+    if "save_timeout_s" in config.training:  # absent from configs saved before it existed
+        _range(p, config, t + "save_timeout_s", lambda v: v > 0, "a number of seconds > 0")
     _range(
         p,
         config,

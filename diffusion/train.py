@@ -23,7 +23,12 @@ import numpy as np
 import optax
 
 from diffusion import cpu_runtime, io, losses, parallel, rng, samplers, sampling
-from diffusion.checkpoint import Checkpointer, CheckpointIncompatibleError
+from diffusion.checkpoint import (
+    Checkpointer,
+    CheckpointIncompatibleError,
+    CheckpointSaveError,
+    storage_problem,
+)
 from diffusion.config_check import ConfigError, incompatible_fields, validate_config
 from diffusion.factories import (
     TrainState,
@@ -173,8 +178,8 @@ class _Preemption:
         return self
 
     def _handler(self, signum, frame):
-        if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # second Ctrl-C: stop now
+        if self.signal is not None:
+            raise KeyboardInterrupt  # a second signal: stop now, without saving
         self.signal = signum
         logging.warning(
             "Received %s: saving a checkpoint at the current step, then exiting.",
@@ -219,6 +224,27 @@ def _grid_sampler(config, model, schedule) -> Callable:
     return lambda params, key: np.asarray(jax.device_get(sample(params, key)))
 
 
+def _storage_op(what: str, path: str, last_good: Callable[[], object], fn: Callable[[], None]):
+    """Runs ``fn`` (a write of ``path`` in the workdir, described by ``what``); a failure becomes
+    one `io.StorageError` naming the operation, the path (and bucket), the last good checkpoint
+    step and the fix, instead of the client library's traceback."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - classified into one message
+        kind, fix = storage_problem(e)
+        text = " ".join(str(e).split())[:300]
+        good = last_good()
+        raise io.StorageError(
+            f"Storage failed while {what} ({path}; {kind}; {type(e).__name__}: {text}). "
+            + (
+                f"The last good checkpoint is step {good}"
+                if good is not None
+                else "No checkpoint was saved yet"
+            )
+            + f". Fix: {fix}, then relaunch the same command to resume."
+        ) from e
+
+
 def _check_workdir(workdir: str) -> None:
     """Writes, reads back and deletes a probe file in ``workdir`` (local or ``gs://``) before
     anything is compiled; the error names the path and the fix (missing bucket, permissions)."""
@@ -258,7 +284,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     )()
 
     # --- checkpoint: resume or start
-    ckpt = Checkpointer(io.join(workdir, "checkpoints"), keep_every=tr.keep_every)
+    ckpt = Checkpointer(
+        io.join(workdir, "checkpoints"),
+        keep_every=tr.keep_every,
+        save_timeout_s=tr.get("save_timeout_s", 300.0),
+    )
     abstract = abstract_state(config, model, mesh)
     params_only = tr.resume == "params"
     how = (
@@ -302,8 +332,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         logging.info("Resumed from step %d in %s", at, workdir)
     start = int(jax.device_get(state.step))
     if main:
-        io.write_json(
-            io.join(workdir, "config.json"), config_to_dict(config), indent=2, sort_keys=True
+        config_path = io.join(workdir, "config.json")
+        _storage_op(
+            "writing the run's config",
+            config_path,
+            lambda: ckpt.last_good,
+            lambda: io.write_json(config_path, config_to_dict(config), indent=2, sort_keys=True),
         )
 
     # --- input, logging
@@ -346,6 +380,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         flush(step)  # never save a state that went non-finite
         try:
             ckpt.save(step, state, config_to_dict(config))
+        except CheckpointSaveError:
+            raise  # names the step, the last good one and the fix already
         except OSError as e:
             raise OSError(
                 f"Could not save the checkpoint at step {step} in {ckpt.directory} "
@@ -356,6 +392,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     compiled_step = None
     in_flight = None  # metrics of the step dispatched last
+    failed = False  # the loop is ending by an exception
     with _Preemption() as preempt:
         step = start
         try:
@@ -393,6 +430,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 if in_flight is not None:
                     jax.block_until_ready(in_flight)
                 in_flight = metrics
+                ckpt.poll()  # a failed or hung asynchronous save stops the run here
                 report(step)
                 if step % tr.log_every == 0 or step == tr.num_train_steps:
                     got = flush(step)
@@ -400,8 +438,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     scalars["skipped_steps"] = float(sum(1 - m["finite"] for m in got))
                     writer.write_scalars(step, scalars)
                     if main:
-                        io.append_line(
-                            io.join(workdir, "metrics.jsonl"), json.dumps({"step": step, **scalars})
+                        metrics_path = io.join(workdir, "metrics.jsonl")
+                        line = json.dumps({"step": step, **scalars})
+                        _storage_op(
+                            f"appending step {step}'s metrics",
+                            metrics_path,
+                            lambda: ckpt.last_good,
+                            lambda: io.append_line(metrics_path, line),
                         )
                 preempted = preempt.signal is not None or ckpt.manager.reached_preemption(step)
                 if (
@@ -420,8 +463,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     grid_sampler = grid_sampler or _grid_sampler(config, model, schedule)
                     images = grid_sampler(state.ema_params, grid_key)  # same noise every time
                     if main:
-                        io.save_image_grid(
-                            images, io.join(workdir, "samples", f"step_{step:08d}.png")
+                        grid_path = io.join(workdir, "samples", f"step_{step:08d}.png")
+                        _storage_op(
+                            f"writing step {step}'s sample grid",
+                            grid_path,
+                            lambda: ckpt.last_good,
+                            lambda: io.save_image_grid(images, grid_path),
                         )
                         writer.write_images(step, {"ema_samples": images[:16]})
                 if preempted:
@@ -431,10 +478,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                         step,
                     )
                     break
+        except BaseException:
+            failed = True
+            raise
         finally:
             if hasattr(batches, "close"):
                 batches.close()
-            ckpt.close()
+            # Waits for the save in flight (bounded: save_timeout_s; close_timeout_s after an
+            # error, when SIGTERM / SIGINT also end the wait at once). A failure of its own after
+            # an error is logged beside the error that ended the loop, which is the one raised.
+            try:
+                ckpt.close(
+                    after_error=failed,
+                    should_abort=(lambda: preempt.signal is not None) if failed else None,
+                )
+            except CheckpointSaveError as close_error:
+                if not failed:
+                    raise
+                logging.error("While stopping after the error below: %s", close_error)
             writer.flush()
             cpu_runtime.release_free_heap()  # the kept step temporaries: evaluation needs others
     return state

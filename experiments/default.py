@@ -63,6 +63,9 @@ def get_config():
     t.tensorboard = True  # TensorBoard event files (through TensorFlow's file system)
     t.resume = "full"  # full | params: params = take params/EMA/step from the
     # checkpoint into a new optimizer state (explicit opt-in)
+    t.save_timeout_s = 300.0  # longest one asynchronous checkpoint save may run before the
+    # run stops with an error naming the step (a hung file system or bucket); raise it for
+    # very large checkpoints on slow storage
 
     # The sampler of the training grid, --mode sample and --mode evaluate (diffusion/samplers.py);
     # its step count is per use: training.grid_sample_steps, eval.sample_steps.

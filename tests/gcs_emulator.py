@@ -119,10 +119,12 @@ def emulator_env(endpoint: str) -> Dict[str, str]:
 
 
 class GcsEmulator(NamedTuple):
-    """A running emulator: ``endpoint`` (``http://127.0.0.1:PORT``) and a ``bucket`` in it."""
+    """A running emulator: ``endpoint`` (``http://127.0.0.1:PORT``), a ``bucket`` in it and the
+    server's process id ``pid`` (to kill it in a fault test)."""
 
     endpoint: str
     bucket: str
+    pid: int = 0
 
     @property
     def env(self) -> Dict[str, str]:
@@ -161,17 +163,30 @@ def create_bucket(endpoint: str, name: str) -> None:
 
 @contextlib.contextmanager
 def start_emulator(
-    bucket: str = "test-bucket", *, timeout_s: float = START_TIMEOUT_S, attempts: int = 3
+    bucket: str = "test-bucket",
+    *,
+    timeout_s: float = START_TIMEOUT_S,
+    attempts: int = 3,
+    filesystem_root: Optional[str] = None,
+    port: Optional[int] = None,
 ) -> Iterator[GcsEmulator]:
-    """Runs fake-gcs-server (in-memory backend, plain HTTP) on 127.0.0.1 at a free port in a
-    subprocess, waits (at most ``timeout_s``) until it answers, creates ``bucket``, yields the
-    `GcsEmulator` and stops the server (SIGINT, then SIGKILL after 5 s). A port taken between
-    choosing and binding it is retried on another port (``attempts`` in all)."""
+    """Runs fake-gcs-server (plain HTTP) on 127.0.0.1 in a subprocess, waits (at most
+    ``timeout_s``) until it answers, creates ``bucket`` (unless it exists), yields the
+    `GcsEmulator` and stops the server (SIGINT, then SIGKILL after 5 s).
+
+    In memory by default; with ``filesystem_root`` the objects live in that folder, so a server
+    killed mid-run and started again on the same folder (and ``port``) serves what was written.
+    Without ``port`` a free one is chosen, and one taken between choosing and binding it is
+    retried on another (``attempts`` in all)."""
     if not EMULATOR_AVAILABLE:
         pytest.skip(requires_emulator.kwargs["reason"])
     last = ""
+    backend = ["-backend", "memory"]
+    if filesystem_root is not None:
+        backend = ["-backend", "filesystem", "-filesystem-root", filesystem_root]
+    fixed_port = port
     for _ in range(attempts):
-        port = _free_port()
+        port = fixed_port or _free_port()
         endpoint = f"http://127.0.0.1:{port}"
         log = tempfile.TemporaryFile(mode="w+")
         binary = _fake_gcs_server_binary()
@@ -186,8 +201,7 @@ def start_emulator(
                 "127.0.0.1",
                 "-port",
                 str(port),
-                "-backend",
-                "memory",
+                *backend,
                 "-public-host",
                 f"127.0.0.1:{port}",
                 "-external-url",
@@ -209,8 +223,12 @@ def start_emulator(
                 except (urllib.error.URLError, ConnectionError, OSError):
                     time.sleep(0.1)
             if up:
-                create_bucket(endpoint, bucket)
-                yield GcsEmulator(endpoint, bucket)
+                try:
+                    create_bucket(endpoint, bucket)
+                except urllib.error.HTTPError as e:
+                    if e.code != 409:  # 409: it exists (a restart on the same folder)
+                        raise
+                yield GcsEmulator(endpoint, bucket, proc.pid)
                 return
             log.seek(0)
             last = log.read()[-2000:]

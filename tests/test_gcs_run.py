@@ -11,9 +11,26 @@ the TFDS data_dir (tf.data reads TFRecords through it) and TensorBoard event fil
 
 import json
 import os
+import re
+import signal
+import subprocess
+import sys
 import textwrap
+import time
 
-from gcs_emulator import _http, gcs_emulator, requires_emulator, run_python  # noqa: F401
+from gcs_emulator import (  # noqa: F401
+    _http,
+    gcs_emulator,
+    requires_emulator,
+    run_python,
+    start_emulator,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: A dead bucket must end a run within this many seconds (issue 32): each storage client gives
+#: up after ~35 s of retries, a failed save's clean-up is skipped when the store does not answer,
+#: and closing after an error waits at most Checkpointer.close_timeout_s (30 s).
+DEAD_BUCKET_BOUND_S = 150
 
 _RUN = textwrap.dedent("""
     import json, os, sys
@@ -116,3 +133,84 @@ def test_tiny_run_train_resume_sample_evaluate_on_a_gcs_workdir(gcs_emulator, tm
     ):
         assert any(o.startswith(prefix) for o in objs), prefix
     assert not os.path.exists("gs:") and not os.path.exists(os.path.join(str(tmp_path), "gs:"))
+
+
+def _launch_cmd(workdir, data_dir, steps):
+    return [
+        sys.executable,
+        os.path.join(ROOT, "launch.py"),
+        "--config",
+        "experiments/tiny.py",
+        "--workdir",
+        workdir,
+        f"--config.data.data_dir={data_dir}",
+        f"--config.training.num_train_steps={steps}",
+        "--config.training.checkpoint_every=2",
+        "--config.training.keep_every=1000",
+        "--config.training.sample_every=1000",
+        "--config.training.log_every=1",
+        "--config.training.tensorboard=False",
+        "--mode",
+        "train",
+    ]
+
+
+@requires_emulator
+def test_a_dead_bucket_ends_the_run_in_bounded_time_and_the_last_good_step_resumes(
+    tmp_path, data_dir
+):
+    """Issue 32: the storage server is killed mid-run. Before the fix the process hung forever
+    (0 % CPU, SIGTERM ignored) in the checkpointer's close, waiting on the save to the dead
+    bucket. Now it exits 2 within DEAD_BUCKET_BOUND_S with one line naming the bucket, the
+    operation and the last good step; that step's checkpoint, served again by a restarted
+    server on the same folder, resumes."""
+    root = str(tmp_path / "gcs")
+    os.makedirs(root)
+    with start_emulator(filesystem_root=root) as emu:
+        port = int(emu.endpoint.rsplit(":", 1)[1])
+        wd = emu.url("dead")
+        p = subprocess.Popen(
+            _launch_cmd(wd, data_dir, 400),
+            env=emu.env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline and p.poll() is None:
+                done = [o for o in _objects(emu, "dead/checkpoints/") if "commit_success" in o]
+                if any(o.startswith("dead/checkpoints/4/") for o in done):
+                    break  # two complete checkpoints on the bucket: kill the server now
+                time.sleep(0.5)
+            assert p.poll() is None, p.stdout.read()[-3000:]
+            os.kill(emu.pid, signal.SIGKILL)
+            t_kill = time.monotonic()
+            out, _ = p.communicate(timeout=DEAD_BUCKET_BOUND_S + 120)
+            took = time.monotonic() - t_kill
+        finally:
+            if p.poll() is None:
+                p.kill()
+    last = out.strip().splitlines()[-1]
+    print(f"exit {p.returncode} {took:.1f} s after the server was killed:\n{last}")
+    assert p.returncode == 2, out[-4000:]
+    assert took < DEAD_BUCKET_BOUND_S
+    assert last.startswith("error: ") and "storage unavailable" in last
+    assert f"gs://{emu.bucket}/dead" in last
+    good = re.search(r"last good checkpoint(?:, step| is step) (\d+)", last)
+    assert good, last
+    good = int(good.group(1))
+    assert good >= 4
+    # The bucket comes back (same folder, same port): the same command resumes from that step.
+    with start_emulator(filesystem_root=root, port=port) as emu2:
+        r = subprocess.run(
+            _launch_cmd(wd, data_dir, good + 1),
+            env=emu2.env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert f"Resumed from step {good} " in r.stderr
