@@ -1111,14 +1111,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f"Not converted (optimizer/bookkeeping): {len(report['not_converted'])} variables, "
             "listed in convert_report.json"
         )
-    print(
-        f"Sample:   python launch.py --config {report['workdir']}/config.py "
-        f"--workdir {report['workdir']} --mode sample"
-    )
-    print(
-        f"Evaluate: python launch.py --config {report['workdir']}/config.py "
-        f"--workdir {report['workdir']} --mode evaluate"
-    )
+    wd = report["workdir"]
+    cfg = f"{wd}/config.py"
+    if io.is_remote(wd):  # launch.py --config loads a local file
+        cfg = "config.py"
+        print(
+            f"Config:   gcloud storage cp {wd}/config.py {cfg}   (launch.py --config takes a "
+            "local file; the copy reads config.json from the workdir)"
+        )
+    print(f"Sample:   python launch.py --config {cfg} --workdir {wd} --mode sample")
+    print(f"Evaluate: python launch.py --config {cfg} --workdir {wd} --mode evaluate")
     return 0
 
 

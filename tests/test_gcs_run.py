@@ -161,6 +161,8 @@ def test_convert_into_a_gcs_workdir(gcs_emulator, tmp_path):
     line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")][-1]
     r = json.loads(line[len("RESULT ") :])
     assert r["step"] == 0 and r["ch"] == 32 and r["err"] < 1e-5, r
+    assert f"gcloud storage cp {wd}/config.py config.py" in p.stdout, p.stdout
+    assert f"--config config.py --workdir {wd} --mode sample" in p.stdout, p.stdout
     objs = _objects(emu, "converted/")
     for want in ("converted/config.json", "converted/config.py", "converted/convert_report.json"):
         assert want in objs, (want, objs)
