@@ -42,7 +42,9 @@ The config is a base experiment (``experiments/<base>.py``, or inferred: 32x32 -
 256x256 -> celebahq256; LSUN needs ``--base lsun_church`` etc. for its data set) with the model
 fields taken from the weights (diffusers ``config.json``, or the TF tensor shapes). The workdir
 gets ``checkpoints/<step>/`` (a `diffusion.factories.TrainState`: params, ema_params, a fresh Adam
-state, step), ``config.json`` and ``config.py`` (loads that JSON, for ``launch.py --config``)::
+state, step), ``config.json`` and ``config.py`` (loads that JSON, for ``launch.py --config``).
+The workdir may be ``gs://bucket/...``: every file is written through `diffusion.io`, the
+checkpoint through Orbax (`diffusion.checkpoint.Checkpointer`)::
 
     python -m diffusion.convert --source diffusers --input ddpm-cifar10-32/ --workdir W
     python -m diffusion.convert --source tf --input diffusion_cifar10_model/model.ckpt-790000 \\
@@ -57,7 +59,6 @@ import argparse
 import dataclasses
 import importlib
 import importlib.util
-import json
 import logging
 import os
 import re
@@ -65,6 +66,8 @@ import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from diffusion import io
 
 __all__ = [
     "ConversionError",
@@ -340,6 +343,8 @@ def match_tensors(
 # ----------------------------------------------------------------------------- config
 def _load_config_module(base: str):
     if base.endswith(".py") or os.sep in base:
+        if not os.path.isfile(base):
+            raise FileNotFoundError(f"--base {base}: no such config file")
         spec = importlib.util.spec_from_file_location("convert_base_config", base)
         mod = importlib.util.module_from_spec(spec)
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -347,6 +352,11 @@ def _load_config_module(base: str):
             sys.path.insert(0, root)
         spec.loader.exec_module(mod)
         return mod
+    if importlib.util.find_spec(f"experiments.{base}") is None:
+        raise ConversionError(
+            f"--base {base}: there is no experiments/{base}.py; pass one of "
+            f"{', '.join(BASES)} or a path to a config .py"
+        )
     return importlib.import_module(f"experiments.{base}")
 
 
@@ -358,14 +368,27 @@ def base_config(base: str):
     return _load_config_module(base).get_config()
 
 
-def _infer_base(image_size: int, levels: Optional[int] = None) -> str:
+def _infer_base(
+    image_size: Optional[int], levels: Optional[int] = None, source: str = "the weights"
+) -> str:
+    """The base experiment for a model of ``image_size`` (None: not known) and ``levels`` U-Net
+    levels (None: not known): 32 or 4 levels -> cifar10, 256 or 6 -> celebahq256. Otherwise a
+    ConversionError naming ``source``, what is known of the model, and ``--base``."""
     if image_size == 32 or levels == 4:
         return "cifar10"
     if image_size == 256 or levels == 6:
         return "celebahq256"
+    known = []
+    if levels is not None:
+        known.append(f"a U-Net with {levels} levels")
+    if image_size is not None:
+        known.append(f"{image_size}x{image_size} images")
+    elif levels is not None:
+        known.append("image size not known (TF checkpoints do not store it)")
     raise ConversionError(
-        f"No base experiment for {image_size}x{image_size} images "
-        f"({levels} levels): pass --base NAME or --base path/to/config.py"
+        f"{source}: {', '.join(known) or 'the model'}: no base experiment is inferred for it "
+        "(only 32x32 or 4 levels -> cifar10, 256x256 or 6 levels -> celebahq256). Pass --base "
+        f"NAME (one of {', '.join(BASES)}) or --base path/to/config.py"
     )
 
 
@@ -397,12 +420,14 @@ _DIFFUSERS_DEFAULTS = dict(
 )
 
 
-def config_from_diffusers(dcfg: dict, base: Optional[str] = None):
+def config_from_diffusers(
+    dcfg: dict, base: Optional[str] = None, *, source: str = "the diffusers config.json"
+):
     """Our config for a diffusers ``UNet2DModel`` ``config.json`` (dict).
 
     Model fields (ch, ch_mult, num_res_blocks, attn_resolutions, resamp_with_conv, image size,
     channels) come from ``dcfg``; the rest from the base experiment. Raises ConversionError
-    listing every field our U-Net cannot reproduce.
+    listing every field our U-Net cannot reproduce. ``source`` names the file in messages.
     """
     from diffusion.models.layers import GN_EPSILON, NUM_GROUPS
 
@@ -489,7 +514,7 @@ def config_from_diffusers(dcfg: dict, base: Optional[str] = None):
             "The diffusers config.json does not describe our U-Net:\n  - " + "\n  - ".join(problems)
         )
     size = int(size)
-    config = base_config(base or _infer_base(size))
+    config = base_config(base or _infer_base(size, source=source))
     m = config.model
     m.ch = ch
     m.ch_mult = tuple(b // ch for b in boc)
@@ -528,13 +553,16 @@ def config_from_tf_shapes(
     scope: str,
     base: Optional[str] = None,
     image_size: Optional[int] = None,
+    *,
+    source: str = "the TF checkpoint",
 ):
     """Our config for a TF checkpoint, the model fields read off its variable shapes.
 
     ch = conv_in's out width; levels = the ``down_{l}`` scopes; ch_mult = each level's
     block_0/conv1 width / ch; num_res_blocks = the ``down_0/block_{i}`` count; attention levels
     = those with ``down_{l}/attn_0``, at ``image_size / 2**l`` (the image size is not in the
-    weights: the base experiment's, or ``image_size``).
+    weights: the base experiment's, or ``image_size``). ``source`` names the checkpoint in
+    messages.
     """
     p = scope + "/" if scope else ""
     try:
@@ -566,7 +594,7 @@ def config_from_tf_shapes(
     nrb = len(
         {m[1] for n in shapes for m in [re.match(rf"^{re.escape(p)}down_0/block_(\d+)/", n)] if m}
     )
-    config = base_config(base or _infer_base(image_size or -1, len(levels)))
+    config = base_config(base or _infer_base(image_size, len(levels), source))
     size = int(image_size or config.data.image_size)
     m = config.model
     m.ch, m.ch_mult, m.num_res_blocks = ch, tuple(ch_mult), nrb
@@ -615,26 +643,45 @@ def _build(name_map, chosen, get: Callable[[str], np.ndarray]):
     return _unflat(out)
 
 
+def _read_safetensors(p: str) -> Dict[str, np.ndarray]:
+    """``{name: array}`` of the safetensors file ``p`` (read through `diffusion.io`, so local or
+    ``gs://``). Raises ConversionError naming ``p`` when it is truncated or corrupt."""
+    from safetensors.numpy import load
+
+    data = io.read_bytes(p)
+    try:
+        return load(data)
+    except Exception as e:  # safetensors' SafetensorError (not exported under a stable name)
+        raise ConversionError(
+            f"{p} is truncated or corrupt ({len(data):,} bytes; {type(e).__name__}: "
+            f"{' '.join(str(e).split())}): download it again (or re-export it with diffusers' "
+            "save_pretrained)"
+        ) from None
+
+
 def load_diffusers(folder: str, base: Optional[str] = None):
     """``(config, params, ema_params, step, report)`` from a diffusers model folder.
 
     The one set of weights is used for both params and ema_params; step 0.
     """
-    from safetensors.numpy import load_file
-
-    cfg_path = os.path.join(folder, DIFFUSERS_CONFIG)
-    w_path = os.path.join(folder, DIFFUSERS_WEIGHTS)
+    cfg_path = io.join(folder, DIFFUSERS_CONFIG)
+    w_path = io.join(folder, DIFFUSERS_WEIGHTS)
     for p in (cfg_path, w_path):
-        if not os.path.isfile(p):
+        if not io.isfile(p):
             raise FileNotFoundError(
                 f"{p} not found: a diffusers model folder holds "
                 f"{DIFFUSERS_CONFIG} and {DIFFUSERS_WEIGHTS}"
             )
-    with open(cfg_path) as f:
-        dcfg = json.load(f)
-    config = config_from_diffusers(dcfg, base)
+    try:
+        dcfg = io.read_json(cfg_path)
+    except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError
+        raise ConversionError(
+            f"{cfg_path} is not valid JSON ({type(e).__name__}: {e}): the file is truncated "
+            "or corrupt; download it again"
+        ) from None
+    config = config_from_diffusers(dcfg, base, source=cfg_path)
     _apply_scheduler_config(config, folder)
-    tensors = load_file(w_path)
+    tensors = _read_safetensors(w_path)
     name_map = diffusers_name_map(abstract_params(config))
     chosen, _ = match_tensors(
         name_map, {k: v.shape for k, v in tensors.items()}, what=f"diffusers file {w_path}"
@@ -642,7 +689,7 @@ def load_diffusers(folder: str, base: Optional[str] = None):
     params = _build(name_map, chosen, tensors.__getitem__)
     report = {
         "source": "diffusers",
-        "input": os.path.abspath(folder),
+        "input": io.absolute(folder),
         "tensors": len(tensors),
         "ema": "the file holds one set of weights: used as both params and ema_params",
         "step": 0,
@@ -655,14 +702,13 @@ def _apply_scheduler_config(config, folder: str) -> None:
     """Checks/sets the diffusion process from a diffusers ``scheduler_config.json`` if present
     (in the folder or its ``scheduler/`` sibling)."""
     for p in (
-        os.path.join(folder, "scheduler_config.json"),
-        os.path.join(
-            os.path.dirname(os.path.abspath(folder)), "scheduler", "scheduler_config.json"
+        io.join(folder, "scheduler_config.json"),
+        io.join(
+            os.path.dirname(io.absolute(folder).rstrip("/")), "scheduler", "scheduler_config.json"
         ),
     ):
-        if os.path.isfile(p):
-            with open(p) as f:
-                s = json.load(f)
+        if io.isfile(p):
+            s = io.read_json(p)
             break
     else:
         return
@@ -693,7 +739,7 @@ def _apply_scheduler_config(config, folder: str) -> None:
 def _tf_checkpoint_path(path: str) -> str:
     import tensorflow as tf
 
-    if os.path.isdir(path):
+    if io.isdir(path):
         found = tf.train.latest_checkpoint(path)
         if found is None:
             raise FileNotFoundError(
@@ -706,11 +752,21 @@ def _tf_checkpoint_path(path: str) -> str:
             path = path[: -len(suffix)]
     if ".data-" in path:
         path = path.split(".data-")[0]
-    if not os.path.isfile(path + ".index"):
+    if not io.isfile(path + ".index"):
         raise FileNotFoundError(
             f"{path}.index not found: pass the checkpoint prefix (model.ckpt-<step>) or its folder"
         )
     return path
+
+
+def _tf_read_error(prefix: str, e: BaseException, name: Optional[str] = None) -> ConversionError:
+    """The ConversionError for a TF checkpoint whose files TensorFlow cannot read."""
+    what = f"reading {name}" if name else "opening it"
+    return ConversionError(
+        f"TF checkpoint {prefix}: its .index or .data-* file is truncated or corrupt "
+        f"({what}: {type(e).__name__}: {' '.join(str(e).split())}); download it again "
+        "(all model.ckpt-<step>.* files of one step)"
+    )
 
 
 def _detect_scope(shapes) -> str:
@@ -744,10 +800,22 @@ def load_tf(
     import tensorflow as tf
 
     prefix = _tf_checkpoint_path(path)
-    reader = tf.train.load_checkpoint(prefix)
-    shapes = {k: tuple(v) for k, v in reader.get_variable_to_shape_map().items()}
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+        shapes = {k: tuple(v) for k, v in reader.get_variable_to_shape_map().items()}
+    except (tf.errors.OpError, RuntimeError, ValueError, IndexError) as e:
+        raise _tf_read_error(prefix, e) from None
+
+    def get(name: str) -> np.ndarray:
+        try:
+            return reader.get_tensor(name)
+        except (tf.errors.OpError, RuntimeError, ValueError, IndexError) as e:
+            raise _tf_read_error(prefix, e, name) from None
+
     scope = _detect_scope(shapes) if scope is None else scope
-    config = config_from_tf_shapes(shapes, scope, base, image_size)
+    config = config_from_tf_shapes(
+        shapes, scope, base, image_size, source=f"TF checkpoint {prefix}"
+    )
     name_map = tf_name_map(abstract_params(config), scope)
     weights = {n for t in name_map.values() for n in t.names}
     ema_map = {
@@ -770,7 +838,7 @@ def load_tf(
     chosen, skipped = match_tensors(
         name_map, raw_src, ignored=bookkeeping, what=f"TF checkpoint {prefix} (raw weights)"
     )
-    params = _build(name_map, chosen, reader.get_tensor)
+    params = _build(name_map, chosen, get)
     if has_ema:
         ema_chosen, ema_skipped = match_tensors(
             ema_map,
@@ -778,7 +846,7 @@ def load_tf(
             ignored=bookkeeping,
             what=f"TF checkpoint {prefix} (EMA, */{ema_suffix})",
         )
-        ema_params = _build(ema_map, ema_chosen, reader.get_tensor)
+        ema_params = _build(ema_map, ema_chosen, get)
         skipped += ema_skipped
         ema_note = f"ema_params from the {len(ema_chosen)} */{ema_suffix} shadow variables"
     elif allow_missing_ema:
@@ -792,7 +860,7 @@ def load_tf(
     step = 0
     for n in ("global_step", f"{scope}/global_step"):
         if n in shapes:
-            step = int(np.asarray(reader.get_tensor(n)).reshape(()))
+            step = int(np.asarray(get(n)).reshape(()))
             break
     report = {
         "source": "tf",
@@ -813,12 +881,18 @@ _CONFIG_PY = '''"""Config of this converted workdir: experiments/default.py upda
 command line (--config.data.data_dir=..., --config.eval.inception_weights=...).
 
     python launch.py --config {workdir}/config.py --workdir {workdir} --mode sample
+
+launch.py --config takes a local file: for a gs:// workdir, copy this file out of the bucket
+(e.g. `gcloud storage cp {workdir}/config.py .`) and pass the copy; without a config.json
+beside it, it reads the one in WORKDIR.
 """
-import json
 import os
 import sys
 
 import ml_collections
+
+#: Where diffusion.convert wrote this file and config.json.
+WORKDIR = {workdir!r}
 
 
 def _tuples(x):
@@ -846,10 +920,11 @@ def get_config():
     root = os.path.dirname(os.path.dirname(os.path.abspath(diffusion.__file__)))
     if root not in sys.path:
         sys.path.insert(0, root)
+    from diffusion import io
     from experiments import default
     config = default.get_config()
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.json")) as f:
-        _merge(config, json.load(f))
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.json")
+    _merge(config, io.read_json(here if io.isfile(here) else io.join(WORKDIR, "config.json")))
     return config
 '''
 
@@ -858,7 +933,9 @@ def write_workdir(
     workdir: str, config, params, ema_params, step: int, report: Optional[dict] = None
 ) -> str:
     """Writes ``checkpoints/<step>`` (a TrainState), ``config.json``, ``config.py`` and
-    ``convert_report.json`` into ``workdir``. Refuses a workdir that already has checkpoints.
+    ``convert_report.json`` into ``workdir`` (a local path or ``gs://...``: every file goes
+    through `diffusion.io`, the checkpoint through Orbax). Refuses a workdir that already has
+    checkpoints.
 
     The TrainState's tree is checked against ``jax.eval_shape(init_state(config, ...))`` so
     ``launch.py --mode sample/evaluate`` restores it. Returns the checkpoint directory.
@@ -875,9 +952,9 @@ def write_workdir(
         make_optimizer,
     )
 
-    workdir = os.path.abspath(workdir)
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+    workdir = io.absolute(workdir)
+    ckpt_dir = io.join(workdir, "checkpoints")
+    if io.isdir(ckpt_dir) and io.listdir(ckpt_dir):
         raise FileExistsError(f"{ckpt_dir} is not empty: convert into a new --workdir")
     model = create_model(config)
     tx = make_optimizer(config)
@@ -896,7 +973,7 @@ def write_workdir(
         got_s
     ) != jax.tree.leaves(want_s):
         raise ConversionError("internal: the converted TrainState does not match init_state's")
-    os.makedirs(workdir, exist_ok=True)
+    io.makedirs(workdir)
     cfg = config_to_dict(config)
     ckpt = Checkpointer(ckpt_dir, async_save=False)
     try:
@@ -904,18 +981,15 @@ def write_workdir(
         ckpt.wait()
     finally:
         ckpt.close()
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2, sort_keys=True)
-    with open(os.path.join(workdir, "config.py"), "w") as f:
-        f.write(_CONFIG_PY.format(workdir=workdir))
+    io.write_json(io.join(workdir, "config.json"), cfg, indent=2, sort_keys=True)
+    io.write_text(io.join(workdir, "config.py"), _CONFIG_PY.format(workdir=workdir))
     if report is not None:
-        with open(os.path.join(workdir, "convert_report.json"), "w") as f:
-            json.dump(report, f, indent=2, sort_keys=True)
+        io.write_json(io.join(workdir, "convert_report.json"), report, indent=2, sort_keys=True)
     return ckpt_dir
 
 
 def _detect_source(path: str) -> str:
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, DIFFUSERS_WEIGHTS)):
+    if io.isdir(path) and io.isfile(io.join(path, DIFFUSERS_WEIGHTS)):
         return "diffusers"
     return "tf"
 
@@ -923,8 +997,13 @@ def _detect_source(path: str) -> str:
 def convert(
     input_path: str, workdir: str, *, source: str = "auto", base: Optional[str] = None, **tf_kwargs
 ) -> dict:
-    """Converts ``input_path`` into ``workdir``; returns the report dict (also written to
-    ``<workdir>/convert_report.json``)."""
+    """Converts ``input_path`` into ``workdir`` (local or ``gs://...``); returns the report dict
+    (also written to ``<workdir>/convert_report.json``).
+
+    ``workdir`` is checked first (`diffusion.io.probe_writable`: a missing bucket or missing
+    permissions is a `diffusion.io.StorageError` naming the fix, before any weight is read).
+    """
+    io.probe_writable(workdir, what="--workdir")
     source = _detect_source(input_path) if source == "auto" else source
     if source == "diffusers":
         if tf_kwargs.get("image_size") is not None:
@@ -942,13 +1021,20 @@ def convert(
         },
         image_size=config.data.image_size,
         dataset=config.data.dataset,
-        workdir=os.path.abspath(workdir),
+        workdir=io.absolute(workdir),
     )
     report["checkpoint_dir"] = write_workdir(workdir, config, params, ema, step, report)
     return report
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line (``python -m diffusion.convert --help``); returns the exit status.
+
+    0: converted. 2: the input or the workdir is wrong (missing, truncated or corrupt files,
+    weights that do not fit, an existing or unwritable workdir): ``error: ...`` on stderr
+    naming the file and the fix. 1: any other error, as one line ``error: <type>: <text>``
+    (``--traceback`` re-raises it instead).
+    """
     p = argparse.ArgumentParser(
         prog="python -m diffusion.convert",
         description="Convert released DDPM weights (the authors' TF1 checkpoints or the diffusers "
@@ -986,6 +1072,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         default=[],
         help="TF: regex of checkpoint variables not to convert (repeatable)",
     )
+    p.add_argument(
+        "--traceback",
+        action="store_true",
+        help="on an unexpected error, show the traceback instead of the one-line message",
+    )
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")  # quiet Orbax's INFO
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -999,9 +1090,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
     try:
         report = convert(a.input, a.workdir, source=a.source, base=a.base, **kw)
-    except (ConversionError, FileNotFoundError, FileExistsError) as e:
+    except (ConversionError, FileNotFoundError, FileExistsError, io.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # anything else: one line, not a traceback (unless asked for)
+        if a.traceback:
+            raise
+        print(
+            f"error: {type(e).__name__}: {' '.join(str(e).split())} (rerun with --traceback "
+            "to see where)",
+            file=sys.stderr,
+        )
+        return 1
     print(
         f"Converted {report['num_params']:,} parameters ({report['source']}, step "
         f"{report['step']}; {report['ema']}) into {report['checkpoint_dir']}"
@@ -1011,14 +1111,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f"Not converted (optimizer/bookkeeping): {len(report['not_converted'])} variables, "
             "listed in convert_report.json"
         )
-    print(
-        f"Sample:   python launch.py --config {report['workdir']}/config.py "
-        f"--workdir {report['workdir']} --mode sample"
-    )
-    print(
-        f"Evaluate: python launch.py --config {report['workdir']}/config.py "
-        f"--workdir {report['workdir']} --mode evaluate"
-    )
+    wd = report["workdir"]
+    cfg = f"{wd}/config.py"
+    if io.is_remote(wd):  # launch.py --config loads a local file
+        cfg = "config.py"
+        print(
+            f"Config:   gcloud storage cp {wd}/config.py {cfg}   (launch.py --config takes a "
+            "local file; the copy reads config.json from the workdir)"
+        )
+    print(f"Sample:   python launch.py --config {cfg} --workdir {wd} --mode sample")
+    print(f"Evaluate: python launch.py --config {cfg} --workdir {wd} --mode evaluate")
     return 0
 
 

@@ -493,3 +493,105 @@ def test_converted_config_takes_command_line_overrides(tmp_path):
         env=dict(os.environ, PYTHONPATH=ROOT),
     )
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
+
+
+# ------------------------------------------------------------------------------ one-line errors
+def _one_line_error(capsys, argv):
+    """``(exit status, the stderr line)`` of ``convert.main(argv)``, which must print exactly
+    one line on stderr (no traceback)."""
+    rc = convert.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return rc, err[0]
+
+
+def test_truncated_safetensors_is_one_line_error(tmp_path, capsys):
+    """A cut-short diffusion_pytorch_model.safetensors: one line naming the file, that it is
+    truncated or corrupt, and the fix; status 2 (was a SafetensorError traceback)."""
+    d = tmp_path / "cut"
+    d.mkdir()
+    (d / "config.json").write_text(open(os.path.join(FIXTURE, "config.json")).read())
+    data = open(os.path.join(FIXTURE, convert.DIFFUSERS_WEIGHTS), "rb").read()
+    (d / convert.DIFFUSERS_WEIGHTS).write_bytes(data[: len(data) // 2])
+    rc, line = _one_line_error(
+        capsys, ["--input", str(d), "--workdir", str(tmp_path / "wd"), "--base", BASE]
+    )
+    assert rc == 2, line
+    assert line.startswith("error: ") and str(d / convert.DIFFUSERS_WEIGHTS) in line, line
+    assert "truncated or corrupt" in line and "download" in line, line
+    assert not (tmp_path / "wd" / "checkpoints").exists()
+
+
+def _save_tf_variables(prefix, shapes):
+    """A TF1 name-based checkpoint at ``prefix`` with zero variables ``{name: shape}``."""
+    import tensorflow as tf
+
+    v1 = tf.compat.v1
+    with tf.Graph().as_default():
+        vs = [v1.Variable(np.zeros(s, np.float32), name=n) for n, s in shapes.items()]
+        with v1.Session() as sess:
+            sess.run(v1.global_variables_initializer())
+            v1.train.Saver({v.op.name: v for v in vs}).save(sess, prefix)
+    return prefix
+
+
+def test_tf_unknown_level_count_names_checkpoint_and_fix(tmp_path, capsys):
+    """A 3-level TF U-Net without --base: the message names the checkpoint, the 3 levels, that
+    the image size is not known, and --base with the valid names (it said "-1x-1 images")."""
+    prefix = _save_tf_variables(
+        str(tmp_path / "model.ckpt-5"),
+        {
+            "model/temb/dense0/W": (8, 8),
+            "model/conv_in/W": (3, 3, 3, 8),
+            "model/conv_out/W": (3, 3, 8, 3),
+            **{f"model/down_{lvl}/block_0/conv1/W": (3, 3, 8, 8) for lvl in range(3)},
+        },
+    )
+    rc, line = _one_line_error(capsys, ["--input", prefix, "--workdir", str(tmp_path / "wd")])
+    assert rc == 2, line
+    assert prefix in line and "3 levels" in line and "-1x-1" not in line, line
+    assert "--base" in line and all(b in line for b in convert.BASES), line
+
+
+def test_bad_tf_checkpoint_files_are_named(tf_checkpoint, tmp_path, capsys):
+    """A truncated .index or .data file of a TF checkpoint: one line naming the checkpoint and
+    that its files are truncated or corrupt; status 2."""
+    import glob
+    import shutil
+
+    src, _ = tf_checkpoint
+    for part in ("index", "data"):
+        d = tmp_path / part
+        d.mkdir()
+        for f in glob.glob(src + ".*"):
+            shutil.copy(f, d)
+        prefix = str(d / os.path.basename(src))
+        victim = glob.glob(prefix + (".index" if part == "index" else ".data-*"))[0]
+        data = open(victim, "rb").read()
+        open(victim, "wb").write(data[: len(data) // 2])
+        rc, line = _one_line_error(
+            capsys, ["--input", prefix, "--workdir", str(d / "wd"), "--base", BASE]
+        )
+        assert rc == 2, (part, line)
+        assert prefix in line and "truncated or corrupt" in line, (part, line)
+
+
+def test_unexpected_error_is_one_line(tmp_path, capsys, monkeypatch):
+    """Any other exception: its type and text on one line, status 1 (no traceback)."""
+
+    def boom(*a, **k):
+        raise RuntimeError("disk on fire\nsecond line")
+
+    monkeypatch.setattr(convert, "convert", boom)
+    rc, line = _one_line_error(capsys, ["--input", FIXTURE, "--workdir", str(tmp_path / "wd")])
+    assert rc == 1
+    assert line.startswith("error: RuntimeError: disk on fire") and "second line" in line, line
+
+
+def test_unknown_base_is_named(tmp_path, capsys):
+    """--base with no experiments/<name>.py: one line with the valid names, status 2 (was a
+    ModuleNotFoundError traceback)."""
+    rc, line = _one_line_error(
+        capsys, ["--input", FIXTURE, "--workdir", str(tmp_path / "wd"), "--base", "nosuch"]
+    )
+    assert rc == 2 and "--base nosuch" in line and all(b in line for b in convert.BASES), line
