@@ -216,3 +216,20 @@ def test_parameterization_spec_is_validated_once_hashable_and_equal_to_its_strin
         static_argnums=1,
     )
     np.testing.assert_array_equal(np.asarray(f(KEY, PARAM)), np.asarray(by_str))
+
+
+def test_short_spec_strings_of_the_benchmarks():
+    c = default.get_config()
+    s = samplers.parse_spec("heun:6:rho=5", c)
+    assert (s.method, s.num_steps, s.option("rho"), s.option("fractional_t")) == (
+        "heun",
+        6,
+        5,
+        True,
+    )
+    s = samplers.parse_spec("ddim:20:eta=0.5:clip_denoised=False", c)
+    assert (s.method, s.num_steps, s.eta, s.clip_denoised) == ("ddim", 20, 0.5, False)
+    assert samplers.parse_spec("dpmpp_2m:10:grid=time", c).option("grid") == "time"
+    assert samplers.parse_spec("ancestral", c) == samplers.spec_from_config(c)
+    with pytest.raises(ValueError, match=r"\['rho'\] are not options of 'ddim'"):
+        samplers.parse_spec("ddim:5:rho=3", c)

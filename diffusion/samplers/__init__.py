@@ -35,6 +35,7 @@ from diffusion.samplers.config import (
     config_problems,
     grid_spec_from_config,
     migrate_saved_config,
+    parse_spec,
     spec_from_config,
 )
 
@@ -54,6 +55,7 @@ __all__ = [
     "grid_spec_from_config",
     "config_problems",
     "migrate_saved_config",
+    "parse_spec",
     "REMOVED_FIELDS",
 ]
 

@@ -10,6 +10,7 @@ training grid; ``config.training.grid_sample`` overrides any of ``method`` / ``n
 
 from __future__ import annotations
 
+import ast
 from typing import Any, Dict, List, Mapping, Tuple
 
 from diffusion.samplers.base import SAMPLERS, SamplerSpec
@@ -20,6 +21,7 @@ __all__ = [
     "grid_spec_from_config",
     "config_problems",
     "migrate_saved_config",
+    "parse_spec",
 ]
 
 # Fields that existed before the sampler spec: config path -> the field that replaces it. The
@@ -180,3 +182,39 @@ def migrate_saved_config(saved: Dict[str, Any]) -> Dict[str, Any]:
         if steps is not None:
             tr.setdefault("grid_sample", {}).setdefault("num_steps", steps)
     return out
+
+
+def parse_spec(text: str, config: Any) -> SamplerSpec:
+    """A spec from a short string ``METHOD[:NUM_STEPS][:name=value]...`` (benchmarks and
+    scripts), e.g. ``ancestral:50``, ``ddim:20:eta=0.5``, ``dpmpp_2m:10:grid=time``,
+    ``heun:6:rho=5``: ``config.sample`` with the method, step count, spec fields (``eta``,
+    ``clip_denoised``) and method options given. Values are Python literals (else strings)."""
+    parts = [x for x in str(text).split(":") if x]
+    if not parts:
+        raise ValueError(f"empty sampler spec {text!r}; expected METHOD[:NUM_STEPS][:name=value]")
+    fields: Dict[str, Any] = {"method": parts[0]}
+    options: Dict[str, Any] = {}
+    for part in parts[1:]:
+        if "=" not in part:
+            fields["num_steps"] = int(part)
+            continue
+        name, raw = part.split("=", 1)
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        (fields if name in SPEC_FIELDS else options)[name] = value
+    spec = spec_from_config(config, **fields)
+    if options:
+        sampler = SAMPLERS.get(spec.method)
+        unknown = sorted(set(options) - set(sampler.options if sampler else ()))
+        if unknown:
+            raise ValueError(
+                f"sampler spec {text!r}: {unknown} are not options of {spec.method!r}; "
+                f"its options: {sorted(sampler.options) if sampler else []}"
+            )
+        merged = dict(spec.options, **options)
+        spec = SamplerSpec(
+            spec.method, spec.num_steps, spec.eta, spec.clip_denoised, tuple(sorted(merged.items()))
+        )
+    return spec
