@@ -76,6 +76,10 @@ class Sampler(abc.ABC):
     def describe(self, spec: SamplerSpec, num_timesteps: int) -> str:
         """A one-line human-readable description for logs, with the network-call count."""
 
+    def opt(self, spec: SamplerSpec, name: str) -> Any:
+        """Option ``name`` of ``spec``, else this sampler's default (``options[name]``)."""
+        return spec.option(name, self.options[name])
+
     def steps(self, spec: SamplerSpec, num_timesteps: int) -> int:
         """The number of steps K (``spec.num_steps``, 0 meaning T)."""
         return int(spec.num_steps) or int(num_timesteps)

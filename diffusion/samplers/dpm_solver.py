@@ -87,10 +87,8 @@ class _DPMSolverPP(Sampler):
 
     def grid(self, spec, schedule):
         log_sig = grids.log_sigmas(schedule)
-        t = grids.GRIDS[spec.option("grid", "logsnr")](
-            log_sig, self.steps(spec, schedule.num_timesteps)
-        )
-        return log_sig, (t if spec.option("fractional_t", True) else grids.snap_to_integers(t))
+        t = grids.GRIDS[self.opt(spec, "grid")](log_sig, self.steps(spec, schedule.num_timesteps))
+        return log_sig, (t if self.opt(spec, "fractional_t") else grids.snap_to_integers(t))
 
     def run(self, spec, schedule, denoise_fn, shape, key, param, *, progressive_every=None):
         """See `Sampler.run` (no progressive x̂_0: ValueError when asked)."""
@@ -111,24 +109,26 @@ class _DPMSolverPP(Sampler):
         return SampleResult(x0, None)
 
     def tag(self, spec, num_timesteps):
-        rnd = "" if spec.option("fractional_t", True) else "_int"
-        grid = spec.option("grid", "logsnr")
+        rnd = "" if self.opt(spec, "fractional_t") else "_int"
+        grid = self.opt(spec, "grid")
         return f"{self.name}{self.steps(spec, num_timesteps)}_{grid}{rnd}"
 
     def describe(self, spec, num_timesteps):
         k = self.steps(spec, num_timesteps)
-        grid = "log-SNR-uniform" if spec.option("grid", "logsnr") == "logsnr" else "time-uniform"
-        t = "fractional t" if spec.option("fractional_t", True) else "integer t"
+        grid = "log-SNR-uniform" if self.opt(spec, "grid") == "logsnr" else "time-uniform"
+        t = "fractional t" if self.opt(spec, "fractional_t") else "integer t"
         return f"{self.label} K={k}-step, {grid} grid, {t} (NFE {k})"
 
     def problems(self, spec, config, where) -> List[str]:
         p = denoiser.mean_type_problems(self.name, config.diffusion.mean_type)
         sect = f"config.sample.{self.name}"
-        g = spec.option("grid", "logsnr")
+        g = self.opt(spec, "grid")
         if g not in grids.GRIDS:
             p.append(f"{sect}.grid={g!r} is not allowed; choose one of {sorted(grids.GRIDS)}")
-        if not isinstance(spec.option("fractional_t", True), bool):
-            p.append(f"{sect}.fractional_t={spec.option('fractional_t')!r} must be True or False")
+        if not isinstance(self.opt(spec, "fractional_t"), bool):
+            p.append(
+                f"{sect}.fractional_t={self.opt(spec, 'fractional_t')!r} must be True or False"
+            )
         return p
 
 

@@ -79,8 +79,8 @@ class Heun(Sampler):
         if progressive_every:
             raise ValueError("sampler 'heun' does not record progressive x̂_0")
         log_sig = grids.log_sigmas(schedule)
-        t = grids.karras(log_sig, self.steps(spec, schedule.num_timesteps), spec.option("rho", 7.0))
-        if not spec.option("fractional_t", True):
+        t = grids.karras(log_sig, self.steps(spec, schedule.num_timesteps), self.opt(spec, "rho"))
+        if not self.opt(spec, "fractional_t"):
             t = grids.snap_to_integers(t)
         x_T, _ = initial_noise(key, shape)
         return SampleResult(
@@ -94,25 +94,25 @@ class Heun(Sampler):
         return max(1, (int(nfe) + 1) // 2)
 
     def tag(self, spec, num_timesteps):
-        rnd = "" if spec.option("fractional_t", True) else "_int"
-        return f"heun{self.steps(spec, num_timesteps)}_rho{spec.option('rho', 7.0):g}{rnd}"
+        rnd = "" if self.opt(spec, "fractional_t") else "_int"
+        return f"heun{self.steps(spec, num_timesteps)}_rho{self.opt(spec, 'rho'):g}{rnd}"
 
     def describe(self, spec, num_timesteps):
         k = self.steps(spec, num_timesteps)
-        t = "fractional t" if spec.option("fractional_t", True) else "integer t"
+        t = "fractional t" if self.opt(spec, "fractional_t") else "integer t"
         return (
-            f"Heun K={k}-point Karras grid (rho={spec.option('rho', 7.0):g}), {t} "
+            f"Heun K={k}-point Karras grid (rho={self.opt(spec, 'rho'):g}), {t} "
             f"(NFE {self.nfe(spec, num_timesteps)})"
         )
 
     def problems(self, spec, config, where) -> List[str]:
         p = denoiser.mean_type_problems(self.name, config.diffusion.mean_type)
-        rho = spec.option("rho", 7.0)
+        rho = self.opt(spec, "rho")
         if isinstance(rho, bool) or not isinstance(rho, (int, float)) or rho <= 0:
             p.append(f"config.sample.heun.rho={rho!r} is out of range; allowed: a number > 0 (7)")
-        if not isinstance(spec.option("fractional_t", True), bool):
+        if not isinstance(self.opt(spec, "fractional_t"), bool):
             p.append(
-                f"config.sample.heun.fractional_t={spec.option('fractional_t')!r} must be True "
+                f"config.sample.heun.fractional_t={self.opt(spec, 'fractional_t')!r} must be True "
                 "or False"
             )
         return p
