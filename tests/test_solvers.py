@@ -157,3 +157,63 @@ def test_dpmpp_2m_sde_reproduces_the_data_distribution():
     assert not np.allclose(
         x, _solve("dpmpp_2m_sde", 50, shape=shape, key=jax.random.key(8)).reshape(-1)
     )
+
+
+def _k_diffusion_dpmpp_2m(x_T, sigmas, eta, noises):
+    """A second implementation: k-diffusion's ``sample_dpmpp_2m`` (eta = 0) and
+    ``sample_dpmpp_2m_sde`` (midpoint) in the VE view, float64, with the exact Gaussian
+    denoiser, ``sigmas`` ending in 0 and ``noises[i]`` the step noise."""
+    den = lambda x, s: M + S * S / (S * S + s * s) * (x - M)  # noqa: E731
+    x = x_T * np.sqrt(1.0 + sigmas[0] ** 2)
+    old, h_last = None, None
+    for i in range(len(sigmas) - 1):
+        d = den(x, sigmas[i])
+        if sigmas[i + 1] == 0:
+            x = d
+            continue
+        h = -np.log(sigmas[i + 1]) + np.log(sigmas[i])
+        eta_h = eta * h
+        x = sigmas[i + 1] / sigmas[i] * np.exp(-eta_h) * x - np.expm1(-h - eta_h) * d
+        if old is not None:
+            r = h_last / h
+            x = x - 0.5 * np.expm1(-h - eta_h) * (1 / r) * (d - old)
+        x = x + noises[i] * sigmas[i + 1] * np.sqrt(-np.expm1(-2 * eta_h))
+        old, h_last = d, h
+    return x
+
+
+@pytest.mark.parametrize("method, eta", [("dpmpp_2m", 0.0), ("dpmpp_2m_sde", 1.0)])
+def test_dpm_solver_matches_the_k_diffusion_formulas(method, eta):
+    k = 12
+    x_T, k_chain = samplers.initial_noise(KEY, SHAPE)
+    noises = [
+        np.asarray(jax.random.normal(jax.random.fold_in(k_chain, i), SHAPE)) for i in range(k)
+    ]
+    sig_max, sig_min = np.sqrt((1 - ABAR[-1]) / ABAR[-1]), np.sqrt((1 - ABAR[0]) / ABAR[0])
+    lam = np.linspace(-np.log(sig_max), -np.log(sig_min), k)  # the log-SNR-uniform grid
+    sigmas = np.append(np.exp(-lam), 0.0)
+    want = _k_diffusion_dpmpp_2m(np.asarray(x_T, np.float64), sigmas, eta, noises)
+    np.testing.assert_allclose(_solve(method, k), want, atol=2e-4)
+
+
+def test_heun_matches_the_k_diffusion_formulas():
+    """k-diffusion's ``sample_heun`` (no churn) on ``get_sigmas_karras`` (ρ = 7), float64, the
+    exact denoiser: an Euler step, then the trapezoidal correction unless σ_next = 0."""
+    k = 8
+    x_T = np.asarray(samplers.initial_noise(KEY, SHAPE)[0], np.float64)
+    sig_max, sig_min = np.sqrt((1 - ABAR[-1]) / ABAR[-1]), np.sqrt((1 - ABAR[0]) / ABAR[0])
+    ramp = np.linspace(0, 1, k)
+    sigmas = (sig_max ** (1 / 7) + ramp * (sig_min ** (1 / 7) - sig_max ** (1 / 7))) ** 7
+    sigmas = np.append(sigmas, 0.0)
+    den = lambda x, s: M + S * S / (S * S + s * s) * (x - M)  # noqa: E731
+    x = x_T * np.sqrt(1.0 + sigmas[0] ** 2)
+    for i in range(k):
+        d = (x - den(x, sigmas[i])) / sigmas[i]
+        dt = sigmas[i + 1] - sigmas[i]
+        if sigmas[i + 1] == 0:
+            x = x + d * dt
+        else:
+            x2 = x + d * dt
+            d2 = (x2 - den(x2, sigmas[i + 1])) / sigmas[i + 1]
+            x = x + (d + d2) / 2 * dt
+    np.testing.assert_allclose(_solve("heun", k), x, atol=2e-4)
