@@ -5,7 +5,7 @@ VENV ?= .venv
 WORKDIR ?= workdirs/mnist5k
 CONFIG ?= experiments/mnist5k.py
 
-.PHONY: setup test test-fast lint format main bench clean
+.PHONY: setup test test-fast lint format main bench fid-vs-nfe clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	@echo "setup: creating $(VENV) and installing jax, flax, tensorflow-cpu, ... (about 2 minutes on a fresh machine; once)"
@@ -44,6 +44,11 @@ main: setup
 
 bench: setup
 	$(VENV)/bin/python -m benchmarks.run
+
+# FID against network calls for every sampler on the trained main job (run `make main` first):
+# the README table and docs/figures/fid_vs_nfe.png; resumable.
+fid-vs-nfe: setup
+	$(VENV)/bin/python -m benchmarks.fid_vs_nfe --workdir $(WORKDIR) --config $(CONFIG)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -20,19 +20,21 @@ Subcommands (all print their figures and write a JSON next to the run)::
     # plus the real-data floor (real test images at the same N against the same reference),
     # the Inception throughput and the bits/dim cost on a few examples
     python -m benchmarks.main_job_sizing eval --workdir /tmp/sizing/A --num 256 \\
-        --samplers respaced25:fixedsmall,respaced50:fixedlarge,ddim25 --bpd_examples 32
+        --samplers ancestral:25:var=fixedsmall,ancestral:50:var=fixedlarge,ddim:25 --bpd_examples 32
 
     # train-step speed of candidates in one process, interleaved rounds, with XLA FLOPs/step
     python -m benchmarks.main_job_sizing steps 'A:data.image_size=16;model.ch_mult=(1,2,2)' \
         'B:data.image_size=16;model.ch_mult=(1,2);model.attn_resolutions=()'
 
     # a sample grid of one sampler
-    python -m benchmarks.main_job_sizing grid --workdir /tmp/sizing/A --sampler ddim50 \\
+    python -m benchmarks.main_job_sizing grid --workdir /tmp/sizing/A --sampler ddim:50 \\
         --out /tmp/sizing/grid.png
 
-Sampler specs: ``respacedK:fixedsmall|fixedlarge`` (ancestral on a respaced K-step chain,
-`diffusion.sampling.respaced_sample`), ``ddimK[:eta]`` (`diffusion.sampling.ddim_sample`,
-eta defaults to 0), ``fullT:VAR`` (the full chain).
+Sampler specs: ``METHOD[:K][:name=value]...`` of the sampler registry
+(`diffusion.samplers.parse_spec`: ``ancestral:50``, ``ancestral:0`` the full chain, ``ddim:25``,
+``ddim:25:eta=0.5``, ``dpmpp_2m:10``, ``heun:6``), plus ``:var=fixedsmall|fixedlarge`` to sample
+a fixed-variance model with the other variance. (Results written before the registry used
+``respacedK:VAR`` / ``ddimK[:eta]`` / ``fullT:VAR`` and a private RNG salt.)
 
 Run it from a snapshot of the library (``git archive HEAD | tar -x -C DIR``; ``python
 DIR/benchmarks/main_job_sizing.py ...``) when others edit the working tree: the script imports
@@ -45,6 +47,7 @@ with the workdir's ``config.json`` (what launch.py trained with).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import math
@@ -89,111 +92,80 @@ def _tuplify(v):
     return tuple(_tuplify(x) for x in v) if isinstance(v, list) else v
 
 
+def _update(node, saved: dict) -> None:
+    """Sets ``node``'s fields from ``saved`` (nested dicts recursively), with the field's type;
+    fields ``node`` does not have are skipped."""
+    import ml_collections
+
+    for k, v in saved.items():
+        if k not in node:
+            continue
+        cur = node[k]
+        if isinstance(cur, ml_collections.ConfigDict) and isinstance(v, dict):
+            _update(cur, v)
+        elif isinstance(cur, tuple) or v is None or cur is None:
+            node[k] = _tuplify(v)
+        elif isinstance(cur, (int, float, str, bool)):
+            node[k] = type(cur)(v)
+        else:
+            node[k] = _tuplify(v)
+
+
 def load_config(workdir: str, base: str):
-    """``base``'s config updated with ``<workdir>/config.json`` (lists back to tuples)."""
+    """``base``'s config updated with ``<workdir>/config.json`` (what launch.py trained with;
+    lists back to tuples; fields of older versions mapped by `samplers.migrate_saved_config`)."""
     import importlib.util
+
+    from diffusion import samplers
 
     spec = importlib.util.spec_from_file_location("sizing_base_config", base)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     config = mod.get_config()
     with open(os.path.join(workdir, "config.json")) as f:
-        saved = json.load(f)
-    for section, fields in saved.items():
-        if not isinstance(fields, dict):
-            config[section] = fields
-            continue
-        for k, v in fields.items():
-            if k in config[section]:
-                cur = config[section][k]
-                config[section][k] = (
-                    _tuplify(v)
-                    if isinstance(cur, tuple) or v is None or cur is None
-                    else type(cur)(v)
-                    if isinstance(cur, (int, float, str, bool))
-                    else _tuplify(v)
-                )
+        saved = samplers.migrate_saved_config(json.load(f))
+    _update(config, saved)
     return config
 
 
-def parse_sampler(spec: str):
-    """``respacedK:VAR`` | ``ddimK[:eta]`` | ``fullT:VAR`` -> dict."""
-    m = re.fullmatch(r"respaced(\d+):(fixedsmall|fixedlarge)", spec)
-    if m:
-        return {"kind": "respaced", "steps": int(m.group(1)), "var": m.group(2), "name": spec}
-    m = re.fullmatch(r"ddim(\d+)(?::([0-9.]+))?", spec)
-    if m:
-        return {
-            "kind": "ddim",
-            "steps": int(m.group(1)),
-            "eta": float(m.group(2) or 0.0),
-            "name": spec,
-        }
-    m = re.fullmatch(r"full:(fixedsmall|fixedlarge)", spec)
-    if m:
-        return {"kind": "full", "var": m.group(1), "name": spec, "steps": 0}
-    raise ValueError(f"unknown sampler {spec!r}")
+def parse_sampler(text: str, config):
+    """``METHOD[:K][:name=value]...[:var=fixedsmall|fixedlarge]`` -> ``(config, spec)``: the
+    sampler spec of `diffusion.samplers.parse_spec` (e.g. ``ancestral:50``, ``ddim:25``,
+    ``ancestral:0:var=fixedsmall`` for the full chain with β̃) and the config, a copy with
+    ``diffusion.var_type`` replaced when ``var=`` is given (a fixed-variance model's samplers can
+    use either variance)."""
+    from diffusion import samplers
+
+    parts = [p for p in text.split(":") if not p.startswith("var=")]
+    var = [p.split("=", 1)[1] for p in text.split(":") if p.startswith("var=")]
+    if var:
+        config = config.copy_and_resolve_references()
+        config.diffusion.var_type = var[-1]
+    return config, samplers.parse_spec(":".join(parts), config)
 
 
-def make_sample_fn(config, model, params, sampler):
-    """``fn(key, n) -> [n, H, W, C]`` in [-1, 1] for the sampler spec (see `parse_sampler`)."""
-    from diffusion import sampling, train
+def make_sample_fn(config, model, params, text: str):
+    """``fn(key, n) -> [n, H, W, C]`` in [-1, 1] for the sampler string ``text`` (see
+    `parse_sampler`), through the evaluation's own `make_sample_fn` (the registry's `draw`)."""
+    from diffusion.evaluation.generator import make_sample_fn as eval_sample_fn
 
-    d = config.diffusion
-    schedule = train.schedule_from_config(config)
-    s, c = config.data.image_size, config.data.channels
-    denoise_fn = train.make_denoise_fn(model, params)
-
-    def fn(key, n):
-        shape = (n, s, s, c)
-        if sampler["kind"] == "respaced":
-            return sampling.respaced_sample(
-                schedule,
-                denoise_fn,
-                shape,
-                key,
-                num_steps=sampler["steps"],
-                mean_type=d.mean_type,
-                var_type=sampler["var"],
-                clip_denoised=True,
-            )
-        if sampler["kind"] == "ddim":
-            return sampling.ddim_sample(
-                schedule,
-                denoise_fn,
-                shape,
-                key,
-                mean_type=d.mean_type,
-                var_type=d.var_type,
-                clip_denoised=True,
-                eta=sampler["eta"],
-                num_steps=sampler["steps"],
-            )
-        return sampling.ancestral_sample(
-            schedule,
-            denoise_fn,
-            shape,
-            key,
-            mean_type=d.mean_type,
-            var_type=sampler["var"],
-            clip_denoised=True,
-        )
-
-    return fn
+    config, spec = parse_sampler(text, config)
+    return eval_sample_fn(config, model, params, spec)
 
 
 def draw(sample_fn, num: int, batch: int, seed: int = 0):
     """``num`` uint8 samples in batches of ``batch``; returns (images, compile_s, run_s).
 
-    The first batch is timed twice (compile + run, then run alone on another key) so the compile
-    time is separated: compile_s = first - second."""
+    The keys are the evaluation's (`rng.EVAL_SAMPLES` of ``seed``, batch i folded in as
+    `sampling.sample_in_batches` does on one process), so at the evaluation's batch size these
+    are the samples ``--mode evaluate`` draws. Compiled once (compile_s), then timed (run_s)."""
     import jax
     import numpy as np
 
-    from diffusion import sampling
+    from diffusion import rng, sampling
 
     run = jax.jit(lambda k: sampling.to_uint8(sample_fn(k, batch)))
-    key = jax.random.fold_in(jax.random.key(seed), 0x5A3E)
+    key = jax.random.fold_in(rng.stream(seed, rng.EVAL_SAMPLES), 0)
     t0 = time.perf_counter()
     lowered = run.lower(jax.random.fold_in(key, 0)).compile()
     compile_s = time.perf_counter() - t0
@@ -491,10 +463,10 @@ def cmd_eval(args) -> None:
 
     res["samplers"] = {}
     for spec in args.samplers.split(","):
-        sampler = parse_sampler(spec)
+        sampler = parse_sampler(spec, config)[1]
         peak(spec)
         images, comp, run_s = draw(
-            make_sample_fn(config, model, params, sampler), args.num, args.batch
+            make_sample_fn(config, model, params, spec), args.num, args.batch, seed=config.seed
         )
         _log(
             f"{spec}: {args.num} samples, compile {comp:.1f}s, sampling {run_s:.1f}s "
@@ -504,7 +476,7 @@ def cmd_eval(args) -> None:
         r.update(
             compile_s=comp,
             sample_s=run_s,
-            sampler=sampler,
+            sampler=dataclasses.asdict(sampler),
             fid_over_floor=r["fid"] / res["floor"]["fid"],
         )
         res["samplers"][spec] = r
@@ -559,7 +531,7 @@ def cmd_grid(args) -> None:
     config = load_config(args.workdir, args.config)
     model, params, step, _ = _restore(args.workdir, config, args.step)
     images, comp, run_s = draw(
-        make_sample_fn(config, model, params, parse_sampler(args.sampler)),
+        make_sample_fn(config, model, params, args.sampler),
         args.num,
         args.num,
         seed=args.seed,
@@ -597,7 +569,7 @@ def main() -> None:
     e.add_argument("--config", default=os.path.join(ROOT, "experiments", "mnist5k.py"))
     e.add_argument("--num", type=int, default=256)
     e.add_argument("--batch", type=int, default=128)
-    e.add_argument("--samplers", default="respaced50:fixedlarge")
+    e.add_argument("--samplers", default="ancestral:50")
     e.add_argument("--fid_split", default=None, help="override config.eval.fid_split")
     e.add_argument("--bpd_examples", type=int, default=0)
     e.add_argument(
@@ -611,7 +583,7 @@ def main() -> None:
     g = sub.add_parser("grid", help="a sample grid PNG")
     g.add_argument("--workdir", required=True)
     g.add_argument("--config", default=os.path.join(ROOT, "experiments", "mnist5k.py"))
-    g.add_argument("--sampler", default="ddim50")
+    g.add_argument("--sampler", default="ddim:50")
     g.add_argument("--num", type=int, default=64)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--step", type=int, default=None)

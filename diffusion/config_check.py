@@ -143,7 +143,6 @@ def config_problems(
         "keep_every",
         "sample_every",
         "num_grid_samples",
-        "grid_sample_steps",
     ):
         _range(p, config, t + f, lambda v: v >= 1, "an integer >= 1", (int,))
     _choice(p, config, t + "nonfinite", ("raise", "skip"))
@@ -163,16 +162,6 @@ def config_problems(
     if isinstance(groups, int) and groups > 1 and isinstance(bs, int) and bs % groups:
         p.append(
             f"config.training.grad_clip_groups={groups} must divide config.training.batch_size={bs}"
-        )
-    gsteps = config.training.grid_sample_steps
-    if (
-        isinstance(gsteps, int)
-        and isinstance(config.diffusion.num_timesteps, int)
-        and gsteps > config.diffusion.num_timesteps
-    ):
-        p.append(
-            f"config.training.grid_sample_steps={gsteps} exceeds "
-            f"config.diffusion.num_timesteps={config.diffusion.num_timesteps}"
         )
     bs = config.training.batch_size
     if isinstance(bs, int) and bs >= 1:

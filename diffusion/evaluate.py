@@ -8,9 +8,9 @@ step on disk, ascending) the EMA parameters are restored and the evaluators of
 `evaluation.evaluators.evaluators_from_config` run:
 
 1. ``config.eval.num_samples`` (N) samples are drawn with the configured sampler
-   (``config.sample.method``: ``ancestral`` — the full T-step chain when
-   ``config.eval.sample_steps = 0``, a respaced K-step chain for K > 0 — or ``ddim`` with
-   ``config.sample.eta``), in global batches of ``config.eval.batch_size`` sharded over all
+   (``config.sample``: ``method`` — ``ancestral``, ``ddim``, ``dpmpp_2m``, ``dpmpp_2m_sde``,
+   ``heun`` or any registered one — over ``num_steps`` steps, 0 = the full T-step chain), in
+   global batches of ``config.eval.batch_size`` sharded over all
    devices (`sampling.sample_in_batches`), and saved as uint8 ``.npz`` plus a grid PNG, so an
    interrupted evaluation reuses them.
 2. FID and KID (mean ± s.e.) of those samples against the FID-Inception statistics of
@@ -50,7 +50,8 @@ Files under ``<workdir>/eval/``::
     events.out.tfevents.*                          TensorBoard scalars and images
 
 ``<step>`` is zero-padded to 8 digits (as ``samples/step_*.png`` of training); ``<chain>`` is
-``full<T>``, ``respaced<K>`` or ``ddim<K>_eta<η>`` (`samplers.chain_tag`); ``_pI`` marks process
+the sampler's tag (`samplers.tag`: ``full<T>``, ``respaced<K>``, ``ddim<K>_eta<η>``,
+``dpmpp_2m<K>_logsnr``, ``heun<K>_rho7``, ...); ``_pI`` marks process
 I's share in a multi-process run.
 
 Multi-process runs: every process restores the state and samples its share on the global mesh;
@@ -68,7 +69,7 @@ from typing import Any, Callable, Dict, List, Optional
 import jax
 import numpy as np
 
-from diffusion import factories, io, parallel
+from diffusion import factories, io, parallel, samplers
 from diffusion.checkpoint import Checkpointer
 from diffusion.config_check import ConfigError, incompatible_fields, validate_config
 from diffusion.evaluation import generator
@@ -203,9 +204,9 @@ def sample_step(ctx: EvalContext, step: int, params) -> str:
         "Step %d: drawing a grid of %d samples with the %s chain",
         step,
         n,
-        generator.describe_chain(c),
+        samplers.describe(ctx.spec, c.diffusion.num_timesteps),
     )
-    images = generator.generate_samples(c, ctx.model, params, n, mesh=ctx.mesh)
+    images = generator.generate_samples(c, ctx.model, params, n, mesh=ctx.mesh, spec=ctx.spec)
     png = io.join(ctx.eval_dir, f"samples_step_{step:08d}.png")
     if ctx.main:
         io.write_npz(

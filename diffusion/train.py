@@ -9,7 +9,6 @@ draws exactly what an uninterrupted one would.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import signal
@@ -198,17 +197,12 @@ def save_image_grid(images: np.ndarray, path: str) -> None:
 
 
 def _grid_sampler(config, model, schedule) -> Callable:
-    """``(ema_params, key) -> uint8 [N, H, W, C]``: ``config.sample.method`` over
-    ``training.grid_sample_steps`` steps for the training-time grid (the full T-step chain for
-    the ancestral sampler with ``var_type='learned'``: its log σ² belongs to the one-step kernel
-    and does not respace). x̂_0 is clipped, as in the released code's sample summaries."""
+    """``(ema_params, key) -> uint8 [N, H, W, C]``: the training-time grid drawn with
+    `samplers.grid_spec_from_config` (``config.sample`` with ``training.grid_sample``'s fields in
+    place of its own; x̂_0 clipped by default, as in the released code's sample summaries)."""
     tr = config.training
     param = parameterization(config)
-    spec = dataclasses.replace(
-        samplers.spec_from_config(config, steps=tr.grid_sample_steps), clip_denoised=True
-    )
-    if spec.method == "ancestral" and param.var == "learned":
-        spec = dataclasses.replace(spec, steps=0)
+    spec = samplers.grid_spec_from_config(config)
     shape = (
         tr.num_grid_samples,
         config.data.image_size,

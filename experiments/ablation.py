@@ -97,12 +97,12 @@ def offline_config():
     t.checkpoint_every = 500
     t.keep_every = OFFLINE_TRAIN_STEPS
     t.sample_every = OFFLINE_TRAIN_STEPS
-    t.grid_sample_steps = 100
+    t.grid_sample.num_steps = 100
     t.num_grid_samples = 16  # learned-Σ rows draw the grid with the full 1000-step chain
     e = config.eval
     e.num_samples = 128
     e.batch_size = 128
-    e.sample_steps = 0
+    config.sample.num_steps = 0
     e.fid_split = "train[:1000]"
     e.bpd_num_examples = 32
     e.bpd_timesteps = 0  # the full bound

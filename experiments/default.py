@@ -58,7 +58,13 @@ def get_config():
     t.keep_every = 50_000  # permanent checkpoints (evaluation sweeps)
     t.sample_every = 50_000  # EMA sample grid (PNG + TensorBoard)
     t.num_grid_samples = 64
-    t.grid_sample_steps = 100  # respaced chain for the grid (the full chain is for eval)
+    # The grid's sampler: config.sample with these fields replaced (None: config.sample's own).
+    t.grid_sample = gs = ml_collections.ConfigDict()
+    gs.method = ml_collections.config_dict.placeholder(str)
+    gs.num_steps = 100  # a 100-step chain for the grid (the full chain is for eval)
+    gs.eta = ml_collections.config_dict.placeholder(float)
+    gs.clip_denoised = True  # as the released code's sample summaries
+    t.grid_sample_steps = ml_collections.config_dict.placeholder(int)  # removed: grid_sample
     t.nonfinite = "raise"  # raise | skip: what a non-finite loss/gradient does
     t.tensorboard = True  # TensorBoard event files (through TensorFlow's file system)
     t.resume = "full"  # full | params: params = take params/EMA/step from the
@@ -67,11 +73,19 @@ def get_config():
     # run stops with an error naming the step (a hung file system or bucket); raise it for
     # very large checkpoints on slow storage
 
-    # The sampler of the training grid, --mode sample and --mode evaluate (diffusion/samplers.py);
-    # its step count is per use: training.grid_sample_steps, eval.sample_steps.
+    # The sampler of --mode sample, --mode evaluate, the training grid (training.grid_sample
+    # overrides fields) and experiments/reproduce.py (diffusion/samplers/, docs/extending.md).
     config.sample = s = ml_collections.ConfigDict()
-    s.method = "ancestral"  # ancestral (Algorithm 2; respaced when steps > 0) | ddim
+    s.method = "ancestral"  # ancestral | ddim | dpmpp_2m | dpmpp_2m_sde | heun
+    s.num_steps = 0  # 0: the full T-step chain; K: K steps (heun: K grid points, 2K-1 calls)
     s.eta = 0.0  # DDIM's eta: 0 deterministic, 1 the ancestral fixedsmall step
+    s.clip_denoised = True  # clip x0-hat to [-1, 1] in every step
+    # Each method's own options (used only when it is the method):
+    s.dpmpp_2m = ml_collections.ConfigDict({"grid": "logsnr", "fractional_t": True})
+    s.dpmpp_2m_sde = ml_collections.ConfigDict({"grid": "logsnr", "fractional_t": True})
+    s.heun = ml_collections.ConfigDict({"rho": 7.0, "fractional_t": True})
+    # grid: logsnr (uniform in log-SNR) | time (uniform in t); fractional_t: feed the network
+    # the fractional t of each grid point (False: round the grid to the trained timesteps)
 
     # Input pipeline.
     config.data = dd = ml_collections.ConfigDict()
@@ -86,8 +100,8 @@ def get_config():
     config.eval = e = ml_collections.ConfigDict()
     e.num_samples = 50_000
     e.batch_size = 256
-    e.sample_steps = 0  # 0: the full T-step chain; K > 0: K respaced/strided steps
-    e.clip_denoised = True  # clip x0-hat to [-1, 1] in the samplers and the bound
+    e.sample_steps = ml_collections.config_dict.placeholder(int)  # removed: sample.num_steps
+    e.clip_denoised = True  # clip x0-hat to [-1, 1] in the bound's p(x_{t-1}|x_t)
     e.fid_split = "train"  # the paper's Table 1 FID uses training-set statistics;
     # 'train,test': FID against both in one pass (first = primary)
     e.bpd_split = "test"  # 'test,train[:10000]': the bound on both (first = primary)

@@ -23,9 +23,9 @@ def get_config():
     config.training.checkpoint_every = 500
     config.training.keep_every = 1000
     config.training.sample_every = 1000
-    config.training.grid_sample_steps = 100
+    config.training.grid_sample.num_steps = 100
     config.eval.num_samples = 512
-    config.eval.sample_steps = 100
+    config.sample.num_steps = 100
     config.eval.fid_split = "train[:1000]"
     config.eval.bpd_num_examples = 32
     config.eval.bpd_timesteps = 0

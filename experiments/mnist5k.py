@@ -42,10 +42,10 @@ def get_config():
     config.training.keep_every = 1500
     config.training.sample_every = 500
     config.training.num_grid_samples = 64
-    config.training.grid_sample_steps = 50
+    config.training.grid_sample.num_steps = 50
     config.eval.num_samples = 256
     config.eval.batch_size = 128
-    config.eval.sample_steps = 50  # respaced; the full chain is --config.eval.sample_steps=0
+    config.sample.num_steps = 50  # respaced; the full chain is --config.sample.num_steps=0
     config.eval.fid_split = "train[:500]"  # N_ref = 500 (class-balanced prefix)
     config.eval.real_floor_split = "auto"  # test[:256]
     config.eval.bpd_num_examples = 128

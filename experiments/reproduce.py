@@ -107,11 +107,17 @@ def run_config(row: str, seed: int, overrides: Dict[str, Any], data_dir: Optiona
     config.seed = int(seed)
     if data_dir:
         config.data.data_dir = data_dir
+    from diffusion.samplers import REMOVED_FIELDS
+
     for key, value in overrides.items():
-        group, field = key.split(".", 1)
-        if group not in config or field not in config[group]:
+        # Summaries written before the sampler spec may name a removed field: use its successor.
+        *parents, field = REMOVED_FIELDS.get(key, key).split(".")
+        node = config
+        for part in parents:
+            node = node.get(part) if hasattr(node, "get") else None
+        if node is None or not hasattr(node, "keys") or field not in node:
             raise ValueError(f"--set {key}: no such config field")
-        config[group][field] = value
+        node[field] = value
     return config
 
 
@@ -357,7 +363,8 @@ def plot_progressive(
     config, model, schedule, params = _restore(summary)
     T, size = config.diffusion.num_timesteps, config.data.image_size
     every = T // columns
-    spec = samplers.SamplerSpec("ancestral", steps=0, clip_denoised=True)  # the paper's chain
+    # Fig. 6 is the paper's chain whatever config.sample says: an explicit override.
+    spec = samplers.spec_from_config(config, method="ancestral", num_steps=0, clip_denoised=True)
     fn = jax.jit(
         lambda key: (
             samplers.draw(

@@ -26,10 +26,10 @@ def get_config():
     config.training.keep_every = 20
     config.training.sample_every = 20
     config.training.num_grid_samples = 4
-    config.training.grid_sample_steps = 5
+    config.training.grid_sample.num_steps = 5
     config.eval.num_samples = 16
     config.eval.batch_size = 8
-    config.eval.sample_steps = 100
+    config.sample.num_steps = 100
     config.eval.fid_split = "train[:1000]"
     config.eval.bpd_num_examples = 8
     config.eval.bpd_timesteps = 0

@@ -103,6 +103,14 @@ LAYERS = [
         "diffusion.sampling",
         "diffusion.parameterization",
         "diffusion.samplers",
+        "diffusion.samplers.base",
+        "diffusion.samplers.config",
+        "diffusion.samplers.grids",
+        "diffusion.samplers.denoiser",
+        "diffusion.samplers.ancestral",
+        "diffusion.samplers.ddim",
+        "diffusion.samplers.dpm_solver",
+        "diffusion.samplers.heun",
     },
     # 2: components: models, data, metrics, checkpoints
     {

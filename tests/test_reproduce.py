@@ -22,7 +22,7 @@ TINY = {
     "training.keep_every": 12,
     "training.sample_every": 12,
     "training.num_grid_samples": 4,
-    "training.grid_sample_steps": 5,
+    "training.grid_sample.num_steps": 5,
     "eval.num_samples": 8,
     "eval.batch_size": 8,
     "eval.bpd_num_examples": 4,
@@ -152,3 +152,16 @@ def test_bad_arguments_are_named():
         "training.lr": 2e-4,
         "model.ch_mult": (1, 2),
     }
+
+
+def test_overrides_reach_nested_fields_and_old_summaries_map_removed_ones():
+    c = reproduce.run_config(
+        "eps_simple", 0, {"training.grid_sample.num_steps": 5, "sample.heun.rho": 5.0}
+    )
+    assert c.training.grid_sample.num_steps == 5 and c.sample.heun.rho == 5.0
+    # A summary written before config.sample.num_steps existed still rebuilds its config.
+    old = reproduce.run_config(
+        "eps_simple", 0, {"eval.sample_steps": 3, "training.grid_sample_steps": 7}
+    )
+    assert old.sample.num_steps == 3 and old.training.grid_sample.num_steps == 7
+    assert old.eval.sample_steps is None and old.training.grid_sample_steps is None

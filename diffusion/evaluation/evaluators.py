@@ -240,7 +240,7 @@ class EvalContext:
         self.store = ResultsStore(io.join(self.eval_dir, "results.json"), main=self.main)
         self.network, self.feature_batch_size, self.writer = network, feature_batch_size, writer
         self.spec = samplers.spec_from_config(config)
-        self.chain = samplers.chain_tag(self.spec, config.diffusion.num_timesteps)
+        self.chain = samplers.tag(self.spec, config.diffusion.num_timesteps)
         self._feature_fn, self._feature_logits_fn = feature_fn, None
         self._refs: Dict[str, Tuple[str, fid_lib.ReferenceStatistics]] = {}
         self._step_cache: Dict[str, Any] = {}
@@ -346,7 +346,7 @@ class EvalContext:
     def file(self, kind: str, step: int, ext: str, per_process: bool = False) -> str:
         c = self.config
         name = f"{kind}_step_{step:08d}_n{c.eval.num_samples}_{self.chain}"
-        if not c.eval.clip_denoised:
+        if not self.spec.clip_denoised:
             name += "_noclip"
         if per_process and jax.process_count() > 1:
             name += f"_p{jax.process_index()}"
@@ -371,11 +371,13 @@ class EvalContext:
             "Step %d: drawing N=%d samples with the %s chain (global batch %d)",
             step,
             n,
-            generator.describe_chain(c),
+            samplers.describe(self.spec, c.diffusion.num_timesteps),
             generator.batch_for(n, c.eval.batch_size, int(self.mesh.devices.size)),
         )
         t0 = time.time()
-        images = generator.generate_samples(c, self.model, params, n, mesh=self.mesh)
+        images = generator.generate_samples(
+            c, self.model, params, n, mesh=self.mesh, spec=self.spec
+        )
         logging.info("Step %d: %d samples in %.1fs", step, n, time.time() - t0)
         self.timed("sampling", t0)
         io.write_npz(
@@ -409,13 +411,16 @@ class EvalContext:
             entry["samples"] = {
                 "num_samples": n,
                 "chain": self.chain,
-                "sample_steps": c.eval.sample_steps,
+                "num_steps": self.spec.num_steps,
+                "nfe": samplers.nfe(self.spec, c.diffusion.num_timesteps),
                 "method": self.spec.method,
-                "clip_denoised": c.eval.clip_denoised,
+                "clip_denoised": self.spec.clip_denoised,
                 "file": os.path.basename(self.file("samples", step, ".npz", per_process=True)),
             }
-            if self.spec.method == "ddim":
+            if samplers.get(self.spec.method).uses_eta:
                 entry["samples"]["eta"] = self.spec.eta
+            if self.spec.options:
+                entry["samples"]["options"] = dict(self.spec.options)
             self.store.save()
             t0 = time.time()
             extra = {}
@@ -556,7 +561,7 @@ class FidKidEvaluator(Evaluator):
         return {
             "num_gen": c.eval.num_samples,
             "chain": ctx.chain,
-            "clip_denoised": c.eval.clip_denoised,
+            "clip_denoised": ctx.spec.clip_denoised,
             "seed": c.seed,
             "dataset": c.data.dataset,
             "image_size": c.data.image_size,

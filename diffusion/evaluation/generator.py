@@ -12,13 +12,12 @@ import numpy as np
 
 from diffusion import factories, rng, samplers, sampling
 
-__all__ = ["make_sample_fn", "batch_for", "generate_samples", "describe_chain"]
+__all__ = ["make_sample_fn", "batch_for", "generate_samples"]
 
 
 def make_sample_fn(config, model, params, spec: Optional[samplers.SamplerSpec] = None) -> Callable:
     """``sample_fn(key, n) -> [n, H, W, C]`` float32 in [−1, 1] from ``params`` with ``spec``
-    (default `samplers.spec_from_config`: ``config.sample.method`` over ``eval.sample_steps``
-    steps, 0 = the full T-step chain)."""
+    (default `samplers.spec_from_config`: ``config.sample``)."""
     spec = spec or samplers.spec_from_config(config)
     param = factories.parameterization(config)
     schedule = factories.schedule_from_config(config)
@@ -36,28 +35,16 @@ def batch_for(n_global: int, batch_size: int, num_devices: int) -> int:
     return min(batch_size, max(1, math.ceil(n_global / num_devices)) * num_devices)
 
 
-def describe_chain(config) -> str:
-    """Human-readable chain of ``config`` for logs, e.g. 'full T=1000-step ancestral'."""
-    spec = samplers.spec_from_config(config)
-    T = config.diffusion.num_timesteps
-    if spec.method == "ancestral":
-        return (
-            "full T=%d-step ancestral" % T
-            if spec.steps == 0
-            else "respaced K=%d-step ancestral" % spec.steps
-        )
-    if spec.method == "ddim":
-        return "DDIM K=%d-step, eta=%g" % (spec.steps or T, spec.eta)
-    return "%s K=%d-step" % (spec.method, spec.steps or T)
-
-
-def generate_samples(config, model, params, num_samples: int, *, mesh) -> np.ndarray:
-    """This process's share of ``num_samples`` uint8 samples ``[N_local, H, W, C]`` drawn with the
-    configured sampler in global batches of ``config.eval.batch_size`` on ``mesh``."""
+def generate_samples(
+    config, model, params, num_samples: int, *, mesh, spec: Optional[samplers.SamplerSpec] = None
+) -> np.ndarray:
+    """This process's share of ``num_samples`` uint8 samples ``[N_local, H, W, C]`` drawn with
+    ``spec`` (default: ``config.sample``) in global batches of ``config.eval.batch_size`` on
+    ``mesh``."""
     key = rng.stream(config.seed, rng.EVAL_SAMPLES)
     batch = batch_for(num_samples, config.eval.batch_size, int(mesh.devices.size))
     return sampling.sample_in_batches(
-        make_sample_fn(config, model, params),
+        make_sample_fn(config, model, params, spec),
         num_samples,
         batch // jax.process_count(),
         key,

@@ -71,20 +71,7 @@ def eval_config_problems(config, *, num_devices: int = 1, process_count: int = 1
             f"config.eval.batch_size={b} (the global batch) must be divisible by the number "
             f"of devices {num_devices}; use a multiple of {num_devices}"
         )
-    p.extend(samplers.sampler_problems(config))
-    method = (config.get("sample") or {}).get("method", "ancestral")
-    k = e.sample_steps
-    if not _is_int(k) or k < 0 or (_is_int(T) and k > T):
-        p.append(
-            f"config.eval.sample_steps={k!r} is out of range; allowed: 0 (the full T-step "
-            f"chain) or 1..{T} (respaced)"
-        )
-    elif k > 0 and config.diffusion.var_type == "learned" and method == "ancestral":
-        p.append(
-            f"config.eval.sample_steps={k}: a respaced chain cannot use "
-            "config.diffusion.var_type='learned' (its log-variance is the one-step kernel's); "
-            "use config.eval.sample_steps=0 or --config.sample.method=ddim"
-        )
+    p.extend(samplers.config_problems(config))
     m = e.bpd_num_examples
     if not _is_int(m) or m < 0:
         p.append(
