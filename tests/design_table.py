@@ -1,7 +1,8 @@
 """The "Who imports whom" table of docs/design.md, computed from the code.
 
 `python tests/design_table.py` prints the table; `python tests/design_table.py --write` puts it
-into docs/design.md in place of the old one. `tests/test_docs.py` fails, naming the rows to
+into docs/design.md in place of the old one, and sets the module lists of the doc's "Layers" table
+from `LAYERS` in tests/test_layers.py. `tests/test_docs.py` fails, naming the rows to
 change, when the table in the doc and the code disagree.
 
 The graph: every ``import`` / ``from ... import`` of a module of this repository, found with
@@ -219,17 +220,60 @@ def layer_rows(text: str) -> dict[int, frozenset]:
     return out
 
 
-def write(path: pathlib.Path = DESIGN_MD) -> None:
-    """Replaces the table in the doc with the computed one."""
+def with_layers(text: str, layers) -> tuple[str, list[int]]:
+    """``text`` with the modules cell of each "## Layers" row set from ``layers`` (the `LAYERS`
+    list of tests/test_layers.py): documented modules keep their order, new ones are appended,
+    gone ones dropped; a package is marked "(package)". Also returns the layer indices that have
+    no row (a row, with its role, must be written by hand)."""
+    files = module_files()
+    at = text.find("## Layers")
+    if at < 0:
+        raise ValueError(f"{DESIGN_MD.name}: no '## Layers' section")
+    start = text.find("\n| ", at) + 1
+    lines = text[start:].splitlines(keepends=True)
+    seen = set()
+    for k, line in enumerate(lines):
+        if k < 2:
+            continue
+        if not line.startswith("|"):
+            break
+        cells = line.rstrip("\n").strip().strip("|").split("|")
+        index = int(cells[0].split(":")[0])
+        if index >= len(layers):
+            continue
+        seen.add(index)
+        want = {short(m) for m in layers[index]}
+        old = [n.strip() for n in cells[1].replace("`", "").replace("(package)", "").split(",")]
+        names = [n for n in old if n in want] + sorted(want - set(old))
+
+        def shown(n):
+            path = files.get("diffusion." + n)
+            return f"`{n}`" + (" (package)" if path and path.name == "__init__.py" else "")
+
+        cells[1] = " " + ", ".join(shown(n) for n in names) + " "
+        lines[k] = "|" + "|".join(cells) + "|\n"
+    missing = [i for i in range(len(layers)) if i not in seen]
+    return text[:start] + "".join(lines), missing
+
+
+def write(path: pathlib.Path = DESIGN_MD) -> list[int]:
+    """Replaces the import table in the doc with the computed one and the layer table's module
+    lists with `LAYERS`; returns the layer indices that have no row in the doc."""
+    from test_layers import LAYERS
+
     text = path.read_text(encoding="utf-8")
     start, end = _table_span(text)
-    path.write_text(text[:start] + table() + text[end:], encoding="utf-8")
+    text, missing = with_layers(text[:start] + table() + text[end:], LAYERS)
+    path.write_text(text, encoding="utf-8")
+    return missing
 
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["--write"]:
-        write()
-        print(f"wrote the import table into {DESIGN_MD.relative_to(REPO)}")
+        missing = write()
+        print(f"wrote the import table and the layer table's modules into {DESIGN_MD.name}")
+        if missing:
+            sys.exit(f"layers {missing} of LAYERS have no row in '## Layers': add them by hand")
     elif sys.argv[1:]:
         sys.exit("usage: python tests/design_table.py [--write]")
     else:

@@ -1,6 +1,7 @@
 """docs/design.md cannot drift from the code: its import table and its layer table are compared
 with the import graph and `LAYERS` as they are when the test runs. Fix a failure by running
-``python tests/design_table.py --write`` (the import table) or by editing the layer table."""
+``python tests/design_table.py --write`` (both tables' module lists; a new layer's row and every
+module's role are written by hand)."""
 
 import design_table as dt
 from test_layers import LAYERS
@@ -29,6 +30,7 @@ def test_the_design_layer_table_is_layers():
     assert not wrong, (
         "docs/design.md '## Layers' table differs from LAYERS in tests/test_layers.py:\n  "
         + "\n  ".join(wrong)
+        + "\nregenerate it with: python tests/design_table.py --write"
     )
 
 
@@ -67,3 +69,16 @@ def test_the_graph_sees_deferred_and_module_level_imports(tmp_path):
     assert graph["high"] == (frozenset({"low"}), frozenset({"sub.leaf"}))
     assert graph["launch"] == (frozenset(), frozenset({"high"}))
     assert graph["sub"] == graph["low"] == (frozenset(), frozenset())
+
+
+def test_write_sets_the_layer_rows_from_layers_and_keeps_their_order_and_roles():
+    text = (
+        "## Layers\n\n| layer | modules | role |\n|---|---|---|\n"
+        "| 1: up | `b`, `a`, `gone` | role one |\n| 0: base | `io` | role zero |\n\nafter\n"
+    )
+    layers = [{"diffusion.io"}, {"diffusion.a", "diffusion.b", "diffusion.c"}, {"diffusion.x"}]
+    out, missing = dt.with_layers(text, layers)
+    assert "| 1: up | `b`, `a`, `c` | role one |\n" in out
+    assert dt.layer_rows(out) == {1: {"a", "b", "c"}, 0: {"io"}}
+    assert out.endswith("| 0: base | `io` | role zero |\n\nafter\n")
+    assert missing == [2]  # a layer without a row is reported, not invented
