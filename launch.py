@@ -37,7 +37,7 @@ def main(argv):
     cpu_runtime.apply_xla_cpu_flags()  # before JAX starts its backend
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    # DIFFUSION_KEEP_FREED_MEMORY (cpu_runtime.keep_freed_memory); unset: sync for a process
+    # DDPM_KEEP_FREED_MEMORY (cpu_runtime.keep_freed_memory); unset: sync for a process
     # that only trains (1.14-1.30x steps/s at the same peak RSS), glibc's defaults for one that
     # samples or evaluates (slower and larger under sync; benchmarks/RESULTS.md §23).
     heap_default = "sync" if _MODE.value == "train" else "0"

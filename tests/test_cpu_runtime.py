@@ -80,7 +80,7 @@ def test_keep_freed_memory_is_opt_in_and_stops_refaulting_large_blocks():
     allocation and unmaps on free: every train step faulted its ~3 GB working set back in
     (~820k faults, ~2 s of kernel time per batch-32 CIFAR10 step). With glibc's settings (the
     variable unset, or ``0``) a 256 MiB block written, freed and allocated again faults all its
-    65,536 pages each time; with ``DIFFUSION_KEEP_FREED_MEMORY=1`` or ``sync`` the block's
+    65,536 pages each time; with ``DDPM_KEEP_FREED_MEMORY=1`` or ``sync`` the block's
     pages are reused after the first time."""
     pages = 256 * 1024 * 1024 // 4096
     env = cpu_runtime.KEEP_FREED_MEMORY_ENV
@@ -192,7 +192,7 @@ print("queued", queued)
 
 
 def test_synchronous_dispatch_runs_the_step_inline_on_a_fresh_batch():
-    """With ``DIFFUSION_KEEP_FREED_MEMORY=sync`` every call must run on the calling thread (its
+    """With ``DDPM_KEEP_FREED_MEMORY=sync`` every call must run on the calling thread (its
     heap, not a fresh mmap per call). XLA copies an unaligned host batch >= 100 KB on a worker
     thread; before `parallel.global_batch_from_local` waited for that copy, a step called right
     after it was queued for a pool thread instead whenever the copy had not finished (47 of 100

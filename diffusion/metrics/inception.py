@@ -57,6 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion import cpu_runtime
 from diffusion.metrics import torchscript_reader
 from diffusion.models import conv as conv_lib
 
@@ -502,9 +503,8 @@ def preprocess(images: jnp.ndarray) -> jnp.ndarray:
 
 
 def _cache_dir() -> str:
-    return os.environ.get(CACHE_ENV_VAR) or os.path.join(
-        os.path.expanduser("~"), ".cache", "ddpm_jax"
-    )
+    """The project's one cache directory (``$DDPM_CACHE_DIR``; `diffusion.cpu_runtime.cache_dir`)."""
+    return str(cpu_runtime.cache_dir())
 
 
 def _not_found_message(tried) -> str:
