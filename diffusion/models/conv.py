@@ -17,7 +17,7 @@ Implementations (per direction, see `conv3x3`):
            entries up to 8 and 1/24, so its fp32 error is larger: measured ~1e-6..5e-6 relative
            to the float64 result (vs ~2e-7 for lax.conv), see tests/test_conv.py.
 
-Model-level choices (``config.model.conv_impl``, `IMPLS`):
+Model-level choices (``config.runtime.conv_impl``, `IMPLS`):
   ``xla``        lax.conv forward and backward: exactly what nn.Conv does (the default off CPU).
   ``winograd``   F(2,3) forward, input gradient and weight gradient.
   ``winograd4``  F(4,3) in all three directions.
@@ -42,7 +42,7 @@ On CPU in float32, F(2,3)'s and F(4,3)'s tile transforms (input, output, the wei
 the kernel transform and its transpose) run as C++ XLA custom calls (`winograd_ffi`, built from
 ``winograd_cpu.cc`` on first use with the system's C++ compiler): one pass over the data instead
 of one XLA loop fusion per part, the same additions in the same order as the pure-JAX forms here,
-which stay as the fallback (no compiler, ``DDPM_JAX_WINOGRAD_FFI=0``) and as the tests' reference.
+which stay as the fallback (no compiler, ``DDPM_CPU_KERNELS=0``) and as the tests' reference.
 The transformed kernels are computed once per layer and direction, outside the batch chunks.
 
 Parameters are always plain HWIO ``[3, 3, Cin, Cout]`` kernels: the implementation is a pure
@@ -61,7 +61,7 @@ from jax import lax
 
 from diffusion.models import winograd_ffi
 
-#: Allowed values of ``config.model.conv_impl``.
+#: Allowed values of ``config.runtime.conv_impl``.
 IMPLS = ("auto", "xla", "winograd", "winograd4", "mixed")
 
 #: Per-direction kernels: forward (y), input gradient (dx), weight gradient (dw).
@@ -78,7 +78,7 @@ PLANS: Dict[str, Tuple[str, str, str]] = {
 _DN = ("NHWC", "HWIO", "NHWC")
 
 
-def check_conv_impl(value, field: str = "config.model.conv_impl") -> str:
+def check_conv_impl(value, field: str = "config.runtime.conv_impl") -> str:
     """Returns ``value`` if it is one of `IMPLS`, else raises ``ValueError`` naming ``field``."""
     if not isinstance(value, str) or value not in IMPLS:
         raise ValueError(
@@ -484,7 +484,7 @@ def _cpu_rule(h: int, w: int, cin: int, cout: int) -> Tuple[str, str, str]:
     rounds) and 1.11x at batch 32, compiling in 19 s against 16 s; with the pure-JAX transforms
     it had lost (0.92x, and 2.2x the compile time: each F(4,3) convolution was ~75 XLA kernels).
     Under 16x16, F(2,3) gradients replaced XLA's (RESULTS.md §21, 2026-12-03): the train step
-    with ``DIFFUSION_KEEP_FREED_MEMORY=sync`` was faster in 10 of 10 alternating rounds at batch
+    with ``DDPM_KEEP_FREED_MEMORY=sync`` was faster in 10 of 10 alternating rounds at batch
     8 (medians 1.104 vs 1.191 s, with `W2_WGRAD_MAX_TILE_ROWS`) and within noise at batch 32
     (5.35 vs 5.23 s; an earlier run 4.49 vs 5.02 s), with the same XLA temporaries; F(4,3)
     there ran within noise of F(2,3). F(4,3)'s fp32 error is ~10x F(2,3)'s (module docstring; still
@@ -524,7 +524,7 @@ def _cpu_infer_rule(h: int, w: int, cin: int, cout: int) -> str:
 
 
 def resolve_infer(conv_impl: str, shape, cout: int, dtype) -> Optional[str]:
-    """``config.model.conv_impl`` -> the forward method when not differentiated (None: the
+    """``config.runtime.conv_impl`` -> the forward method when not differentiated (None: the
     plan's own forward)."""
     check_conv_impl(conv_impl)
     if conv_impl == "auto":
@@ -533,7 +533,7 @@ def resolve_infer(conv_impl: str, shape, cout: int, dtype) -> Optional[str]:
 
 
 def resolve_plan(conv_impl: str, shape, cout: int, dtype) -> Tuple[str, str, str]:
-    """``config.model.conv_impl`` -> the per-direction plan for one layer."""
+    """``config.runtime.conv_impl`` -> the per-direction plan for one layer."""
     check_conv_impl(conv_impl)
     if conv_impl == "auto":
         return auto_choice(tuple(shape), cout, dtype)
