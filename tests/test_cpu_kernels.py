@@ -128,15 +128,17 @@ def test_the_off_switch(fresh, tmp_path, monkeypatch, name):
     assert "because turned off by DDPM_CPU_KERNELS=0" in cpu_kernels.status_line()
 
 
-def test_status_line_names_what_runs_and_why(fresh, tmp_path, monkeypatch):
+def test_status_line_names_what_runs_and_why(fresh, tmp_path, monkeypatch, caplog):
     assert "XLA's convolutions and GroupNorm (compute dtype bfloat16" in (
         cpu_kernels.status_line("bfloat16")
     )
     cxx, _ = _fake_compiler(tmp_path, 'echo "x.cc:3: error: boom" >&2; exit 1')
     monkeypatch.setenv("CXX", cxx)
-    line = cpu_kernels.status_line("float32", "auto")
+    with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
+        line = cpu_kernels.status_line("float32", "auto")
     assert "\n" not in line
-    assert line.startswith("CPU kernels: pure-JAX fallback") and "error: boom" in line
+    assert line.startswith(cpu_kernels.FALLBACK) and "error: boom" in line
+    assert not caplog.records  # the line carries the reason: no second message
 
 
 def test_the_pure_jax_fallback_computes_what_xla_computes(fresh, monkeypatch):

@@ -78,11 +78,12 @@ PLANS: Dict[str, Tuple[str, str, str]] = {
 _DN = ("NHWC", "HWIO", "NHWC")
 
 
-def check_conv_impl(value, field: str = "config.runtime.conv_impl") -> str:
-    """Returns ``value`` if it is one of `IMPLS`, else raises ``ValueError`` naming ``field``."""
-    if not isinstance(value, str) or value not in IMPLS:
+def check_conv_impl(value, field: str = "config.runtime.conv_impl", allowed=IMPLS) -> str:
+    """Returns ``value`` if it is one of ``allowed`` (default `IMPLS`), else raises
+    ``ValueError`` naming ``field`` and the allowed values."""
+    if not isinstance(value, str) or value not in allowed:
         raise ValueError(
-            f"{field}={value!r} is not one of {list(IMPLS)} "
+            f"{field}={value!r} is not one of {list(allowed)} "
             f"(auto: per-layer choice on CPU, XLA's conv elsewhere)"
         )
     return value
@@ -449,16 +450,28 @@ def conv3x3(
 # ----------------------------------------------------------------------------------------------
 # 'auto': a fixed table measured on the benchmark CPU (benchmarks/conv_select.py; RESULTS.md).
 # ----------------------------------------------------------------------------------------------
+def auto_active(dtype, backend: Optional[str] = None) -> bool:
+    """Whether ``conv_impl='auto'`` chooses per layer: only on the CPU backend with float32
+    compute (nothing was measured to help on GPU/TPU, whose convolution libraries are fast, nor
+    for bfloat16); elsewhere every ``auto`` rule is XLA's convolution. The one gate of both
+    networks' rules: the U-Net's (`auto_choice`, `auto_infer_choice`) and the FID Inception
+    network's (`diffusion.metrics.inception.conv_method`)."""
+    backend = jax.default_backend() if backend is None else backend
+    return backend == "cpu" and jnp.dtype(dtype) == jnp.float32
+
+
+def enough_channels(cin: int, cout: int) -> bool:
+    """Whether a layer has the channels (`_MIN_CHANNELS`, in and out) for ``auto`` to replace
+    XLA's convolution by matmul-based methods; shared by the U-Net's and Inception's rules."""
+    return min(cin, cout) >= _MIN_CHANNELS
+
+
 def auto_choice(
     shape: Tuple[int, int, int, int], cout: int, dtype, backend: Optional[str] = None
 ) -> Tuple[str, str, str]:
-    """The plan ``conv_impl='auto'`` uses for an input of ``shape`` (NHWC) and ``cout`` outputs.
-
-    XLA everywhere but on the CPU backend with float32 compute (nothing was measured to help on
-    GPU/TPU, whose convolution libraries are fast). On CPU: `_cpu_rule`.
-    """
-    backend = jax.default_backend() if backend is None else backend
-    if backend != "cpu" or jnp.dtype(dtype) != jnp.float32:
+    """The plan ``conv_impl='auto'`` uses for an input of ``shape`` (NHWC) and ``cout`` outputs:
+    XLA unless `auto_active`; then `_cpu_rule`."""
+    if not auto_active(dtype, backend):
         return PLANS["xla"]
     _, h, w, cin = shape
     return _cpu_rule(h, w, cin, cout)
@@ -467,6 +480,10 @@ def auto_choice(
 #: Fewer channels than this: XLA's conv on CPU (the RGB in/out convs, and small test models,
 #: whose compile time would grow with Winograd's many small kernels for little gain).
 _MIN_CHANNELS = 64
+
+
+#: The smallest layer (pixels, height and width) where `_cpu_rule` takes F(4,3) (RESULTS.md §17).
+F43_MIN_SIZE = 16
 
 
 #: The plan of `_cpu_rule` for layers under 16x16 (8x8 and 4x4 in the CIFAR10 U-Net): F(2,3) in
@@ -490,9 +507,9 @@ def _cpu_rule(h: int, w: int, cin: int, cout: int) -> Tuple[str, str, str]:
     there ran within noise of F(2,3). F(4,3)'s fp32 error is ~10x F(2,3)'s (module docstring; still
     ~1e-6..5e-6 relative on the U-Net).
     """
-    if min(cin, cout) < _MIN_CHANNELS:
+    if not enough_channels(cin, cout):
         return PLANS["xla"]
-    if min(h, w) < 16:
+    if min(h, w) < F43_MIN_SIZE:
         return SMALL_LAYER_PLAN
     return PLANS["winograd4"]
 
@@ -501,9 +518,8 @@ def auto_infer_choice(
     shape: Tuple[int, int, int, int], cout: int, dtype, backend: Optional[str] = None
 ) -> str:
     """The forward method ``conv_impl='auto'`` uses when the convolution is not differentiated
-    (sampling, evaluation): `_cpu_infer_rule` on CPU with float32 compute, else ``xla``."""
-    backend = jax.default_backend() if backend is None else backend
-    if backend != "cpu" or jnp.dtype(dtype) != jnp.float32:
+    (sampling, evaluation): `_cpu_infer_rule` if `auto_active`, else ``xla``."""
+    if not auto_active(dtype, backend):
         return "xla"
     _, h, w, cin = shape
     return _cpu_infer_rule(h, w, cin, cout)
@@ -638,6 +654,8 @@ __all__ = [
     "xla_conv",
     "winograd_conv",
     "conv3x3",
+    "auto_active",
+    "enough_channels",
     "auto_choice",
     "auto_infer_choice",
     "resolve_plan",

@@ -172,7 +172,9 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _load() -> None:
+def _load(quiet: bool = False) -> None:
+    """Builds (if needed), loads and registers the kernels once per process; a failure is
+    logged as a warning unless ``quiet`` (`status_line`, whose caller logs the reason)."""
     with _lock:
         if "ok" in _state:
             return
@@ -188,6 +190,8 @@ def _load() -> None:
         except Exception as e:  # noqa: BLE001 - any failure means: use the JAX transforms
             reason = f"{type(e).__name__}: {e}"
             _state.update(ok=False, reason=reason)
+            if quiet:
+                return
             logging.getLogger(__name__).warning(
                 "C++ CPU kernels (Winograd transforms, GroupNorm) unavailable, using the slower "
                 "pure-JAX forms: %s",
@@ -214,16 +218,28 @@ def usable(dtype) -> bool:
     return jnp.dtype(dtype) == jnp.float32 and jax.default_backend() == "cpu" and available()
 
 
+#: How `status_line` starts when the kernels should run but do not (a caller may warn then).
+FALLBACK = "CPU kernels: pure-JAX fallback"
+
+
 def status_line(dtype="float32", conv_impl: str = "auto") -> str:
     """One line saying how the U-Net's convolutions and GroupNorms are computed for a run whose
     compute dtype is ``dtype`` and whose ``config.runtime.conv_impl`` is ``conv_impl``: the C++
     custom calls, the pure-JAX fallback (and why: no compiler, the build failed (with the
     compiler's first error line), turned off by the variable) or XLA's own kernels (and why:
-    not the CPU backend, not float32, ``conv_impl='xla'``). Builds the kernels if needed."""
+    not the CPU backend, not float32, ``conv_impl='xla'``). Builds the kernels if needed; a
+    failed build is then not logged separately (the line has its reason)."""
     backend = jax.default_backend()
-    if backend != "cpu" or jnp.dtype(dtype) != jnp.float32:
-        why = f"backend {backend}" if backend != "cpu" else f"compute dtype {jnp.dtype(dtype)}"
-        return f"CPU kernels: XLA's convolutions and GroupNorm ({why}; the C++ kernels serve CPU float32)"
+    try:
+        dtype = jnp.dtype(dtype)
+    except TypeError:  # an invalid config value: validated (and reported) later
+        dtype = str(dtype)
+    if backend != "cpu" or dtype != jnp.float32:
+        why = f"backend {backend}" if backend != "cpu" else f"compute dtype {dtype}"
+        return (
+            f"CPU kernels: XLA's convolutions and GroupNorm ({why}; the C++ kernels: CPU float32)"
+        )
+    _load(quiet=True)  # the reason is in the line: no separate warning
     if available():
         convs = (
             "XLA convolutions (conv_impl='xla')"
@@ -235,6 +251,6 @@ def status_line(dtype="float32", conv_impl: str = "auto") -> str:
         )
     reason = (unavailable_reason() or "").splitlines()[0][:400]
     return (
-        "CPU kernels: pure-JAX fallback (slower: Winograd transforms and GroupNorm as XLA "
-        f"fusions; conv_impl={conv_impl!r}) because {reason}"
+        f"{FALLBACK} (slower: Winograd transforms and GroupNorm as XLA fusions; "
+        f"conv_impl={conv_impl!r}) because {reason}"
     )

@@ -127,6 +127,11 @@ def validate_unet_config(
     return problems
 
 
+#: The smallest feature-map height whose ResBlocks ``remat_resolutions=None`` recomputes on CPU
+#: (float32): the CIFAR10 U-Net's 32x32 top level (benchmarks/RESULTS.md §24).
+REMAT_MIN_HEIGHT = 32
+
+
 def auto_remat_resolutions(
     image_size: int, dtype: Dtype = jnp.float32, backend: Optional[str] = None
 ) -> Tuple[int, ...]:
@@ -140,7 +145,7 @@ def auto_remat_resolutions(
     if backend != "cpu" or jnp.dtype(dtype) != jnp.float32:
         return ()
     sizes, s = [], int(image_size)
-    while s >= 32:
+    while s >= REMAT_MIN_HEIGHT:
         sizes.append(s)
         s //= 2
     return tuple(sizes)
