@@ -34,8 +34,9 @@ with this network alone. :class:`InceptionV3WithLogits` is the same trunk plus t
 (:func:`make_feature_logits_fn`; see :func:`diffusion.metrics.fid.inception_score`).
 
 How the convolutions are computed is a pure compute choice, ``conv_impl`` of both factories
-(:func:`conv_method`): ``'auto'`` (default) on CPU float32 runs the 3x3 stride-1 convs with
->= 64 input channels by Winograd F(2x2, 3x3) (:mod:`diffusion.models.conv`; 'VALID' ones as the
+(:func:`conv_method`): ``'auto'`` (default; the U-Net's gate and channel rule,
+`diffusion.models.conv.auto_active` / ``enough_channels``) on CPU float32 runs the 3x3
+stride-1 convs with >= 64 channels by Winograd F(2x2, 3x3) (:mod:`diffusion.models.conv`; 'VALID' ones as the
 'SAME' result cropped), the 1x1 convs as one matmul and the 3x3 stride-2 convs with >= 64 input
 channels as 9 matmuls, XLA's conv for the rest and everywhere off CPU; ``'xla'`` is the former
 all-``lax.conv`` network. Parameters are the same; features agree within ~1e-6 relative.
