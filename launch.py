@@ -37,7 +37,7 @@ def main(argv):
     cpu_runtime.apply_xla_cpu_flags()  # before JAX starts its backend
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    # DIFFUSION_KEEP_FREED_MEMORY (cpu_runtime.keep_freed_memory); unset: sync for a process
+    # DDPM_KEEP_FREED_MEMORY (cpu_runtime.keep_freed_memory); unset: sync for a process
     # that only trains (1.14-1.30x steps/s at the same peak RSS), glibc's defaults for one that
     # samples or evaluates (slower and larger under sync; benchmarks/RESULTS.md §23).
     heap_default = "sync" if _MODE.value == "train" else "0"
@@ -69,6 +69,7 @@ def main(argv):
         heap_mode,
         "applied" if heap_kept else "glibc defaults" if heap_mode == "0" else "not applied",
     )
+    _log_kernels(_CONFIG.value)
     try:
         run(_CONFIG.value, _WORKDIR.value, _MODE.value)
     except Exception as e:  # noqa: BLE001 - every failure ends as one message, never a traceback
@@ -76,6 +77,22 @@ def main(argv):
         logging.error("%s", message)
         print(f"error: {message}", file=sys.stderr)
         _exit_now(status)
+
+
+def _log_kernels(config) -> str:
+    """Logs `diffusion.models.cpu_kernels.status_line` for the run's compute dtype and
+    ``config.runtime.conv_impl`` (which kernels run: C++ custom calls, the pure-JAX fallback,
+    XLA's; and if not the C++ ones, why), as a warning when the fallback runs. Builds the
+    kernels on the CPU backend if needed. Returns the line."""
+    from diffusion.models import cpu_kernels
+
+    runtime = config.get("runtime") or {}
+    line = cpu_kernels.status_line(
+        config.model.get("dtype", "float32"), runtime.get("conv_impl", "auto")
+    )
+    fallback = line.startswith(cpu_kernels.FALLBACK)
+    logging.log(logging.WARNING if fallback else logging.INFO, "%s", line)
+    return line
 
 
 def error_message(e: BaseException):

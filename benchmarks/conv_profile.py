@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     from diffusion import cpu_runtime
 
     cpu_runtime.apply_xla_cpu_flags()
-    cpu_runtime.keep_freed_memory()  # DIFFUSION_KEEP_FREED_MEMORY (unset: 0)
+    cpu_runtime.keep_freed_memory()  # DDPM_KEEP_FREED_MEMORY (unset: 0)
     try:
         import torch
 

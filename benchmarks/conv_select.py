@@ -39,7 +39,7 @@ def unet_conv_shapes(batch: int, config_name: str = "cifar10"):
     from diffusion import train
 
     cfg = importlib.import_module(f"experiments.{config_name}").get_config()
-    cfg.model.conv_impl = "xla"
+    cfg.runtime.conv_impl = "xla"
     model = train.create_model(cfg)
     s, c = cfg.data.image_size, cfg.data.channels
     x = jax.ShapeDtypeStruct((batch, s, s, c), jnp.float32)
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     from diffusion import cpu_runtime
 
     cpu_runtime.apply_xla_cpu_flags()
-    cpu_runtime.keep_freed_memory()  # DIFFUSION_KEEP_FREED_MEMORY (unset: 0)
+    cpu_runtime.keep_freed_memory()  # DDPM_KEEP_FREED_MEMORY (unset: 0)
     from benchmarks.common import matmul_peak
 
     dirs = ("fwd",) if a.forward_only else ("fwd", "dx", "dw")

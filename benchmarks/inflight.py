@@ -29,7 +29,7 @@ def main() -> None:
     from diffusion import cpu_runtime
 
     cpu_runtime.apply_xla_cpu_flags()
-    cpu_runtime.keep_freed_memory()  # DIFFUSION_KEEP_FREED_MEMORY (unset: 0)
+    cpu_runtime.keep_freed_memory()  # DDPM_KEEP_FREED_MEMORY (unset: 0)
     import importlib.util
 
     import jax

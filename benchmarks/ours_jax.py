@@ -24,13 +24,13 @@ CIFAR10_PARAMS = 35_746_307
 
 def cifar10_config(batch_size: int, conv_impl: Optional[str] = None):
     """``experiments/cifar10.py``'s config with the global batch set to ``batch_size`` (and
-    ``model.conv_impl`` set to ``conv_impl`` unless None: the config's own value, 'auto')."""
+    ``runtime.conv_impl`` set to ``conv_impl`` unless None: the config's own value, 'auto')."""
     from experiments import cifar10
 
     config = cifar10.get_config()
     config.training.batch_size = batch_size
     if conv_impl is not None:
-        config.model.conv_impl = conv_impl
+        config.runtime.conv_impl = conv_impl
     return config
 
 

@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument(
-        "--conv_impl", default=None, help="ours: config.model.conv_impl (default: config's)"
+        "--conv_impl", default=None, help="ours: config.runtime.conv_impl (default: config's)"
     )
     args = p.parse_args(argv)
 

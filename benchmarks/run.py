@@ -106,7 +106,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         const="1",
         default=None,
         choices=["0", "1", "sync"],
-        help="our side's DIFFUSION_KEEP_FREED_MEMORY (cpu_runtime.keep_freed_memory: XLA's "
+        help="our side's DDPM_KEEP_FREED_MEMORY (cpu_runtime.keep_freed_memory: XLA's "
         "per-step buffers reused instead of faulted in afresh, see RESULTS.md). Default: the "
         "variable if set, else sync (what launch.py --mode train runs; --mode "
         "train_and_evaluate runs 0, glibc's defaults); the bare flag means 1",
@@ -126,7 +126,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--conv_impl",
         default=None,
-        help="our config.model.conv_impl for every section (auto | xla | winograd | "
+        help="our config.runtime.conv_impl for every section (auto | xla | winograd | "
         "winograd4 | mixed; default: the config's, i.e. auto)",
     )
     p.add_argument(
@@ -696,7 +696,7 @@ def main(argv=None) -> int:
     )
     print("versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()))
     print(f"XLA_FLAGS: {res['xla_flags'] or '(none)'}")
-    print(f"our model.conv_impl: {res['conv_impl']}")
+    print(f"our runtime.conv_impl: {res['conv_impl']}")
     print(
         f"our side's {cpu_runtime.KEEP_FREED_MEMORY_ENV}: "
         f"{os.environ[cpu_runtime.KEEP_FREED_MEMORY_ENV]} (applied: {keep})"

@@ -242,7 +242,7 @@ def main(argv=None) -> int:
     from diffusion import cpu_runtime
 
     cpu_runtime.apply_xla_cpu_flags()  # as launch.py does; an XLA_FLAGS value given wins
-    cpu_runtime.keep_freed_memory()  # DIFFUSION_KEEP_FREED_MEMORY (unset: 0)
+    cpu_runtime.keep_freed_memory()  # DDPM_KEEP_FREED_MEMORY (unset: 0)
     profile_ours(args.batch, args.steps, args.top, args.trace_dir)
     if args.peer:
         profile_peer(args.batch, args.steps, args.top)

@@ -48,7 +48,7 @@ def main(argv=None) -> None:
     if args.repeats < 5:
         parser.error("--repeats must be >= 5")
 
-    model = get_model(dict(CIFAR10, dtype=args.dtype, remat=args.remat), out_ch=3)
+    model = get_model(dict(CIFAR10, dtype=args.dtype), out_ch=3, runtime={"remat": args.remat})
     model.validate(args.image_size)
     x = jax.random.normal(jax.random.PRNGKey(0), (args.batch, args.image_size, args.image_size, 3))
     t = jax.random.randint(jax.random.PRNGKey(1), (args.batch,), 0, 1000)

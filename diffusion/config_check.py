@@ -78,6 +78,7 @@ def config_problems(
     """
     from diffusion.data import KNOWN_DATASETS  # deferred: imports TensorFlow
     from diffusion.models import MODELS
+    from diffusion.models.registry import moved_field_problems
 
     p: List[str] = []
     _choice(p, config, "diffusion.beta_schedule", BETA_SCHEDULES)
@@ -101,6 +102,12 @@ def config_problems(
                 f"config.diffusion.beta_end={config.diffusion.beta_end}"
             )
     _choice(p, config, "model.name", MODELS)
+    p.extend(moved_field_problems(config.model))
+    if config.get("runtime") is not None:
+        from diffusion.models.conv import IMPLS
+
+        _choice(p, config, "runtime.conv_impl", IMPLS)
+        _choice(p, config, "runtime.remat", (True, False))
     _choice(p, config, "model.dtype", ("float32", "bfloat16"))
     _range(p, config, "model.dropout", lambda v: 0 <= v < 1, "0 <= dropout < 1")
     _range(p, config, "model.ch", lambda v: v > 0, "a positive integer", (int,))

@@ -15,7 +15,7 @@ Measured on 2 CPU cores, CIFAR10 U-Net train step at batch 32 (benchmarks/RESULT
     parameter-init program and the step's traced/lowered forms; dropping them lowered the
     batch-32 step's peak RSS by a further ~50 MiB (fresh processes: 3,661-3,666 -> 3,598-3,621
     MiB).
-  * `keep_freed_memory` (glibc ``mallopt``; ``DIFFUSION_KEEP_FREED_MEMORY=0|1|sync``, default
+  * `keep_freed_memory` (glibc ``mallopt``; ``DDPM_KEEP_FREED_MEMORY=0|1|sync``, default
     ``sync`` for ``launch.py --mode train`` and ``benchmarks.run``, ``0`` elsewhere): XLA
     CPU allocates the step's ~2 GiB of temporary buffers at every execution; glibc serves blocks
     that large with ``mmap`` and unmaps them on free, so every step faults ~3.2 GB of fresh
@@ -24,7 +24,7 @@ Measured on 2 CPU cores, CIFAR10 U-Net train step at batch 32 (benchmarks/RESULT
     heap that is not trimmed, the same memory is reused: 0 faults, ~0.2 s of kernel time. ``1``
     does that with one heap for all threads, which can fragment: a jitted function with a 256 MiB
     temporary grew the process to ~4 GiB before it stopped faulting (glibc's defaults: ~1 GiB).
-    ``DIFFUSION_KEEP_FREED_MEMORY=sync`` keeps glibc's per-thread heaps and instead runs CPU
+    ``DDPM_KEEP_FREED_MEMORY=sync`` keeps glibc's per-thread heaps and instead runs CPU
     computations synchronously on the calling thread, whose heap serves XLA's buffers without
     ``mmap``: the same 0 faults on the train step without one heap shared by all threads (the
     ``1`` mode's lock contention cost as much user time at batch 8 as the faults had). In
@@ -34,13 +34,60 @@ Measured on 2 CPU cores, CIFAR10 U-Net train step at batch 32 (benchmarks/RESULT
     batch (`diffusion.parallel.global_batch_from_local`). It is the default only for processes
     that just train: in ``--mode train_and_evaluate`` (the main job) evaluation under ``sync``
     took 3 min 49 s against 3 min 10 s and the process peaked at 8.5 GB against 4.8 GB.
+
+The project's environment variables all start with ``DDPM_`` and are read through `getenv`, which
+still accepts the names they replaced (`RENAMED_ENV`) with a one-time warning naming the new
+one; `cache_dir` is the one cache directory (compiled C++ kernels, FID Inception weights).
+Every variable and knob is in docs/performance.md (tests/test_performance_doc.py keeps it
+complete).
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
+from pathlib import Path
 from typing import MutableMapping, Optional
+
+#: Old environment variable -> the ``DDPM_`` name that replaces it (the old name keeps working,
+#: with one warning per process).
+RENAMED_ENV = {
+    "DIFFUSION_KEEP_FREED_MEMORY": "DDPM_KEEP_FREED_MEMORY",
+    "DDPM_JAX_WINOGRAD_FFI": "DDPM_CPU_KERNELS",
+    "DDPM_JAX_CACHE": "DDPM_CACHE_DIR",
+}
+_warned: set = set()
+
+
+def getenv(
+    name: str, default: Optional[str] = None, environ: Optional[MutableMapping[str, str]] = None
+) -> Optional[str]:
+    """The value of the environment variable ``name`` in ``environ`` (default ``os.environ``);
+    unset or empty: the value of the old name it replaces (`RENAMED_ENV`), logged once per
+    process as a warning naming ``name``; else ``default``."""
+    env = os.environ if environ is None else environ
+    value = env.get(name)
+    if value:
+        return value
+    for old, new in RENAMED_ENV.items():
+        if new == name and env.get(old):
+            if old not in _warned:
+                _warned.add(old)
+                logging.getLogger(__name__).warning(
+                    "environment variable %s is deprecated: set %s=%s instead", old, new, env[old]
+                )
+            return env[old]
+    return default
+
+
+def cache_dir(environ: Optional[MutableMapping[str, str]] = None) -> Path:
+    """The project's one cache directory: ``$DDPM_CACHE_DIR`` (old name ``DDPM_JAX_CACHE``), else
+    ``~/.cache/ddpm_jax``. Holds the compiled C++ CPU kernels (and their build-failure markers)
+    and is searched for the FID Inception weights."""
+    root = getenv("DDPM_CACHE_DIR", environ=environ)
+    return Path(root) if root else Path.home() / ".cache" / "ddpm_jax"
+
 
 #: Appended to ``XLA_FLAGS`` by `apply_xla_cpu_flags` unless the user set the same flag.
 XLA_CPU_FLAGS = (
@@ -77,20 +124,21 @@ def apply_xla_cpu_flags(
 
 #: Selects `keep_freed_memory`'s mode: ``0`` (glibc's defaults), ``1`` or ``sync``; when unset, the
 #: caller's default (``launch.py --mode train`` and ``benchmarks.run``: ``sync``; elsewhere ``0``).
-KEEP_FREED_MEMORY_ENV = "DIFFUSION_KEEP_FREED_MEMORY"
+KEEP_FREED_MEMORY_ENV = "DDPM_KEEP_FREED_MEMORY"
 KEEP_FREED_MEMORY_MODES = ("0", "1", "sync")
 
 
 def keep_freed_memory_mode(
     environ: Optional[MutableMapping[str, str]] = None, default: str = "0"
 ) -> str:
-    """The mode `keep_freed_memory` applies: ``DIFFUSION_KEEP_FREED_MEMORY`` from ``environ``
-    (default ``os.environ``) when set and non-empty, else ``default``. Raises ValueError naming
+    """The mode `keep_freed_memory` applies: ``DDPM_KEEP_FREED_MEMORY`` (old name
+    ``DIFFUSION_KEEP_FREED_MEMORY``) from ``environ`` (default ``os.environ``) when set and
+    non-empty, else ``default``. Raises ValueError naming
     the variable and the accepted values for anything else (a typo must not silently fall back)."""
     if default not in KEEP_FREED_MEMORY_MODES:
         raise ValueError(f"default={default!r} is not one of {KEEP_FREED_MEMORY_MODES}")
     env = os.environ if environ is None else environ
-    mode = env.get(KEEP_FREED_MEMORY_ENV, "").strip() or default
+    mode = (getenv(KEEP_FREED_MEMORY_ENV, "", env) or "").strip() or default
     if mode not in KEEP_FREED_MEMORY_MODES:
         raise ValueError(
             f"{KEEP_FREED_MEMORY_ENV}={mode!r} is not one of {', '.join(KEEP_FREED_MEMORY_MODES)}: "
@@ -106,7 +154,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 
 def keep_freed_memory(*, force: bool = False, default: str = "0") -> bool:
     """Makes glibc keep and reuse freed memory instead of returning it to the OS on every free,
-    in the mode `keep_freed_memory_mode` gives (``DIFFUSION_KEEP_FREED_MEMORY`` if set, else
+    in the mode `keep_freed_memory_mode` gives (``DDPM_KEEP_FREED_MEMORY`` if set, else
     ``default``): ``1`` or ``sync`` apply it, ``0`` keeps glibc's defaults; ``force`` means
     ``1``. ``launch.py --mode train`` and ``benchmarks.run`` pass ``default='sync'``.
 

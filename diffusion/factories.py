@@ -43,11 +43,11 @@ def parameterization(config) -> Parameterization:
 
 def create_model(config):
     """The registered network of ``config.model`` with ``out_ch`` set by the variance type
-    (C, or 2C for learned Σ)."""
+    (C, or 2C for learned Σ) and the compute choices of ``config.runtime`` (absent: defaults)."""
     from diffusion.models import get_model
 
     out_ch = parameterization(config).output_channels(config.data.channels)
-    return get_model(config.model, out_ch=out_ch)
+    return get_model(config.model, out_ch=out_ch, runtime=config.get("runtime"))
 
 
 def schedule_from_config(config) -> Schedule:

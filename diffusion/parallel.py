@@ -99,7 +99,7 @@ def global_batch_from_local(local_batch: Any, mesh: Mesh) -> Any:
     (B = B_local · process_count) sharded over 'data' (``jax.make_array_from_process_local_data``).
 
     On CPU devices with synchronous dispatch (``jax_cpu_enable_async_dispatch=False``, which
-    ``DIFFUSION_KEEP_FREED_MEMORY=sync`` sets) it returns only once the arrays are copied in.
+    ``DDPM_KEEP_FREED_MEMORY=sync`` sets) it returns only once the arrays are copied in.
     XLA CPU copies a host array of 100 KB or more that is not 64-byte aligned on a worker
     thread, and a computation called with an input still being copied is not run inline but
     queued for a pool thread: there its temporaries come from that thread's heap, i.e. a fresh

@@ -19,7 +19,7 @@ def get_config():
     config.diffusion.var_type = "fixedsmall"  # as the released 256x256 code samples
     config.model.ch_mult = (1, 1, 2, 2, 4, 4)
     config.model.dropout = 0.0
-    config.model.remat = False
+    config.runtime.remat = False
     config.training.lr = 2e-5
     config.training.batch_size = 64
     config.training.num_train_steps = 500_000

@@ -33,11 +33,19 @@ def get_config():
     m.dropout = 0.1
     m.resamp_with_conv = True
     m.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
-    m.remat = False  # rematerialise each block (memory for 256x256)
-    m.conv_impl = "auto"  # auto | xla | winograd | winograd4 | mixed (3x3 conv compute)
+    # moved to config.runtime (naming them here is a one-line error):
+    m.conv_impl = ml_collections.config_dict.placeholder(str)
+    m.remat = ml_collections.config_dict.placeholder(bool)
+    m.remat_resolutions = ml_collections.config_dict.placeholder(tuple)
+
+    # How this host computes the model: pure compute choices, the same parameters and (to float
+    # rounding) the same results; every knob and variable is in docs/performance.md.
+    config.runtime = r = ml_collections.ConfigDict()
+    r.conv_impl = "auto"  # auto | xla | winograd | winograd4 | mixed (3x3 conv compute)
+    r.remat = False  # rematerialise each block (memory for 256x256)
     # ResBlocks recomputed in the backward pass, by feature-map height, e.g. (32,); unset: on CPU
     # (float32) the heights >= 32, elsewhere none (diffusion.models.unet.auto_remat_resolutions)
-    m.remat_resolutions = ml_collections.config_dict.placeholder(tuple)
+    r.remat_resolutions = ml_collections.config_dict.placeholder(tuple)
 
     # Optimisation, EMA, logging and checkpoint cadence (docs/reference.md, "Training hyperparameters").
     config.training = t = ml_collections.ConfigDict()

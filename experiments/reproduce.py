@@ -547,7 +547,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     quiet_logs.install()
     cpu_runtime.apply_xla_cpu_flags()  # before JAX starts its backend
-    cpu_runtime.keep_freed_memory()  # DIFFUSION_KEEP_FREED_MEMORY (unset: 0)
+    cpu_runtime.keep_freed_memory()  # DDPM_KEEP_FREED_MEMORY (unset: 0)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 

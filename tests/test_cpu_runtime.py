@@ -1,6 +1,9 @@
 """CPU runtime settings: XLA flags are added without overriding the user's, and heap trimming is
-safe to call."""
+safe to call. The heap tests need glibc (``libc.so.6``: ``mallopt``, ``malloc_trim``) and the
+RSS test Linux's ``/proc``: elsewhere (macOS, musl) they are skipped with that reason, and the
+functions are checked to do nothing rather than fail."""
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -8,6 +11,36 @@ import sys
 import pytest
 
 from diffusion import cpu_runtime
+
+
+def _has_glibc() -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim")
+    except OSError:
+        return False
+
+
+needs_glibc = pytest.mark.skipif(
+    not _has_glibc(), reason=f"needs Linux with glibc (libc.so.6), not {sys.platform}"
+)
+needs_proc = pytest.mark.skipif(
+    not os.path.exists("/proc/self/status"), reason="needs Linux's /proc/self/status (VmRSS)"
+)
+
+
+def test_without_glibc_the_heap_functions_do_nothing(monkeypatch):
+    """On macOS or musl there is no ``libc.so.6``: the functions report False, never raise."""
+
+    def no_libc(name, *a, **k):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(cpu_runtime.ctypes, "CDLL", no_libc)
+    monkeypatch.setenv(cpu_runtime.KEEP_FREED_MEMORY_ENV, "1")
+    assert cpu_runtime.release_free_heap() is False
+    assert cpu_runtime.keep_freed_memory(force=True) is False
 
 
 def test_flags_are_appended_and_user_values_win():
@@ -26,6 +59,7 @@ def test_flags_are_appended_and_user_values_win():
     assert cpu_runtime.apply_xla_cpu_flags(dict(env), force=True) == out  # idempotent
 
 
+@needs_glibc
 def test_jax_accepts_the_flags_and_trimming_is_harmless():
     """A fresh process with the flags set starts the CPU backend and computes (an unknown flag
     would abort it), then trims its heap and computes again."""
@@ -75,12 +109,13 @@ def _faults_per_call(env_extra):
     return keep, [int(ln.split()[1]) for ln in lines if ln.startswith("faults ")], is_async
 
 
+@needs_glibc
 def test_keep_freed_memory_is_opt_in_and_stops_refaulting_large_blocks():
     """XLA CPU's per-execution buffers are large blocks, which glibc maps afresh for every
     allocation and unmaps on free: every train step faulted its ~3 GB working set back in
     (~820k faults, ~2 s of kernel time per batch-32 CIFAR10 step). With glibc's settings (the
     variable unset, or ``0``) a 256 MiB block written, freed and allocated again faults all its
-    65,536 pages each time; with ``DIFFUSION_KEEP_FREED_MEMORY=1`` or ``sync`` the block's
+    65,536 pages each time; with ``DDPM_KEEP_FREED_MEMORY=1`` or ``sync`` the block's
     pages are reused after the first time."""
     pages = 256 * 1024 * 1024 // 4096
     env = cpu_runtime.KEEP_FREED_MEMORY_ENV
@@ -156,6 +191,8 @@ print(before, after, first, again, expect)
 """
 
 
+@needs_glibc
+@needs_proc
 def test_release_compile_caches_frees_cached_programs_and_keeps_functions_usable():
     """A cached executable holds its own copies of a program's constants: dropping JAX's caches
     gives at least the 64 MiB constant back, and the function still computes the same value."""
@@ -191,8 +228,9 @@ print("queued", queued)
 """
 
 
+@needs_glibc
 def test_synchronous_dispatch_runs_the_step_inline_on_a_fresh_batch():
-    """With ``DIFFUSION_KEEP_FREED_MEMORY=sync`` every call must run on the calling thread (its
+    """With ``DDPM_KEEP_FREED_MEMORY=sync`` every call must run on the calling thread (its
     heap, not a fresh mmap per call). XLA copies an unaligned host batch >= 100 KB on a worker
     thread; before `parallel.global_batch_from_local` waited for that copy, a step called right
     after it was queued for a pool thread instead whenever the copy had not finished (47 of 100

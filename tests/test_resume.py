@@ -218,14 +218,14 @@ def test_relaunch_with_grad_clip_off_exits_nonzero_and_keeps_the_checkpoint(tmp_
         "--config.training.grad_clip=0",
     ]
     env = {
-        **{k: v for k, v in os.environ.items() if k != "DIFFUSION_KEEP_FREED_MEMORY"},
+        **{k: v for k, v in os.environ.items() if k != "DDPM_KEEP_FREED_MEMORY"},
         "PYTHONPATH": ROOT,
     }
     # The log says which heap mode ran; with the variable unset: glibc's defaults for a process
     # that evaluates, sync for one that only trains (cpu_runtime.keep_freed_memory).
     for mode, heap in (
-        ("train_and_evaluate", "DIFFUSION_KEEP_FREED_MEMORY=0 (glibc defaults)"),
-        ("train", "DIFFUSION_KEEP_FREED_MEMORY=sync (applied)"),
+        ("train_and_evaluate", "DDPM_KEEP_FREED_MEMORY=0 (glibc defaults)"),
+        ("train", "DDPM_KEEP_FREED_MEMORY=sync (applied)"),
     ):
         cmd[cmd.index("--mode") + 1] = mode
         p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)

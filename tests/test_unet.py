@@ -497,10 +497,9 @@ def test_get_model_registry():
             dropout=0.1,
             resamp_with_conv=True,
             dtype="bfloat16",
-            remat=True,
         )
     )
-    model = get_model(cfg, out_ch=6)
+    model = get_model(cfg, out_ch=6, runtime={"remat": True})
     assert isinstance(model, UNet) and MODELS["ddpm_unet"] is UNet
     assert (model.out_ch, model.dtype, model.remat, model.ch_mult) == (
         6,
@@ -517,7 +516,6 @@ def test_get_model_registry():
             attn_resolutions=[16],
             dropout=0.1,
             dtype="float32",
-            remat=False,
         ),
         out_ch=6,
     )

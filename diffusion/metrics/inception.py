@@ -34,8 +34,9 @@ with this network alone. :class:`InceptionV3WithLogits` is the same trunk plus t
 (:func:`make_feature_logits_fn`; see :func:`diffusion.metrics.fid.inception_score`).
 
 How the convolutions are computed is a pure compute choice, ``conv_impl`` of both factories
-(:func:`conv_method`): ``'auto'`` (default) on CPU float32 runs the 3x3 stride-1 convs with
->= 64 input channels by Winograd F(2x2, 3x3) (:mod:`diffusion.models.conv`; 'VALID' ones as the
+(:func:`conv_method`): ``'auto'`` (default; the U-Net's gate and channel rule,
+`diffusion.models.conv.auto_active` / ``enough_channels``) on CPU float32 runs the 3x3
+stride-1 convs with >= 64 channels by Winograd F(2x2, 3x3) (:mod:`diffusion.models.conv`; 'VALID' ones as the
 'SAME' result cropped), the 1x1 convs as one matmul and the 3x3 stride-2 convs with >= 64 input
 channels as 9 matmuls, XLA's conv for the rest and everywhere off CPU; ``'xla'`` is the former
 all-``lax.conv`` network. Parameters are the same; features agree within ~1e-6 relative.
@@ -57,6 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion import cpu_runtime
 from diffusion.metrics import torchscript_reader
 from diffusion.models import conv as conv_lib
 
@@ -114,12 +116,7 @@ CONV_IMPLS = ("auto", "xla", "winograd", "winograd4")
 
 def check_inception_conv_impl(value) -> str:
     """Returns ``value`` if it is one of `CONV_IMPLS`, else raises ``ValueError``."""
-    if not isinstance(value, str) or value not in CONV_IMPLS:
-        raise ValueError(
-            f"Inception conv_impl={value!r} is not one of {list(CONV_IMPLS)} "
-            "(auto: measured per-layer choice on CPU float32, XLA's conv elsewhere)"
-        )
-    return value
+    return conv_lib.check_conv_impl(value, "Inception conv_impl", CONV_IMPLS)
 
 
 def conv_method(
@@ -143,12 +140,13 @@ def conv_method(
       ``'taps'``  3x3 stride-2 'VALID' conv as the sum of 9 matmuls of strided input slices.
 
     ``conv_impl``: ``'xla'`` everything XLA; ``'winograd'`` / ``'winograd4'`` every 3x3
-    stride-1 conv by F(2,3) / F(4,3), the rest XLA; ``'auto'`` on the CPU backend with float32
-    compute the per-layer choice measured on the benchmark CPU (benchmarks/RESULTS.md, "FID
-    Inception convolutions"): F(2,3) for the 3x3 stride-1 convs with >= 64 input channels,
-    ``dot`` for the 1x1 convs, ``taps`` for the 3x3 stride-2 convs with >= 64 input channels,
-    XLA for the rest (the 32-channel stem convs, 1x7/7x1, 1x3/3x1, 5x5, the RGB stem conv);
-    anywhere else (GPU/TPU, other dtypes) ``'xla'``.
+    stride-1 conv by F(2,3) / F(4,3), the rest XLA; ``'auto'``: the U-Net's rule
+    (`diffusion.models.conv`): XLA unless `conv_lib.auto_active` (CPU backend, float32) and
+    `conv_lib.enough_channels` (>= 64 in and out), else the matmul form of the layer's kernel
+    shape measured on the benchmark CPU (benchmarks/RESULTS.md, "FID Inception convolutions"):
+    F(2,3) for the 3x3 stride-1 convs (F(4,3), the U-Net's choice at >= 16x16, lost on every
+    Inception layer: 35x35 64->96 197 vs 76 ms), ``dot`` for the 1x1 convs, ``taps`` for the 3x3
+    stride-2 convs, XLA for the rest (1x7/7x1, 1x3/3x1, 5x5, the 32-channel stem convs).
     """
     check_inception_conv_impl(conv_impl)
     kh, kw = _pair(kernel_size)
@@ -158,14 +156,15 @@ def conv_method(
         return "xla"
     if conv_impl in ("winograd", "winograd4"):
         return ("w2" if conv_impl == "winograd" else "w4") if s1_3x3 else "xla"
-    backend = jax.default_backend() if backend is None else backend
-    if backend != "cpu" or jnp.dtype(dtype) != jnp.float32:
+    if not conv_lib.auto_active(dtype, backend):
         return "xla"
-    if s1_3x3 and cin >= 64:
-        return "w2"
     if (kh, kw) == (1, 1) and stride == 1 and (ph, pw) == (0, 0):
-        return "dot"
-    if (kh, kw) == (3, 3) and stride == 2 and (ph, pw) == (0, 0) and cin >= 64:
+        return "dot"  # (not a convolution: one matmul at any channel count)
+    if not conv_lib.enough_channels(cin, cout):
+        return "xla"
+    if s1_3x3:
+        return "w2"
+    if (kh, kw) == (3, 3) and stride == 2 and (ph, pw) == (0, 0):
         return "taps"
     return "xla"
 
@@ -502,9 +501,8 @@ def preprocess(images: jnp.ndarray) -> jnp.ndarray:
 
 
 def _cache_dir() -> str:
-    return os.environ.get(CACHE_ENV_VAR) or os.path.join(
-        os.path.expanduser("~"), ".cache", "ddpm_jax"
-    )
+    """The project's one cache directory (``$DDPM_CACHE_DIR``; `diffusion.cpu_runtime.cache_dir`)."""
+    return str(cpu_runtime.cache_dir())
 
 
 def _not_found_message(tried) -> str:

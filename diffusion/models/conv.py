@@ -17,7 +17,7 @@ Implementations (per direction, see `conv3x3`):
            entries up to 8 and 1/24, so its fp32 error is larger: measured ~1e-6..5e-6 relative
            to the float64 result (vs ~2e-7 for lax.conv), see tests/test_conv.py.
 
-Model-level choices (``config.model.conv_impl``, `IMPLS`):
+Model-level choices (``config.runtime.conv_impl``, `IMPLS`):
   ``xla``        lax.conv forward and backward: exactly what nn.Conv does (the default off CPU).
   ``winograd``   F(2,3) forward, input gradient and weight gradient.
   ``winograd4``  F(4,3) in all three directions.
@@ -42,7 +42,7 @@ On CPU in float32, F(2,3)'s and F(4,3)'s tile transforms (input, output, the wei
 the kernel transform and its transpose) run as C++ XLA custom calls (`winograd_ffi`, built from
 ``winograd_cpu.cc`` on first use with the system's C++ compiler): one pass over the data instead
 of one XLA loop fusion per part, the same additions in the same order as the pure-JAX forms here,
-which stay as the fallback (no compiler, ``DDPM_JAX_WINOGRAD_FFI=0``) and as the tests' reference.
+which stay as the fallback (no compiler, ``DDPM_CPU_KERNELS=0``) and as the tests' reference.
 The transformed kernels are computed once per layer and direction, outside the batch chunks.
 
 Parameters are always plain HWIO ``[3, 3, Cin, Cout]`` kernels: the implementation is a pure
@@ -61,7 +61,7 @@ from jax import lax
 
 from diffusion.models import winograd_ffi
 
-#: Allowed values of ``config.model.conv_impl``.
+#: Allowed values of ``config.runtime.conv_impl``.
 IMPLS = ("auto", "xla", "winograd", "winograd4", "mixed")
 
 #: Per-direction kernels: forward (y), input gradient (dx), weight gradient (dw).
@@ -78,11 +78,12 @@ PLANS: Dict[str, Tuple[str, str, str]] = {
 _DN = ("NHWC", "HWIO", "NHWC")
 
 
-def check_conv_impl(value, field: str = "config.model.conv_impl") -> str:
-    """Returns ``value`` if it is one of `IMPLS`, else raises ``ValueError`` naming ``field``."""
-    if not isinstance(value, str) or value not in IMPLS:
+def check_conv_impl(value, field: str = "config.runtime.conv_impl", allowed=IMPLS) -> str:
+    """Returns ``value`` if it is one of ``allowed`` (default `IMPLS`), else raises
+    ``ValueError`` naming ``field`` and the allowed values."""
+    if not isinstance(value, str) or value not in allowed:
         raise ValueError(
-            f"{field}={value!r} is not one of {list(IMPLS)} "
+            f"{field}={value!r} is not one of {list(allowed)} "
             f"(auto: per-layer choice on CPU, XLA's conv elsewhere)"
         )
     return value
@@ -449,16 +450,28 @@ def conv3x3(
 # ----------------------------------------------------------------------------------------------
 # 'auto': a fixed table measured on the benchmark CPU (benchmarks/conv_select.py; RESULTS.md).
 # ----------------------------------------------------------------------------------------------
+def auto_active(dtype, backend: Optional[str] = None) -> bool:
+    """Whether ``conv_impl='auto'`` chooses per layer: only on the CPU backend with float32
+    compute (nothing was measured to help on GPU/TPU, whose convolution libraries are fast, nor
+    for bfloat16); elsewhere every ``auto`` rule is XLA's convolution. The one gate of both
+    networks' rules: the U-Net's (`auto_choice`, `auto_infer_choice`) and the FID Inception
+    network's (`diffusion.metrics.inception.conv_method`)."""
+    backend = jax.default_backend() if backend is None else backend
+    return backend == "cpu" and jnp.dtype(dtype) == jnp.float32
+
+
+def enough_channels(cin: int, cout: int) -> bool:
+    """Whether a layer has the channels (`_MIN_CHANNELS`, in and out) for ``auto`` to replace
+    XLA's convolution by matmul-based methods; shared by the U-Net's and Inception's rules."""
+    return min(cin, cout) >= _MIN_CHANNELS
+
+
 def auto_choice(
     shape: Tuple[int, int, int, int], cout: int, dtype, backend: Optional[str] = None
 ) -> Tuple[str, str, str]:
-    """The plan ``conv_impl='auto'`` uses for an input of ``shape`` (NHWC) and ``cout`` outputs.
-
-    XLA everywhere but on the CPU backend with float32 compute (nothing was measured to help on
-    GPU/TPU, whose convolution libraries are fast). On CPU: `_cpu_rule`.
-    """
-    backend = jax.default_backend() if backend is None else backend
-    if backend != "cpu" or jnp.dtype(dtype) != jnp.float32:
+    """The plan ``conv_impl='auto'`` uses for an input of ``shape`` (NHWC) and ``cout`` outputs:
+    XLA unless `auto_active`; then `_cpu_rule`."""
+    if not auto_active(dtype, backend):
         return PLANS["xla"]
     _, h, w, cin = shape
     return _cpu_rule(h, w, cin, cout)
@@ -467,6 +480,10 @@ def auto_choice(
 #: Fewer channels than this: XLA's conv on CPU (the RGB in/out convs, and small test models,
 #: whose compile time would grow with Winograd's many small kernels for little gain).
 _MIN_CHANNELS = 64
+
+
+#: The smallest layer (pixels, height and width) where `_cpu_rule` takes F(4,3) (RESULTS.md §17).
+F43_MIN_SIZE = 16
 
 
 #: The plan of `_cpu_rule` for layers under 16x16 (8x8 and 4x4 in the CIFAR10 U-Net): F(2,3) in
@@ -484,15 +501,15 @@ def _cpu_rule(h: int, w: int, cin: int, cout: int) -> Tuple[str, str, str]:
     rounds) and 1.11x at batch 32, compiling in 19 s against 16 s; with the pure-JAX transforms
     it had lost (0.92x, and 2.2x the compile time: each F(4,3) convolution was ~75 XLA kernels).
     Under 16x16, F(2,3) gradients replaced XLA's (RESULTS.md §21, 2026-12-03): the train step
-    with ``DIFFUSION_KEEP_FREED_MEMORY=sync`` was faster in 10 of 10 alternating rounds at batch
+    with ``DDPM_KEEP_FREED_MEMORY=sync`` was faster in 10 of 10 alternating rounds at batch
     8 (medians 1.104 vs 1.191 s, with `W2_WGRAD_MAX_TILE_ROWS`) and within noise at batch 32
     (5.35 vs 5.23 s; an earlier run 4.49 vs 5.02 s), with the same XLA temporaries; F(4,3)
     there ran within noise of F(2,3). F(4,3)'s fp32 error is ~10x F(2,3)'s (module docstring; still
     ~1e-6..5e-6 relative on the U-Net).
     """
-    if min(cin, cout) < _MIN_CHANNELS:
+    if not enough_channels(cin, cout):
         return PLANS["xla"]
-    if min(h, w) < 16:
+    if min(h, w) < F43_MIN_SIZE:
         return SMALL_LAYER_PLAN
     return PLANS["winograd4"]
 
@@ -501,9 +518,8 @@ def auto_infer_choice(
     shape: Tuple[int, int, int, int], cout: int, dtype, backend: Optional[str] = None
 ) -> str:
     """The forward method ``conv_impl='auto'`` uses when the convolution is not differentiated
-    (sampling, evaluation): `_cpu_infer_rule` on CPU with float32 compute, else ``xla``."""
-    backend = jax.default_backend() if backend is None else backend
-    if backend != "cpu" or jnp.dtype(dtype) != jnp.float32:
+    (sampling, evaluation): `_cpu_infer_rule` if `auto_active`, else ``xla``."""
+    if not auto_active(dtype, backend):
         return "xla"
     _, h, w, cin = shape
     return _cpu_infer_rule(h, w, cin, cout)
@@ -524,7 +540,7 @@ def _cpu_infer_rule(h: int, w: int, cin: int, cout: int) -> str:
 
 
 def resolve_infer(conv_impl: str, shape, cout: int, dtype) -> Optional[str]:
-    """``config.model.conv_impl`` -> the forward method when not differentiated (None: the
+    """``config.runtime.conv_impl`` -> the forward method when not differentiated (None: the
     plan's own forward)."""
     check_conv_impl(conv_impl)
     if conv_impl == "auto":
@@ -533,7 +549,7 @@ def resolve_infer(conv_impl: str, shape, cout: int, dtype) -> Optional[str]:
 
 
 def resolve_plan(conv_impl: str, shape, cout: int, dtype) -> Tuple[str, str, str]:
-    """``config.model.conv_impl`` -> the per-direction plan for one layer."""
+    """``config.runtime.conv_impl`` -> the per-direction plan for one layer."""
     check_conv_impl(conv_impl)
     if conv_impl == "auto":
         return auto_choice(tuple(shape), cout, dtype)
@@ -638,6 +654,8 @@ __all__ = [
     "xla_conv",
     "winograd_conv",
     "conv3x3",
+    "auto_active",
+    "enough_channels",
     "auto_choice",
     "auto_infer_choice",
     "resolve_plan",

@@ -5,7 +5,8 @@ them to register without an import cycle."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, Mapping, TypeVar
+import inspect
+from typing import Any, Callable, Dict, List, Mapping, Optional, TypeVar
 
 import jax.numpy as jnp
 
@@ -16,6 +17,12 @@ MODELS: Dict[str, Callable[..., Any]] = {}
 
 #: Allowed string values of ``config.model.dtype`` / ``param_dtype``.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+#: Compute choices that moved from ``config.model`` to ``config.runtime``, each with the default
+#: it had there. ``config.model`` keeps them as None placeholders so that naming one gets a
+#: one-line error (`moved_field_problems`); a saved config (an old workdir's config.json) that
+#: still holds the old default is accepted, since ``config.runtime``'s default is the same.
+MOVED_TO_RUNTIME: Dict[str, Any] = {"conv_impl": "auto", "remat": False, "remat_resolutions": None}
 
 
 def register_model(name: str) -> Callable[[T], T]:
@@ -49,27 +56,55 @@ def _dtype(field: str, value: Any) -> Any:
     return value
 
 
-def get_model(config_model: Any, *, out_ch: int) -> Any:
+def moved_field_problems(config_model: Any) -> List[str]:
+    """One line per field of ``config_model`` that moved to ``config.runtime``
+    (`MOVED_TO_RUNTIME`) and holds a value other than None or its old default."""
+    fields = _to_dict(config_model)
+    return [
+        f"config.model.{k}={fields[k]!r}: {k} moved to config.runtime; set "
+        f"--config.runtime.{k}={fields[k]!r} instead (and leave config.model.{k} unset)"
+        for k, old in MOVED_TO_RUNTIME.items()
+        if fields.get(k) is not None and fields.get(k) != old
+    ]
+
+
+def _accepted(builder: Callable[..., Any]) -> Optional[set]:
+    """The keyword arguments ``builder`` takes (None: any, it has ``**kwargs``)."""
+    if dataclasses.is_dataclass(builder):
+        return {f.name for f in dataclasses.fields(builder) if f.init} - {"parent", "name"}
+    params = inspect.signature(builder).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params}
+
+
+def get_model(config_model: Any, *, out_ch: int, runtime: Any = None) -> Any:
     """Builds the network named by ``config_model.name``.
 
     Args:
       config_model: ``ml_collections.ConfigDict`` or mapping with fields ``name`` (e.g.
-        ``'ddpm_unet'``), ``ch``, ``ch_mult``, ``num_res_blocks``, ``attn_resolutions``, ``dropout``,
-        and optionally ``resamp_with_conv`` (default True), ``dtype`` / ``param_dtype``
-        (``'float32'`` | ``'bfloat16'``, default float32), ``remat`` (default False), ``remat_resolutions``
-        (default None: `diffusion.models.unet.auto_remat_resolutions`),
-        ``conv_impl`` (``diffusion.models.conv.IMPLS``, default ``'auto'``).
+        ``'ddpm_unet'``) and the model's own fields (the U-Net: ``ch``, ``ch_mult``,
+        ``num_res_blocks``, ``attn_resolutions``, ``dropout``, and optionally
+        ``resamp_with_conv`` (default True), ``dtype`` / ``param_dtype`` (``'float32'`` |
+        ``'bfloat16'``, default float32)).
       out_ch: output channels; set by the trainer from the data channels and the variance type
         (``C``, or ``2C`` for learned variances).
+      runtime: ``config.runtime`` (or a mapping; None: the model's defaults): host compute
+        choices (``conv_impl``, ``remat``, ``remat_resolutions``; docs/performance.md). Each is
+        given to the model only if the model declares it (the U-Net does), so a new model is a
+        plain module with its own fields.
 
     Returns:
       An unbound Flax module (apply with ``model.apply(variables, x, t, train=..., rngs=...)``).
 
     Raises:
       ValueError: unknown ``name`` (the registered names are listed), unknown fields, bad dtype,
-        bad ``conv_impl`` (the allowed values are listed).
+        a field that moved to ``config.runtime`` (`moved_field_problems`).
     """
-    fields = _to_dict(config_model)
+    moved = moved_field_problems(config_model)
+    if moved:
+        raise ValueError(moved[0])
+    fields = {k: v for k, v in _to_dict(config_model).items() if k not in MOVED_TO_RUNTIME}
     name = fields.pop("name", None)
     if name not in MODELS:
         raise ValueError(
@@ -79,19 +114,19 @@ def get_model(config_model: Any, *, out_ch: int) -> Any:
     for key in ("dtype", "param_dtype"):
         if key in fields:
             fields[key] = _dtype(key, fields[key])
-    if "conv_impl" in fields:
-        from diffusion.models.conv import check_conv_impl  # pylint: disable=g-import-not-at-top
-
-        check_conv_impl(fields["conv_impl"])
+    accepted = _accepted(builder)
+    if runtime is not None:
+        for key, value in _to_dict(runtime).items():
+            if value is not None and (accepted is None or key in accepted):
+                fields[key] = value
     for key in ("ch_mult", "attn_resolutions", "remat_resolutions"):
         if key in fields and isinstance(fields[key], (list, tuple)):
             fields[key] = tuple(int(v) for v in fields[key])
-    if dataclasses.is_dataclass(builder):
-        allowed = {f.name for f in dataclasses.fields(builder) if f.init} - {"parent", "name"}
-        unknown = sorted(set(fields) - allowed)
+    if accepted is not None and dataclasses.is_dataclass(builder):
+        unknown = sorted(set(fields) - accepted)
         if unknown:
             raise ValueError(
                 f"config.model has fields {unknown} unknown to model {name!r}; "
-                f"allowed: {sorted(allowed - {'out_ch'})}"
+                f"allowed: {sorted(accepted - {'out_ch'} - set(MOVED_TO_RUNTIME))}"
             )
     return builder(**fields, out_ch=out_ch)

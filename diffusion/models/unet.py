@@ -127,6 +127,11 @@ def validate_unet_config(
     return problems
 
 
+#: The smallest feature-map height whose ResBlocks ``remat_resolutions=None`` recomputes on CPU
+#: (float32): the CIFAR10 U-Net's 32x32 top level (benchmarks/RESULTS.md §24).
+REMAT_MIN_HEIGHT = 32
+
+
 def auto_remat_resolutions(
     image_size: int, dtype: Dtype = jnp.float32, backend: Optional[str] = None
 ) -> Tuple[int, ...]:
@@ -140,7 +145,7 @@ def auto_remat_resolutions(
     if backend != "cpu" or jnp.dtype(dtype) != jnp.float32:
         return ()
     sizes, s = [], int(image_size)
-    while s >= 32:
+    while s >= REMAT_MIN_HEIGHT:
         sizes.append(s)
         s //= 2
     return tuple(sizes)
@@ -162,6 +167,10 @@ class UNet(nn.Module):
       dtype: compute dtype of convs/dense/attention (``jnp.bfloat16`` for mixed precision);
         GroupNorm statistics and the softmax stay float32, the output is always float32.
       param_dtype: parameter dtype (float32).
+
+    The last three come from ``config.runtime`` (host compute choices; docs/performance.md),
+    not ``config.model``: they change neither the parameters nor (to rounding) the results.
+
       remat: wrap every ResBlock / AttnBlock in ``nn.remat`` (recompute activations in the backward
         pass to save memory; same parameters and same results).
       remat_resolutions: feature-map heights whose ResBlocks are wrapped in ``nn.remat`` (when
@@ -203,13 +212,15 @@ class UNet(nn.Module):
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"model.dropout must be in [0, 1), got {self.dropout}")
         if not isinstance(self.conv_impl, str) or self.conv_impl not in CONV_IMPLS:
-            problems.append(f"model.conv_impl={self.conv_impl!r} is not one of {list(CONV_IMPLS)}")
+            problems.append(
+                f"runtime.conv_impl={self.conv_impl!r} is not one of {list(CONV_IMPLS)}"
+            )
         if self.remat_resolutions is not None:
             heights = unet_resolutions(image_size, self.ch_mult)
             never = [r for r in self.remat_resolutions if r not in heights]
             if never:
                 problems.append(
-                    f"model.remat_resolutions has {never}, which never occur: the ResBlocks' "
+                    f"runtime.remat_resolutions has {never}, which never occur: the ResBlocks' "
                     f"feature maps are {heights} high (or leave it unset for the default)"
                 )
         if problems:
