@@ -450,7 +450,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     save(step)
                 if step % tr.sample_every == 0 or step == tr.num_train_steps:
                     flush(step)
-                    # With DIFFUSION_KEEP_FREED_MEMORY the heap keeps the step's ~2 GB of freed
+                    # With DDPM_KEEP_FREED_MEMORY the heap keeps the step's ~2 GB of freed
                     # temporaries (CIFAR10 b32); compiling and running the sampler on top of it
                     # would add its own. Give it back first (the next step faults it in once).
                     cpu_runtime.release_free_heap()
