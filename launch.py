@@ -77,6 +77,14 @@ def main(argv):
         logging.error("%s", message)
         print(f"error: {message}", file=sys.stderr)
         _exit_now(status)
+    except KeyboardInterrupt:  # a second SIGTERM / Ctrl-C: stop now, without saving
+        message = (
+            "interrupted (a second SIGTERM or Ctrl-C): stopped without saving; relaunch the same "
+            "command to resume from the last good checkpoint"
+        )
+        logging.error("%s", message)
+        print(f"error: {message}", file=sys.stderr)
+        _exit_now(130)
 
 
 def _log_kernels(config) -> str:

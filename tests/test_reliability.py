@@ -430,6 +430,43 @@ def test_a_hung_async_save_ends_the_run_within_its_bound(tmp_path, tiny_config, 
     assert waited < 120  # compile + 3 s, not 200 steps or forever
 
 
+def test_a_second_signal_stops_a_run_waiting_on_a_hung_save(tmp_path, tiny_config, monkeypatch):
+    """SIGTERM while the loop waits on a save that never ends (storage hung): the first signal
+    asks for a checkpoint (which waits on the save, within save_timeout_s), the second stops at
+    once with KeyboardInterrupt (launch.py: exit 130, no waiting on the writer thread). Before the
+    fix SIGTERM was logged and did nothing while the run hung."""
+    import threading
+
+    release = threading.Event()
+    _inject_commit(monkeypatch, 5, _HungCommit(release))
+    tiny_config.training.log_every = 1
+    tiny_config.training.num_train_steps = 200  # the save at 10 waits on the hung one at 5
+    wd = str(tmp_path / "hung_signal")
+    sent = []
+
+    def signal_twice():
+        deadline = time.monotonic() + 300
+        while _last_logged_step(wd) < 7 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for _ in range(2):
+            time.sleep(1.0)
+            sent.append(time.monotonic())
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    sender = threading.Thread(target=signal_twice, daemon=True)
+    sender.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train.train_and_evaluate(tiny_config, wd)
+        stopped = time.monotonic()
+    finally:
+        release.set()
+        sender.join(5)
+    print(f"stopped {stopped - sent[-1]:.2f} s after the second SIGTERM")
+    assert len(sent) == 2 and stopped - sent[-1] < 5
+    assert _last_logged_step(wd) < 200
+
+
 def _mount_tmpfs(path: str, size: str) -> bool:
     """Mounts a tmpfs of ``size`` at ``path``; False where that is not allowed (not root, not
     Linux, no mount permission in the container)."""
