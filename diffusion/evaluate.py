@@ -11,7 +11,7 @@ step on disk, ascending) the EMA parameters are restored and the evaluators of
    (``config.sample``: ``method`` — ``ancestral``, ``ddim``, ``dpmpp_2m``, ``dpmpp_2m_sde``,
    ``heun`` or any registered one — over ``num_steps`` steps, 0 = the full T-step chain), in
    global batches of ``config.eval.batch_size`` sharded over all
-   devices (`sampling.sample_in_batches`), and saved as uint8 ``.npz`` plus a grid PNG, so an
+   devices (`evaluation.generator.sample_in_batches`), and saved as uint8 ``.npz`` plus a grid PNG, so an
    interrupted evaluation reuses them.
 2. FID and KID (mean ± s.e.) of those samples against the FID-Inception statistics of
    ``config.data.dataset`` / each split of ``config.eval.fid_split`` (``'train'``, or

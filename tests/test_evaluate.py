@@ -13,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion import evaluate, sampling, train
+from diffusion import evaluate, factories, sampling
 from diffusion.checkpoint import Checkpointer
 from diffusion.config_check import ConfigError
+from diffusion.evaluation import generator
 from experiments import tiny
 
 T = 20
@@ -47,8 +48,8 @@ def _config(data_dir, num_steps=4, **eval_overrides):
 def _make_checkpoints(path, config, steps):
     """Saves the initial TrainState at ``steps`` with the EMA params perturbed per step (the
     U-Net's output layer starts at zero, so unperturbed steps would all sample the same)."""
-    model, tx = train.create_model(config), train.make_optimizer(config)
-    state = train.init_state(config, model, tx)
+    model, tx = factories.create_model(config), factories.make_optimizer(config)
+    state = factories.init_state(config, model, tx)
     ckpt = Checkpointer(os.path.join(str(path), "checkpoints"), max_to_keep=10)
     for s in steps:
         rng = np.random.default_rng(s)
@@ -59,7 +60,7 @@ def _make_checkpoints(path, config, steps):
         ckpt.save(
             s,
             state.replace(step=jnp.asarray(s, jnp.int32), ema_params=ema),
-            train.config_to_dict(config),
+            factories.config_to_dict(config),
         )
     ckpt.close()
     return str(path)
@@ -97,13 +98,13 @@ class FakeFeatures:
 class CountingSampler:
     def __init__(self, monkeypatch):
         self.calls = 0
-        orig = sampling.sample_in_batches
+        orig = generator.sample_in_batches
 
         def wrapped(*a, **k):
             self.calls += 1
             return orig(*a, **k)
 
-        monkeypatch.setattr(sampling, "sample_in_batches", wrapped)
+        monkeypatch.setattr(generator, "sample_in_batches", wrapped)
 
 
 def _results(workdir):
@@ -354,7 +355,7 @@ def _ema_params(workdir, config, step):
     mesh = parallel.make_mesh()
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
     try:
-        return evaluate.restore_ema_params(ckpt, step, config, train.create_model(config), mesh)
+        return evaluate.restore_ema_params(ckpt, step, config, factories.create_model(config), mesh)
     finally:
         ckpt.close()
 
@@ -372,10 +373,10 @@ def test_sample_mode_uses_the_configured_sampler(checkpoints, tmp_path, data_dir
     with np.load(os.path.join(workdir, "eval", "samples_step_00000005.npz")) as z:
         got, chain = z["images"], str(z["chain"])
     assert chain == "ddim3_eta0"
-    model = train.create_model(config)
-    fn = train.make_denoise_fn(model, _ema_params(workdir, config, 5))
+    model = factories.create_model(config)
+    fn = factories.make_denoise_fn(model, _ema_params(workdir, config, 5))
     key = jax.random.fold_in(jax.random.fold_in(rng.stream(config.seed, rng.EVAL_SAMPLES), 0), 0)
-    sched = train.schedule_from_config(config)
+    sched = factories.schedule_from_config(config)
     kw = dict(mean_type="eps", var_type=config.diffusion.var_type, clip_denoised=True)
     want = sampling.to_uint8(
         sampling.ddim_sample(sched, fn, (4, 16, 16, 1), key, eta=0.0, num_steps=3, **kw)
@@ -446,10 +447,12 @@ def test_every_sampler_runs_through_sample_and_evaluate_mode_from_the_config(
     with np.load(os.path.join(workdir, "eval", "samples_step_00000005.npz")) as z:
         got, chain = z["images"], str(z["chain"])
     assert chain == tag and got.shape == (8, 16, 16, 1) and got.dtype == np.uint8
-    fn = train.make_denoise_fn(train.create_model(config), _ema_params(workdir, config, 5))
+    fn = factories.make_denoise_fn(factories.create_model(config), _ema_params(workdir, config, 5))
     key = jax.random.fold_in(jax.random.fold_in(rng.stream(config.seed, rng.EVAL_SAMPLES), 0), 0)
-    param = train.parameterization(config)
-    want = samplers.draw(spec, train.schedule_from_config(config), fn, (8, 16, 16, 1), key, param)
+    param = factories.parameterization(config)
+    want = samplers.draw(
+        spec, factories.schedule_from_config(config), fn, (8, 16, 16, 1), key, param
+    )
     diff = np.abs(got.astype(int) - np.asarray(sampling.to_uint8(want.x)).astype(int))
     # Equal up to float rounding between the sharded jit and this call (a rare 1-level step).
     assert diff.max() <= 1 and (diff > 0).mean() < 0.005, (diff.max(), (diff > 0).mean())
