@@ -157,7 +157,7 @@ def draw(sample_fn, num: int, batch: int, seed: int = 0):
     """``num`` uint8 samples in batches of ``batch``; returns (images, compile_s, run_s).
 
     The keys are the evaluation's (`rng.EVAL_SAMPLES` of ``seed``, batch i folded in as
-    `sampling.sample_in_batches` does on one process), so at the evaluation's batch size these
+    `evaluation.generator.sample_in_batches` does on one process), so at the evaluation's batch size these
     are the samples ``--mode evaluate`` draws. Compiled once (compile_s), then timed (run_s)."""
     import jax
     import numpy as np
@@ -279,7 +279,7 @@ def cmd_steps(args) -> None:
     import numpy as np
 
     from benchmarks.common import cost_flops
-    from diffusion import parallel, train
+    from diffusion import factories, parallel, training
     from diffusion.data import create_input_pipeline
 
     spec = importlib.util.spec_from_file_location("sizing_base_config", args.config)
@@ -290,10 +290,12 @@ def cmd_steps(args) -> None:
     for name_spec in args.candidates:
         name, ov = name_spec.split(":", 1) if ":" in name_spec else (name_spec, "")
         config = _override(mod.get_config(), ov)
-        model = train.create_model(config)
-        tx = train.make_optimizer(config)
-        step_fn = train.make_train_step(config, model, train.schedule_from_config(config), tx, mesh)
-        state = train.init_state(config, model, tx, mesh)
+        model = factories.create_model(config)
+        tx = factories.make_optimizer(config)
+        step_fn = training.make_train_step(
+            config, model, factories.schedule_from_config(config), tx, mesh
+        )
+        state = factories.init_state(config, model, tx, mesh)
         nparams = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
         batch = parallel.global_batch_from_local(
             next(create_input_pipeline(config).iterator(0)), mesh
@@ -353,11 +355,11 @@ def cmd_steps(args) -> None:
 
 # ----------------------------------------------------------------------------- eval
 def _restore(workdir: str, config, step=None):
-    from diffusion import evaluate, parallel, train
+    from diffusion import evaluate, factories, parallel
     from diffusion.checkpoint import Checkpointer
 
     mesh = parallel.make_mesh()
-    model = train.create_model(config)
+    model = factories.create_model(config)
     steps = evaluate.checkpoint_steps(workdir, "all")
     step = steps[-1] if step is None else step
     if step not in steps:

@@ -42,7 +42,7 @@ def _rel_err(params, config):
     """max |ours - reference| / max |reference| over the fixture's inputs, per example."""
     import jax.numpy as jnp
 
-    from diffusion.train import create_model
+    from diffusion.factories import create_model
 
     ref = np.load(REF)
     out = np.asarray(
@@ -60,7 +60,7 @@ def _restore(workdir):
 
     from diffusion import evaluate, parallel
     from diffusion.checkpoint import Checkpointer
-    from diffusion.train import create_model
+    from diffusion.factories import create_model
 
     sys.path.insert(0, workdir)
     try:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from train_worker import small_config
 
-from diffusion import train
+from diffusion import factories, training
 from diffusion.checkpoint import (
     Checkpointer,
     CheckpointSaveError,
@@ -122,8 +122,8 @@ def test_sigterm_with_many_steps_queued_saves_within_about_a_step_and_does_not_e
 ):
     """Steps that are slow on the device (dispatched asynchronously, as a big model's are) and
     rare host syncs (log_every 1000): the loop used to run hundreds of steps ahead, so a SIGTERM
-    was acted on only after they drained (44 s on mnist5k; here minutes), and train_and_evaluate
-    then went on to evaluate. Now: the save lands within about one step, and nothing evaluates."""
+    was acted on only after they drained (44 s on mnist5k; here minutes), and ``--mode
+    train_and_evaluate`` then went on to evaluate. Now: the save lands within about one step, and nothing evaluates."""
     wd, out = str(tmp_path / "run"), str(tmp_path / "a.npz")
     steps = 400
     p = _start(
@@ -217,14 +217,14 @@ def _toy_state(seed, tx):
         "w": jnp.asarray(rng.standard_normal((64, 64)), jnp.float32),
         "b": jnp.asarray(rng.standard_normal(64), jnp.float32),
     }
-    return train.TrainState(
+    return factories.TrainState(
         step=jnp.array(seed, jnp.int32), params=params, ema_params=params, opt_state=tx.init(params)
     )
 
 
 def test_corrupt_or_unfinished_latest_checkpoint_is_skipped_and_kept(tmp_path):
     c = small_config("unused", 1)
-    tx = train.make_optimizer(c)
+    tx = factories.make_optimizer(c)
     d = str(tmp_path / "checkpoints")
     ck = Checkpointer(d, max_to_keep=2)
     for s in (1, 2):
@@ -292,9 +292,9 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(
     )
     wd = str(tmp_path / "nan")
     with pytest.raises(
-        train.NonFiniteError, match=r"Non-finite loss at step 7 .*last good checkpoint is step 5"
+        training.NonFiniteError, match=r"Non-finite loss at step 7 .*last good checkpoint is step 5"
     ):
-        train.train_and_evaluate(tiny_config, wd)
+        training.train(tiny_config, wd)
     assert Checkpointer(os.path.join(wd, "checkpoints")).all_steps() == [5]
 
 
@@ -306,7 +306,7 @@ def test_nonfinite_skip_policy_skips_the_step(tmp_path, tiny_config, monkeypatch
     )
     tiny_config.training.nonfinite = "skip"
     wd = str(tmp_path / "skip")
-    state = train.train_and_evaluate(tiny_config, wd)
+    state = training.train(tiny_config, wd)
     assert int(state.step) == 10
     assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(state.params))
     with open(os.path.join(wd, "metrics.jsonl")) as f:
@@ -325,7 +325,7 @@ def test_full_disk_while_saving_keeps_the_last_good_checkpoint(tmp_path, tiny_co
     monkeypatch.setattr(Checkpointer, "save", save)
     wd = str(tmp_path / "full")
     with pytest.raises(OSError, match=r"step 10 .*No space left.*step 5, is untouched"):
-        train.train_and_evaluate(tiny_config, wd)
+        training.train(tiny_config, wd)
     ck = Checkpointer(os.path.join(wd, "checkpoints"))
     assert ck.all_steps() == [5]
     assert ck.restore_config(5)["training"]["num_train_steps"] == 10
@@ -387,7 +387,7 @@ def test_a_failed_async_save_stops_at_the_next_step_and_removes_its_temporary_fi
         match=r"step 5 \(no space left; ValueError: RESOURCE_EXHAUSTED.*No earlier checkpoint "
         r".*Its partial files were removed\. Fix: free space",
     ):
-        train.train_and_evaluate(tiny_config, wd)
+        training.train(tiny_config, wd)
     ck_dir = os.path.join(wd, "checkpoints")
     assert os.listdir(ck_dir) == []  # no step 5, no 5.orbax-checkpoint-tmp
     with open(os.path.join(wd, "metrics.jsonl")) as f:
@@ -397,13 +397,13 @@ def test_a_failed_async_save_stops_at_the_next_step_and_removes_its_temporary_fi
     # Now a good save at 5 and a failing one at 10: the message names both steps.
     monkeypatch.undo()
     tiny_config.training.num_train_steps = 5
-    train.train_and_evaluate(tiny_config, wd)
+    training.train(tiny_config, wd)
     _inject_commit(monkeypatch, 10, _FailingCommit())
     tiny_config.training.num_train_steps = 20
     with pytest.raises(
         CheckpointSaveError, match=r"step 10 .*last good checkpoint, step 5, is untouched"
     ):
-        train.train_and_evaluate(tiny_config, wd)
+        training.train(tiny_config, wd)
     assert sorted(os.listdir(ck_dir)) == ["5"]
     assert Checkpointer(ck_dir).restore_config(5)["training"]["num_train_steps"] == 5
 
@@ -422,7 +422,7 @@ def test_a_hung_async_save_ends_the_run_within_its_bound(tmp_path, tiny_config, 
     try:
         t0 = time.monotonic()
         with pytest.raises(StorageTimeoutError, match=r"step 5 did not finish within [34] s"):
-            train.train_and_evaluate(tiny_config, wd)
+            training.train(tiny_config, wd)
         waited = time.monotonic() - t0
     finally:
         release.set()  # let Orbax's thread end (it fails on the removed directory or completes)
@@ -502,7 +502,7 @@ def test_unwritable_workdir_and_missing_dataset_fail_fast_and_clearly(tmp_path, 
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     with pytest.raises(OSError, match="is not writable"):
-        train.train_and_evaluate(tiny_config, str(blocker / "workdir"))
+        training.train(tiny_config, str(blocker / "workdir"))
     from diffusion.data import DatasetNotAvailableError
 
     tiny_config.data.dataset = "cifar10"
@@ -510,7 +510,7 @@ def test_unwritable_workdir_and_missing_dataset_fail_fast_and_clearly(tmp_path, 
     tiny_config.data.data_dir = str(tmp_path / "empty_tfds")
     t0 = time.time()
     with pytest.raises(DatasetNotAvailableError, match="tfds build"):
-        train.train_and_evaluate(tiny_config, str(tmp_path / "wd"))
+        training.train(tiny_config, str(tmp_path / "wd"))
     assert time.time() - t0 < 30  # before any compilation
 
 
