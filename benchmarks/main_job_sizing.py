@@ -378,6 +378,7 @@ def cmd_eval(args) -> None:
 
     from diffusion import evaluate, io
     from diffusion.data import load_split
+    from diffusion.evaluation import evaluators, settings
     from diffusion.metrics import fid as fid_lib
     from diffusion.metrics import load_inception_params, make_feature_fn
 
@@ -401,24 +402,24 @@ def cmd_eval(args) -> None:
     res["inception_load_s"] = time.perf_counter() - t0
 
     # Inception throughput: compile (first call), then timed batches of 100 (the evaluate batch).
-    x = np.zeros((evaluate.FEATURE_BATCH_SIZE, 16, 16, 3), np.uint8)
+    x = np.zeros((settings.FEATURE_BATCH_SIZE, 16, 16, 3), np.uint8)
     t0 = time.perf_counter()
     np.asarray(feature_fn(x))
     res["inception_compile_plus_batch_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     np.asarray(feature_fn(x + 1))
     dt = time.perf_counter() - t0
-    res["inception_img_per_s"] = evaluate.FEATURE_BATCH_SIZE / dt
+    res["inception_img_per_s"] = settings.FEATURE_BATCH_SIZE / dt
     _log(
         f"Inception: load {res['inception_load_s']:.1f}s, compile+batch "
         f"{res['inception_compile_plus_batch_s']:.1f}s, {res['inception_img_per_s']:.1f} img/s"
     )
 
     # Reference: the evaluate code's own (cached in <data_dir>/fid_stats when computed before).
-    ref_split = evaluate.fid_reference_split(config)
+    ref_split = settings.fid_reference_split(config)
     t0 = time.perf_counter()
     ref = evaluate._load_reference(
-        config, args.workdir, feature_fn, evaluate.FID_NETWORK, ref_split
+        config, args.workdir, feature_fn, settings.FID_NETWORK, ref_split
     )
     res["reference"] = {
         "split": ref_split,
@@ -434,10 +435,10 @@ def cmd_eval(args) -> None:
     def score(images, what):
         t0 = time.perf_counter()
         feats = fid_lib.extract_features(
-            evaluate._to_rgb(images), feature_fn, batch_size=evaluate.FEATURE_BATCH_SIZE
+            evaluators.to_rgb(images), feature_fn, batch_size=settings.FEATURE_BATCH_SIZE
         )
         feat_s = time.perf_counter() - t0
-        r = evaluate.compute_fid_kid(feats, ref)
+        r = evaluators.compute_fid_kid(feats, ref)
         r["features_s"] = feat_s
         r["features_img_per_s"] = len(images) / feat_s
         _log(
@@ -447,7 +448,7 @@ def cmd_eval(args) -> None:
         return r
 
     # Real-data floor: the same split evaluate uses ('auto': test[:N] when the reference is train).
-    floor_split = evaluate.real_floor_split(config) if config.eval.num_samples == args.num else None
+    floor_split = settings.real_floor_split(config) if config.eval.num_samples == args.num else None
     if floor_split is None:
         other = "test" if config.eval.fid_split.split("[")[0] == "train" else "train"
         floor_split = f"{other}[:{args.num}]"
@@ -499,7 +500,7 @@ def cmd_eval(args) -> None:
         )
         config.eval.batch_size = max(config.eval.batch_size, args.bpd_examples)
         t0 = time.perf_counter()
-        b = evaluate.compute_bpd(config, model, params, images, mesh=mesh)
+        b = evaluators.compute_bpd(config, model, params, images, mesh=mesh)
         res["bpd"] = {
             "total": b["total"],
             "se": b["total_se"],

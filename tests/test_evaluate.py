@@ -16,7 +16,7 @@ import pytest
 from diffusion import evaluate, factories, sampling
 from diffusion.checkpoint import Checkpointer
 from diffusion.config_check import ConfigError
-from diffusion.evaluation import generator
+from diffusion.evaluation import generator, settings
 from experiments import tiny
 
 T = 20
@@ -146,7 +146,7 @@ def test_evaluate_with_the_real_inception_network(
     assert math.isfinite(e["fid"]["value"]) and e["fid"]["value"] > 0
     assert e["kid"]["num_gen"] == 16 and e["kid"]["num_ref"] == 32
     assert math.isfinite(e["kid"]["mean"]) and e["kid"]["se"] >= 0
-    assert e["inception_score"] == evaluate.IS_NOT_AVAILABLE
+    assert e["inception_score"] == settings.IS_NOT_AVAILABLE
     assert e["samples"]["chain"] == f"full{T}"
     _check_bpd(e["bpd"])
     # Every FID message states N.
@@ -161,7 +161,7 @@ def test_evaluate_with_the_real_inception_network(
     assert os.path.isfile(os.path.join(ev, stem + ".png"))
     assert os.path.isfile(os.path.join(ev, f"features_step_00000005_n16_full{T}.npz"))
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(ev))
-    cache = os.path.join(data_dir, "fid_stats", evaluate.FID_NETWORK)
+    cache = os.path.join(data_dir, "fid_stats", settings.FID_NETWORK)
     assert any(f.startswith("fid_stats_mnist5k_16px_test") for f in os.listdir(cache))
 
 
@@ -268,7 +268,7 @@ def test_invalid_eval_settings_name_the_field(data_dir):
         checkpoints="best",
         fid_split="",
     )
-    problems = "\n".join(evaluate.eval_config_problems(c, num_devices=4))
+    problems = "\n".join(settings.eval_config_problems(c, num_devices=4))
     for field in (
         "num_samples",
         "batch_size",
@@ -280,8 +280,8 @@ def test_invalid_eval_settings_name_the_field(data_dir):
     assert f"config.sample.num_steps={T + 1}" in problems
     c = _config(data_dir)
     c.diffusion.var_type = "learned"
-    assert "var_type='learned'" in "\n".join(evaluate.eval_config_problems(c))
-    assert evaluate.eval_config_problems(_config(data_dir)) == []
+    assert "var_type='learned'" in "\n".join(settings.eval_config_problems(c))
+    assert settings.eval_config_problems(_config(data_dir)) == []
     with pytest.raises(ConfigError, match="config.eval.checkpoints"):
         evaluate.run(_config(data_dir, checkpoints="best"), "/nonexistent")
 
