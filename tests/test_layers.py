@@ -146,7 +146,18 @@ LAYERS = [
         "diffusion.evaluation.evaluators",
     },
     # 5: the drivers and tools
-    {"diffusion.training", "diffusion.training.loop", "diffusion.evaluate", "diffusion.convert"},
+    {
+        "diffusion.training",
+        "diffusion.training.loop",
+        "diffusion.evaluate",
+        "diffusion.convert",
+        "diffusion.convert.common",
+        "diffusion.convert.tf",
+        "diffusion.convert.diffusers",
+        "diffusion.convert.workdir",
+        "diffusion.convert.cli",
+        "diffusion.convert.__main__",
+    },
 ]
 
 
