@@ -126,15 +126,24 @@ def compute_bpd(
     x̂_0 is clipped to [−1, 1] inside pθ when ``config.eval.clip_denoised`` (the default, as the
     released ``calc_bpd_loop`` and its CIFAR10 evaluation); ``clip_denoised`` in the result says
     which bound this is."""
-    from diffusion.data import normalize_images
-
     param = factories.parameterization(config)
     clip = bool(config.eval.clip_denoised)
     K = int(config.eval.get("bpd_timesteps", 0) or 0)
-    schedule = factories.schedule_from_config(config)
     rep, data = parallel.replicated_sharding(mesh), parallel.batch_sharding(mesh)
-    M = len(images)
-    batch = generator.batch_for(M, config.eval.batch_size, int(mesh.devices.size))
+    batch = generator.batch_for(len(images), config.eval.batch_size, int(mesh.devices.size))
+    fn = _masked_bound_sums(config, model, param, clip, K)
+    step = jax.jit(fn, in_shardings=(rep, data, data, rep), out_shardings=rep)
+    sums = _sum_over_batches(step, params, images, batch, rep, data, what)
+    return _bpd_summary(sums, len(images), clip, K)
+
+
+def _masked_bound_sums(config, model, param, clip: bool, K: int) -> Callable:
+    """``(params, x [B, H, W, C] in [−1, 1], mask [B], batch index) -> sums over the unmasked
+    examples`` of the bound's total (and its square), prior, and either the decoder term
+    (``K > 0``: `likelihood.bound_estimate` from K timesteps) or the per-t terms and x̂_0 errors
+    (the full bound, `likelihood.bits_per_dim`). The noise is `rng.BPD_NOISE` folded with the
+    batch index."""
+    schedule = factories.schedule_from_config(config)
 
     def fn(params, x, mask, index):
         key = jax.random.fold_in(rng.stream(config.seed, rng.BPD_NOISE), index)
@@ -168,11 +177,19 @@ def compute_bpd(
             "mse_clipped": m @ out["mse_clipped"],
         }
 
-    step = jax.jit(fn, in_shardings=(rep, data, data, rep), out_shardings=rep)
+    return fn
+
+
+def _sum_over_batches(step, params, images: np.ndarray, batch: int, rep, data, what: str):
+    """Runs ``step`` on uint8 ``images [M, H, W, C]`` in global batches of ``batch`` (the last
+    padded by repeating its final image, the padding masked out) and adds up its float64
+    outputs; progress as ``what``."""
+    from diffusion.data import normalize_images
+
+    M = len(images)
     sums = None
-    n_batches = math.ceil(M / batch)
     prog = Progress(what, M, unit="examples", every_s=0.0)
-    for i in range(n_batches):
+    for i in range(math.ceil(M / batch)):
         chunk = images[i * batch : (i + 1) * batch]
         k = len(chunk)
         if k < batch:
@@ -189,6 +206,13 @@ def compute_bpd(
         out = {key: np.asarray(v, np.float64) for key, v in out.items()}
         sums = out if sums is None else {key: sums[key] + out[key] for key in sums}
         prog.update(k)
+    return sums
+
+
+def _bpd_summary(sums: Dict[str, np.ndarray], M: int, clip: bool, K: int) -> Dict[str, Any]:
+    """Means over the M examples from the sums: total ± its standard error (sample variance
+    over examples), prior, rate = prior + Σ_{t>0} terms and distortion = the decoder term (paper
+    Table 4), and for the full bound (``K = 0``) the per-t lists."""
     mean = {key: v / M for key, v in sums.items()}
     var = max(mean["total_sq"] - mean["total"] ** 2, 0.0) * M / max(M - 1, 1)
     res = {
