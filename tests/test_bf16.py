@@ -16,6 +16,7 @@ import copy
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from diffusion import factories, losses
 from experiments import tiny
@@ -77,6 +78,7 @@ def _flat(tree):
     )
 
 
+@pytest.mark.slow
 def test_bf16_loss_and_gradients_match_fp32():
     config = tiny.get_config()
     assert config.model.dtype == "float32"

@@ -26,6 +26,7 @@ def test_flags_are_appended_and_user_values_win():
     assert cpu_runtime.apply_xla_cpu_flags(dict(env), force=True) == out  # idempotent
 
 
+@pytest.mark.slow
 def test_jax_accepts_the_flags_and_trimming_is_harmless():
     """A fresh process with the flags set starts the CPU backend and computes (an unknown flag
     would abort it), then trims its heap and computes again."""
@@ -75,6 +76,7 @@ def _faults_per_call(env_extra):
     return keep, [int(ln.split()[1]) for ln in lines if ln.startswith("faults ")], is_async
 
 
+@pytest.mark.slow
 def test_keep_freed_memory_is_opt_in_and_stops_refaulting_large_blocks():
     """XLA CPU's per-execution buffers are large blocks, which glibc maps afresh for every
     allocation and unmaps on free: every train step faulted its ~3 GB working set back in
@@ -156,6 +158,7 @@ print(before, after, first, again, expect)
 """
 
 
+@pytest.mark.slow
 def test_release_compile_caches_frees_cached_programs_and_keeps_functions_usable():
     """A cached executable holds its own copies of a program's constants: dropping JAX's caches
     gives at least the 64 MiB constant back, and the function still computes the same value."""

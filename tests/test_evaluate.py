@@ -121,6 +121,7 @@ def _check_bpd(b, m=8):
     np.testing.assert_allclose(b["rate"] + b["distortion"], b["total"], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_evaluate_with_the_real_inception_network(
     checkpoints, tmp_path, data_dir, monkeypatch, caplog
 ):
@@ -165,6 +166,7 @@ def test_evaluate_with_the_real_inception_network(
     assert any(f.startswith("fid_stats_mnist5k_16px_test") for f in os.listdir(cache))
 
 
+@pytest.mark.slow
 def test_resume_skips_finished_work_and_all_sweeps_every_step(
     checkpoints, tmp_path, data_dir, monkeypatch
 ):
@@ -229,6 +231,7 @@ def test_resume_skips_finished_work_and_all_sweeps_every_step(
     assert r5["10"]["previous"][-1]["fid"] == r4["10"]["fid"]  # the N=16 result is kept
 
 
+@pytest.mark.slow
 def test_sample_mode_writes_a_grid(checkpoints, tmp_path, data_dir):
     config = _config(data_dir, num_steps=3)
     workdir = _workdir(checkpoints, tmp_path, [5])
@@ -240,6 +243,7 @@ def test_sample_mode_writes_a_grid(checkpoints, tmp_path, data_dir):
     assert not os.path.exists(os.path.join(workdir, "eval", "results.json"))
 
 
+@pytest.mark.slow
 def test_no_checkpoint_is_a_clear_error(tmp_path, data_dir):
     config = _config(data_dir)
     workdir = str(tmp_path / "empty")
@@ -250,6 +254,7 @@ def test_no_checkpoint_is_a_clear_error(tmp_path, data_dir):
         os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)
 
 
+@pytest.mark.slow
 def test_config_that_does_not_match_the_checkpoint_is_refused(checkpoints, data_dir):
     config = _config(data_dir)
     workdir = checkpoints
@@ -286,6 +291,7 @@ def test_invalid_eval_settings_name_the_field(data_dir):
         evaluate.run(_config(data_dir, checkpoints="best"), "/nonexistent")
 
 
+@pytest.mark.slow
 def test_real_data_floor_is_measured_at_the_same_n_and_reference(
     checkpoints, tmp_path, data_dir, caplog
 ):
@@ -318,6 +324,7 @@ def test_real_data_floor_is_measured_at_the_same_n_and_reference(
     assert feats.images == seen  # (only step 10 was copied here: nothing new to do)
 
 
+@pytest.mark.slow
 def test_bits_per_dim_follows_eval_clip_denoised_and_keys_its_results(
     checkpoints, tmp_path, data_dir, monkeypatch
 ):
@@ -360,6 +367,7 @@ def _ema_params(workdir, config, step):
         ckpt.close()
 
 
+@pytest.mark.slow
 def test_sample_mode_uses_the_configured_sampler(checkpoints, tmp_path, data_dir):
     """--mode sample with config.sample.method = 'ddim' (η = 0, 3 strided steps) gives exactly
     what `sampling.ddim_sample` gives on the restored EMA parameters with the evaluation key —
@@ -388,6 +396,7 @@ def test_sample_mode_uses_the_configured_sampler(checkpoints, tmp_path, data_dir
     assert not np.array_equal(got, np.asarray(other))
 
 
+@pytest.mark.slow
 def test_a_registered_sampler_is_selected_by_config(checkpoints, tmp_path, data_dir):
     """A new sampler is one registered object; config.sample.method selects it, its tag names
     the files, and an unknown method is a one-line config error."""
@@ -425,6 +434,7 @@ def test_a_registered_sampler_is_selected_by_config(checkpoints, tmp_path, data_
         samplers.SAMPLERS.pop("constant_for_test")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["ancestral", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "heun"])
 def test_every_sampler_runs_through_sample_and_evaluate_mode_from_the_config(
     method, checkpoints, tmp_path, data_dir
@@ -467,6 +477,7 @@ def test_every_sampler_runs_through_sample_and_evaluate_mode_from_the_config(
     assert os.path.isfile(os.path.join(workdir, "eval", f"samples_step_00000005_n8_{tag}.npz"))
 
 
+@pytest.mark.slow
 def test_one_pass_reports_fid_against_two_splits_and_the_bound_on_two(
     checkpoints, tmp_path, data_dir
 ):
@@ -506,6 +517,7 @@ def test_one_pass_reports_fid_against_two_splits_and_the_bound_on_two(
     assert feats.images == seen and _results(workdir)["10"] == e
 
 
+@pytest.mark.slow
 def test_bound_estimate_from_k_timesteps_is_the_full_bound_at_k_equal_t_minus_1(
     checkpoints, tmp_path, data_dir
 ):

@@ -18,6 +18,7 @@ import sys
 import textwrap
 import time
 
+import pytest
 from gcs_emulator import (  # noqa: F401
     _http,
     gcs_emulator,
@@ -94,6 +95,7 @@ def _objects(emu, prefix=""):
     return sorted(i["name"] for i in json.loads(body).get("items", []))
 
 
+@pytest.mark.slow
 @requires_emulator
 def test_tiny_run_train_resume_sample_evaluate_on_a_gcs_workdir(gcs_emulator, tmp_path, data_dir):
     emu = gcs_emulator
@@ -155,6 +157,7 @@ def _launch_cmd(workdir, data_dir, steps):
     ]
 
 
+@pytest.mark.slow
 @requires_emulator
 def test_a_dead_bucket_ends_the_run_in_bounded_time_and_the_last_good_step_resumes(
     tmp_path, data_dir
@@ -244,6 +247,7 @@ _CONVERT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @requires_emulator
 def test_convert_into_a_gcs_workdir(gcs_emulator, tmp_path):
     """``python -m diffusion.convert --workdir gs://...`` writes config.json, config.py, the

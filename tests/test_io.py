@@ -300,6 +300,7 @@ def _objects(emu, prefix=""):
     return sorted(i["name"] for i in json.loads(body).get("items", []))
 
 
+@pytest.mark.slow
 @requires_emulator
 def test_io_on_gcs_emulator(gcs_emulator, tmp_path):
     emu = gcs_emulator
@@ -355,6 +356,7 @@ _ORBAX_ON_GCS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @requires_emulator
 def test_orbax_checkpoint_and_quarantine_on_gcs_emulator(gcs_emulator, tmp_path):
     emu = gcs_emulator

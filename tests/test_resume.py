@@ -191,6 +191,7 @@ def test_all_checkpoints_corrupt_stops_instead_of_starting_over(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the real run
+@pytest.mark.slow
 def test_relaunch_with_grad_clip_off_exits_nonzero_and_keeps_the_checkpoint(tmp_path, data_dir):
     """The reproduction of the bug: train to step 4, relaunch the same workdir through
     launch.py with --config.training.grad_clip=0. Before the fix the intact checkpoint was moved

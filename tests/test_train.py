@@ -35,6 +35,7 @@ def _num_params(config):
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
 
 
+@pytest.mark.slow
 def test_cifar10_config_is_the_papers():
     c = cifar10.get_config()
     assert _num_params(c) == 35_746_307
@@ -187,6 +188,7 @@ def tiny_run(tmp_path_factory, data_dir):
     return workdir, first, both, state20, state30
 
 
+@pytest.mark.slow
 def test_real_run_writes_checkpoints_events_samples_and_loss_falls(tiny_run):
     workdir, first, _, state20, _ = tiny_run
     assert [m["step"] for m in first] == list(range(1, 21))
@@ -201,6 +203,7 @@ def test_real_run_writes_checkpoints_events_samples_and_loss_falls(tiny_run):
     assert saved["model"]["ch"] == 32
 
 
+@pytest.mark.slow
 def test_relaunch_resumes_at_the_saved_step(tiny_run):
     workdir, first, both, state20, state30 = tiny_run
     second = both[len(first) :]
@@ -210,6 +213,7 @@ def test_relaunch_resumes_at_the_saved_step(tiny_run):
     assert 20 in steps and 30 in steps and 10 not in steps  # keep_every=20 kept, rolling pruned
 
 
+@pytest.mark.slow
 def test_resume_with_a_different_model_is_refused(tiny_run, data_dir):
     workdir = tiny_run[0]
     c = tiny.get_config()

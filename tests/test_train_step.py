@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from diffusion import factories, training
 from experiments import tiny
@@ -31,6 +32,7 @@ def _batch(c, seed):
     return {"image": jnp.asarray(x, jnp.float32)}
 
 
+@pytest.mark.slow
 def test_ema_follows_the_recurrence_of_the_parameters_actually_produced():
     """ema_k = d·ema_{k−1} + (1−d)·θ_k with ema_0 = θ_0, computed in float64 from the parameters
     each real step returned. Swapping d and 1−d, or averaging the pre-update parameters, fails."""
@@ -89,6 +91,7 @@ class _Spy(nn.Module):
         return jnp.zeros(x.shape[:-1] + (self.out_ch,)) + w * 0.0 + x[..., :1] * 0.0
 
 
+@pytest.mark.slow
 def test_timesteps_cover_exactly_0_to_T_minus_1_uniformly_and_train_mode_is_on():
     c = _config(batch_size=64)
     T = 10
@@ -116,6 +119,7 @@ def test_timesteps_cover_exactly_0_to_T_minus_1_uniformly_and_train_mode_is_on()
     assert int(draws.min()) == 0 and int(draws.max()) == 999
 
 
+@pytest.mark.slow
 def test_dropout_is_active_in_training_and_off_for_sampling():
     c = _config()
     c.model.dropout = 0.5
@@ -152,6 +156,7 @@ def test_dropout_is_active_in_training_and_off_for_sampling():
     assert record.items and not any(r[1] for r in record.items)
 
 
+@pytest.mark.slow
 def test_grad_clip_groups_clip_each_group_then_average_as_the_released_tpu_code():
     """groups=2: each half of the batch's gradient is clipped to grad_clip on its own, then the
     two are averaged (tf.tpu.CrossShardOptimizer + per-core clip_by_global_norm). Checked against
