@@ -376,9 +376,9 @@ def cmd_eval(args) -> None:
     _apply_cpu_flags()
     import numpy as np
 
-    from diffusion import evaluate, io
+    from diffusion import io
     from diffusion.data import load_split
-    from diffusion.evaluation import evaluators, settings
+    from diffusion.evaluation import evaluators, references, settings
     from diffusion.metrics import fid as fid_lib
     from diffusion.metrics import load_inception_params, make_feature_fn
 
@@ -418,9 +418,14 @@ def cmd_eval(args) -> None:
     # Reference: the evaluate code's own (cached in <data_dir>/fid_stats when computed before).
     ref_split = settings.fid_reference_split(config)
     t0 = time.perf_counter()
-    ref = evaluate._load_reference(
-        config, args.workdir, feature_fn, settings.FID_NETWORK, ref_split
-    )
+    ref = references.FidReferences(
+        config,
+        io.join(args.workdir, "eval"),
+        settings.FID_NETWORK,
+        settings.FEATURE_BATCH_SIZE,
+        lambda: feature_fn,
+        lambda stage, t0: None,
+    ).load(ref_split)
     res["reference"] = {
         "split": ref_split,
         "n": len(ref.features),
@@ -435,7 +440,7 @@ def cmd_eval(args) -> None:
     def score(images, what):
         t0 = time.perf_counter()
         feats = fid_lib.extract_features(
-            evaluators.to_rgb(images), feature_fn, batch_size=settings.FEATURE_BATCH_SIZE
+            references.to_rgb(images), feature_fn, batch_size=settings.FEATURE_BATCH_SIZE
         )
         feat_s = time.perf_counter() - t0
         r = evaluators.compute_fid_kid(feats, ref)

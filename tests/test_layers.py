@@ -143,6 +143,7 @@ LAYERS = [
         "diffusion.evaluation",
         "diffusion.evaluation.results",
         "diffusion.evaluation.generator",
+        "diffusion.evaluation.references",
         "diffusion.evaluation.evaluators",
     },
     # 5: the drivers and tools
