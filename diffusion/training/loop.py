@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple, Tuple
 
 import jax
 import ml_collections
@@ -42,7 +42,7 @@ from diffusion.training.hooks import (
 )
 from diffusion.training.restore import restore_or_init
 
-__all__ = ["train", "compile_step", "run_steps", "Hooks"]
+__all__ = ["train", "compile_step", "run_steps", "make_hooks", "Hooks"]
 
 
 class Hooks(NamedTuple):
@@ -173,7 +173,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     ``samples/step_*.png``. Returns the final `TrainState` (at ``num_train_steps``, or earlier
     when preempted).
     """
-    from clu import metric_writers, periodic_actions
+    from clu import metric_writers
 
     from diffusion.data import create_input_pipeline
 
@@ -234,6 +234,31 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     )
     if start == 0:
         writer.write_hparams({k: v for k, v in _flatten(config_to_dict(config)).items()})
+    hooks, pending = make_hooks(config, workdir, ckpt, writer, model, schedule, start, main)
+    return run_steps(
+        state,
+        train_step,
+        batches,
+        base_key,
+        start=start,
+        num_steps=tr.num_train_steps,
+        ckpt=ckpt,
+        pending=pending,
+        hooks=hooks,
+        to_global=lambda batch: parallel.global_batch_from_local(batch, mesh),
+    )
+
+
+def make_hooks(
+    config, workdir: str, ckpt, writer, model, schedule, start: int, main: bool
+) -> Tuple[Hooks, PendingMetrics]:
+    """The loop's hooks for ``config`` and the metrics buffer they share: progress report,
+    `MetricsLogger` (``metrics.jsonl`` and ``writer``), `CheckpointHook` (into ``ckpt``) and
+    `GridHook` (``samples/``); files are written by the main process only."""
+    from clu import periodic_actions
+
+    tr = config.training
+    last_good = lambda: ckpt.last_good  # noqa: E731
     checkpoint = None  # the NonFiniteError names the newest step this run saved
     pending = PendingMetrics(tr.nonfinite, lambda: checkpoint.last_saved, ckpt.directory)
     checkpoint = CheckpointHook(ckpt, config, pending, start)
@@ -261,18 +286,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
             last_good,
         ),
     )
-    return run_steps(
-        state,
-        train_step,
-        batches,
-        base_key,
-        start=start,
-        num_steps=tr.num_train_steps,
-        ckpt=ckpt,
-        pending=pending,
-        hooks=hooks,
-        to_global=lambda batch: parallel.global_batch_from_local(batch, mesh),
-    )
+    return hooks, pending
 
 
 def _flatten(d, prefix=""):
