@@ -95,8 +95,7 @@ def _run(config, start=0, ckpt=None, step_fn=None):
     ckpt = ckpt or FakeCheckpointer()
     writer = FakeWriter()
     grids = []
-    checkpoint = None
-    pending = hooks_lib.PendingMetrics(tr.nonfinite, lambda: checkpoint.last_saved, ckpt.directory)
+    pending = hooks_lib.PendingMetrics(tr.nonfinite, start, ckpt.directory)
     checkpoint = hooks_lib.CheckpointHook(ckpt, config, pending, start)
     sampler = lambda params, key: grids.append(int(params)) or np.zeros((1, 2, 2, 1), np.uint8)  # noqa: E731
     hooks = Hooks(
@@ -140,7 +139,7 @@ def _run(config, start=0, ckpt=None, step_fn=None):
 
 def test_cadence_rules_include_the_last_step_and_preemption():
     c = _config(num_steps=10, log_every=3, checkpoint_every=4, keep_every=5, sample_every=6)
-    pending = hooks_lib.PendingMetrics("raise", lambda: 0, "/x")
+    pending = hooks_lib.PendingMetrics("raise", 0, "/x")
     log = hooks_lib.MetricsLogger(3, 10, pending, FakeWriter(), None, lambda: None)
     ckpt = hooks_lib.CheckpointHook(FakeCheckpointer(), c, pending, 0)
     grid = hooks_lib.GridHook(6, 10, pending, None, None, None, FakeWriter(), lambda: None)
@@ -247,3 +246,29 @@ def test_restore_or_init_mismatch_is_a_resume_error_with_the_fix():
         _restore(ckpt)
     assert "--config.training.resume=params" in ckpt.kwargs["how_to_proceed"]
     assert "/wd/config.json" in ckpt.kwargs["how_to_proceed"]
+
+
+def test_the_hooks_hold_no_reference_cycle_so_the_checkpointer_is_freed_at_once():
+    """A cycle (hooks -> buffer -> hooks) kept a failed run's Orbax manager, and its failed
+    write tasks, alive until the garbage collector ran (their errors then printed at exit)."""
+    import gc
+    import weakref
+
+    from clu import metric_writers, periodic_actions  # noqa: F401  (a first import keeps its
+
+    # caller's frame alive through importlib; import before, as a run has)
+    from diffusion.training.loop import make_hooks
+
+    c = _config()
+    c.seed = 0
+    ckpt = FakeCheckpointer()
+    ref = weakref.ref(ckpt)
+    gc.disable()
+    try:
+        hooks, pending = make_hooks(c, "/wd", ckpt, FakeWriter(), None, None, 0, main=False)
+        hooks.checkpoint.save(4, TrainState(step=np.int32(4), params=0, ema_params=0, opt_state=0))
+        assert pending.last_saved == 4  # the buffer's error message names the newest save
+        del hooks, pending, ckpt
+        assert ref() is None
+    finally:
+        gc.enable()

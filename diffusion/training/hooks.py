@@ -101,10 +101,11 @@ class PendingMetrics:
 
     ``flush(step)`` fetches them (one `jax.device_get`) and, with ``nonfinite='raise'``, raises
     `NonFiniteError` naming the first non-finite step (``step`` is the newest one), the last
-    saved step (``last_saved()``) and ``ckpt_dir``. Returns the fetched list, or None if empty.
+    saved step (``last_saved``: the start step, then kept current by `CheckpointHook`) and
+    ``ckpt_dir``. Returns the fetched list, or None if empty.
     """
 
-    def __init__(self, nonfinite: str, last_saved: Callable[[], int], ckpt_dir: str):
+    def __init__(self, nonfinite: str, last_saved: int, ckpt_dir: str):
         self.nonfinite = nonfinite
         self.last_saved = last_saved
         self.ckpt_dir = ckpt_dir
@@ -125,7 +126,7 @@ class PendingMetrics:
                 raise NonFiniteError(
                     f"Non-finite {what} at step {bad_step} (loss={m['loss']}, grad_norm="
                     f"{m['grad_norm']}). The state was not saved; the last good checkpoint is step "
-                    f"{self.last_saved()} in {self.ckpt_dir}. Lower --config.training.lr, check "
+                    f"{self.last_saved} in {self.ckpt_dir}. Lower --config.training.lr, check "
                     "the data, or set --config.training.nonfinite=skip."
                 )
         return got
@@ -175,7 +176,9 @@ class MetricsLogger:
 class CheckpointHook:
     """Saves the state every ``checkpoint_every`` and ``keep_every`` steps, at the last step and
     when preempted; never a state that went non-finite (the pending metrics are checked first).
-    ``last_saved`` is the newest step saved by this run (the start step before the first)."""
+    ``last_saved`` is the newest step saved by this run (the start step before the first); it is
+    also set on ``pending`` for its error message (a one-way reference: the hooks form no
+    reference cycle, so the checkpointer is freed as soon as the loop ends)."""
 
     def __init__(
         self,
@@ -218,7 +221,7 @@ class CheckpointHook:
                 f"({e}). The last good checkpoint, step {self.last_saved}, is untouched; free "
                 "space or fix the workdir, then relaunch to resume from it."
             ) from e
-        self.last_saved = step
+        self.last_saved = self.pending.last_saved = step
 
 
 def grid_sampler(config, model, schedule) -> Callable:

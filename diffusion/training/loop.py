@@ -259,8 +259,7 @@ def make_hooks(
 
     tr = config.training
     last_good = lambda: ckpt.last_good  # noqa: E731
-    checkpoint = None  # the NonFiniteError names the newest step this run saved
-    pending = PendingMetrics(tr.nonfinite, lambda: checkpoint.last_saved, ckpt.directory)
+    pending = PendingMetrics(tr.nonfinite, start, ckpt.directory)
     checkpoint = CheckpointHook(ckpt, config, pending, start)
     hooks = Hooks(
         report=periodic_actions.ReportProgress(
