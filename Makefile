@@ -25,7 +25,7 @@ setup: $(VENV)/.installed
 test: setup
 	JAX_PLATFORMS=cpu $(VENV)/bin/python -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
-# The edit loop: the maths, models, metrics, config and layering tests (under 2 minutes here);
+# The edit loop: every test not marked @pytest.mark.slow (tests/conftest.py says which are);
 # `make test` (what CI runs) runs everything, including the training / evaluation / multi-host runs.
 test-fast: setup
 	JAX_PLATFORMS=cpu $(VENV)/bin/python -m pytest -m "not slow" -p no:cacheprovider

@@ -112,13 +112,13 @@ def error_message(e: BaseException):
     permission, not found, unavailable) into one line with the fix, status 2. Anything else is
     ``Type: text`` on one line with status 1; its traceback goes to a file the message names.
     """
-    from diffusion import checkpoint, io, train
+    from diffusion import checkpoint, io, training
     from diffusion.config_check import ConfigError
 
     ours = (
         ConfigError,
         io.StorageError,
-        train.NonFiniteError,
+        training.NonFiniteError,
         checkpoint.CheckpointIncompatibleError,
         checkpoint.NoRestorableCheckpointError,
         checkpoint.CheckpointSaveError,
@@ -228,12 +228,12 @@ def run(config, workdir: str, mode: str) -> None:
 
     import numpy as np
 
-    from diffusion import train
+    from diffusion import training
     from diffusion.progress import format_seconds
 
     stages, t0 = [], time.time()
     if mode in ("train", "train_and_evaluate"):
-        state = train.train_and_evaluate(config, workdir)
+        state = training.train(config, workdir)
         stages.append(("training (incl. data, compile, checkpoints, grids)", time.time() - t0))
         reached = int(np.asarray(state.step.addressable_data(0)))
         if reached < config.training.num_train_steps:

@@ -36,11 +36,11 @@ def unet_conv_shapes(batch: int, config_name: str = "cifar10"):
     import jax
     import jax.numpy as jnp
 
-    from diffusion import train
+    from diffusion import factories
 
     cfg = importlib.import_module(f"experiments.{config_name}").get_config()
     cfg.runtime.conv_impl = "xla"
-    model = train.create_model(cfg)
+    model = factories.create_model(cfg)
     s, c = cfg.data.image_size, cfg.data.channels
     x = jax.ShapeDtypeStruct((batch, s, s, c), jnp.float32)
     t = jax.ShapeDtypeStruct((batch,), jnp.int32)

@@ -1,6 +1,6 @@
 """Throughput cost of bounding the train loop's steps in flight (preemption latency).
 
-The loop in `diffusion.train.train_and_evaluate` waits for the step before the one it just
+The loop in `diffusion.training.train` waits for the step before the one it just
 dispatched, so that a SIGTERM is acted on within about one step. This measures what that costs:
 the real compiled train step of a config, fed by its real input pipeline, run ``--steps`` times
 (a) dispatching freely (the old loop) and (b) waiting on the step before last (the loop now),
@@ -42,16 +42,16 @@ def main() -> None:
         config.data.data_dir = args.data_dir
 
     from benchmarks.common import matmul_peak
-    from diffusion import parallel, train
+    from diffusion import factories, parallel, training
     from diffusion.data import create_input_pipeline
 
     mesh = parallel.make_mesh()
-    model, schedule = train.create_model(config), train.schedule_from_config(config)
-    tx = train.make_optimizer(config)
-    step_fn = train.make_train_step(config, model, schedule, tx, mesh)
+    model, schedule = factories.create_model(config), factories.schedule_from_config(config)
+    tx = factories.make_optimizer(config)
+    step_fn = training.make_train_step(config, model, schedule, tx, mesh)
     key = jax.jit(lambda: jax.random.key(0), out_shardings=parallel.replicated_sharding(mesh))()
     batches = create_input_pipeline(config).iterator(0)
-    state = train.init_state(config, model, tx, mesh)
+    state = factories.init_state(config, model, tx, mesh)
     batch = parallel.global_batch_from_local(next(batches), mesh)
     t0 = time.time()
     compiled = step_fn.lower(state, batch, key).compile()

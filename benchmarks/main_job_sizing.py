@@ -157,7 +157,7 @@ def draw(sample_fn, num: int, batch: int, seed: int = 0):
     """``num`` uint8 samples in batches of ``batch``; returns (images, compile_s, run_s).
 
     The keys are the evaluation's (`rng.EVAL_SAMPLES` of ``seed``, batch i folded in as
-    `sampling.sample_in_batches` does on one process), so at the evaluation's batch size these
+    `evaluation.generator.sample_in_batches` does on one process), so at the evaluation's batch size these
     are the samples ``--mode evaluate`` draws. Compiled once (compile_s), then timed (run_s)."""
     import jax
     import numpy as np
@@ -279,7 +279,7 @@ def cmd_steps(args) -> None:
     import numpy as np
 
     from benchmarks.common import cost_flops
-    from diffusion import parallel, train
+    from diffusion import factories, parallel, training
     from diffusion.data import create_input_pipeline
 
     spec = importlib.util.spec_from_file_location("sizing_base_config", args.config)
@@ -290,10 +290,12 @@ def cmd_steps(args) -> None:
     for name_spec in args.candidates:
         name, ov = name_spec.split(":", 1) if ":" in name_spec else (name_spec, "")
         config = _override(mod.get_config(), ov)
-        model = train.create_model(config)
-        tx = train.make_optimizer(config)
-        step_fn = train.make_train_step(config, model, train.schedule_from_config(config), tx, mesh)
-        state = train.init_state(config, model, tx, mesh)
+        model = factories.create_model(config)
+        tx = factories.make_optimizer(config)
+        step_fn = training.make_train_step(
+            config, model, factories.schedule_from_config(config), tx, mesh
+        )
+        state = factories.init_state(config, model, tx, mesh)
         nparams = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
         batch = parallel.global_batch_from_local(
             next(create_input_pipeline(config).iterator(0)), mesh
@@ -353,11 +355,11 @@ def cmd_steps(args) -> None:
 
 # ----------------------------------------------------------------------------- eval
 def _restore(workdir: str, config, step=None):
-    from diffusion import evaluate, parallel, train
+    from diffusion import evaluate, factories, parallel
     from diffusion.checkpoint import Checkpointer
 
     mesh = parallel.make_mesh()
-    model = train.create_model(config)
+    model = factories.create_model(config)
     steps = evaluate.checkpoint_steps(workdir, "all")
     step = steps[-1] if step is None else step
     if step not in steps:
@@ -374,8 +376,9 @@ def cmd_eval(args) -> None:
     _apply_cpu_flags()
     import numpy as np
 
-    from diffusion import evaluate, io
+    from diffusion import io
     from diffusion.data import load_split
+    from diffusion.evaluation import evaluators, references, settings
     from diffusion.metrics import fid as fid_lib
     from diffusion.metrics import load_inception_params, make_feature_fn
 
@@ -399,25 +402,30 @@ def cmd_eval(args) -> None:
     res["inception_load_s"] = time.perf_counter() - t0
 
     # Inception throughput: compile (first call), then timed batches of 100 (the evaluate batch).
-    x = np.zeros((evaluate.FEATURE_BATCH_SIZE, 16, 16, 3), np.uint8)
+    x = np.zeros((settings.FEATURE_BATCH_SIZE, 16, 16, 3), np.uint8)
     t0 = time.perf_counter()
     np.asarray(feature_fn(x))
     res["inception_compile_plus_batch_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     np.asarray(feature_fn(x + 1))
     dt = time.perf_counter() - t0
-    res["inception_img_per_s"] = evaluate.FEATURE_BATCH_SIZE / dt
+    res["inception_img_per_s"] = settings.FEATURE_BATCH_SIZE / dt
     _log(
         f"Inception: load {res['inception_load_s']:.1f}s, compile+batch "
         f"{res['inception_compile_plus_batch_s']:.1f}s, {res['inception_img_per_s']:.1f} img/s"
     )
 
     # Reference: the evaluate code's own (cached in <data_dir>/fid_stats when computed before).
-    ref_split = evaluate.fid_reference_split(config)
+    ref_split = settings.fid_reference_split(config)
     t0 = time.perf_counter()
-    ref = evaluate._load_reference(
-        config, args.workdir, feature_fn, evaluate.FID_NETWORK, ref_split
-    )
+    ref = references.FidReferences(
+        config,
+        io.join(args.workdir, "eval"),
+        settings.FID_NETWORK,
+        settings.FEATURE_BATCH_SIZE,
+        lambda: feature_fn,
+        lambda stage, t0: None,
+    ).load(ref_split)
     res["reference"] = {
         "split": ref_split,
         "n": len(ref.features),
@@ -432,10 +440,10 @@ def cmd_eval(args) -> None:
     def score(images, what):
         t0 = time.perf_counter()
         feats = fid_lib.extract_features(
-            evaluate._to_rgb(images), feature_fn, batch_size=evaluate.FEATURE_BATCH_SIZE
+            references.to_rgb(images), feature_fn, batch_size=settings.FEATURE_BATCH_SIZE
         )
         feat_s = time.perf_counter() - t0
-        r = evaluate.compute_fid_kid(feats, ref)
+        r = evaluators.compute_fid_kid(feats, ref)
         r["features_s"] = feat_s
         r["features_img_per_s"] = len(images) / feat_s
         _log(
@@ -445,7 +453,7 @@ def cmd_eval(args) -> None:
         return r
 
     # Real-data floor: the same split evaluate uses ('auto': test[:N] when the reference is train).
-    floor_split = evaluate.real_floor_split(config) if config.eval.num_samples == args.num else None
+    floor_split = settings.real_floor_split(config) if config.eval.num_samples == args.num else None
     if floor_split is None:
         other = "test" if config.eval.fid_split.split("[")[0] == "train" else "train"
         floor_split = f"{other}[:{args.num}]"
@@ -497,7 +505,7 @@ def cmd_eval(args) -> None:
         )
         config.eval.batch_size = max(config.eval.batch_size, args.bpd_examples)
         t0 = time.perf_counter()
-        b = evaluate.compute_bpd(config, model, params, images, mesh=mesh)
+        b = evaluators.compute_bpd(config, model, params, images, mesh=mesh)
         res["bpd"] = {
             "total": b["total"],
             "se": b["total_se"],

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import cost_flops, jax_sync, time_call
-from diffusion import cpu_runtime, parallel, sampling, train
+from diffusion import cpu_runtime, factories, parallel, sampling, training
 
 #: The paper's CIFAR10 U-Net (35,746,307 parameters), as in experiments/cifar10.py.
 CIFAR10_PARAMS = 35_746_307
@@ -42,7 +42,7 @@ def short_schedule(config, steps: int):
     """The config's T-step schedule respaced to ``steps`` evenly spaced steps (Improved DDPM's
     respacing, `diffusion.sampling.respace_schedule`): a chain of ``steps`` network calls through
     the same code paths as the full one."""
-    full = train.schedule_from_config(config)
+    full = factories.schedule_from_config(config)
     if steps >= full.num_timesteps:
         return full
     sched, _ = sampling.respace_schedule(full, sampling.space_timesteps(full.num_timesteps, steps))
@@ -50,7 +50,7 @@ def short_schedule(config, steps: int):
 
 
 class TrainBench:
-    """The project's compiled train step (``diffusion.train.make_train_step``) on the CIFAR10
+    """The project's compiled train step (``diffusion.training.step.make_train_step``) on the CIFAR10
     config: forward, ε-MSE, backward, clip + Adam, EMA — on random images in [−1, 1].
 
     Attributes after construction: ``lower_s``, ``compile_s`` (XLA compile), ``flops`` (XLA cost
@@ -68,12 +68,12 @@ class TrainBench:
         config.model.dtype = dtype  # compute dtype; parameters stay float32
         self.batch_size = batch_size
         mesh = parallel.make_mesh()
-        model = train.create_model(config)
-        schedule = train.schedule_from_config(config)
-        tx = train.make_optimizer(config)
-        self.state = train.init_state(config, model, tx, mesh)
+        model = factories.create_model(config)
+        schedule = factories.schedule_from_config(config)
+        tx = factories.make_optimizer(config)
+        self.state = factories.init_state(config, model, tx, mesh)
         self.n_params = count_params(self.state.params)
-        step = train.make_train_step(config, model, schedule, tx, mesh)
+        step = training.make_train_step(config, model, schedule, tx, mesh)
         size, c = config.data.image_size, config.data.channels
         x = (
             np.random.default_rng(seed)
@@ -88,7 +88,7 @@ class TrainBench:
         self.compiled = lowered.compile()
         t2 = time.perf_counter()
         del lowered  # the training loop keeps no Lowered object either
-        cpu_runtime.release_compile_caches()  # as diffusion.train's loop does after compiling
+        cpu_runtime.release_compile_caches()  # as diffusion.training.loop does after compiling
         self.lower_s, self.compile_s = t1 - t0, t2 - t1
         self.flops = cost_flops(self.compiled)
         self.last_loss = float("nan")
@@ -118,7 +118,7 @@ class SamplerBench:
 
     def __init__(self, batch_size: int, steps: int, seed: int = 0, conv_impl: Optional[str] = None):
         config = cifar10_config(batch_size, conv_impl)
-        model = train.create_model(config)
+        model = factories.create_model(config)
         size, c = config.data.image_size, config.data.channels
         self.shape = (batch_size, size, size, c)
         self.steps = steps
@@ -132,12 +132,12 @@ class SamplerBench:
         d = config.diffusion
 
         def fwd(p, x, t):
-            return train.make_denoise_fn(model, p)(x, t)
+            return factories.make_denoise_fn(model, p)(x, t)
 
         def sample(p, key):
             return sampling.ancestral_sample(
                 sched,
-                train.make_denoise_fn(model, p),
+                factories.make_denoise_fn(model, p),
                 self.shape,
                 key,
                 mean_type=d.mean_type,
@@ -175,7 +175,7 @@ class BpdBench:
         from diffusion.likelihood import bits_per_dim
 
         config = cifar10_config(batch_size, conv_impl)
-        model = train.create_model(config)
+        model = factories.create_model(config)
         size, c = config.data.image_size, config.data.channels
         self.batch_size, self.steps = batch_size, steps
         x1 = jnp.zeros((1, size, size, c), jnp.float32)
@@ -194,7 +194,7 @@ class BpdBench:
         def bpd(p, x0, key):
             return bits_per_dim(
                 sched,
-                train.make_denoise_fn(model, p),
+                factories.make_denoise_fn(model, p),
                 x0,
                 key,
                 mean_type=d.mean_type,

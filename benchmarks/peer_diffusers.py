@@ -7,7 +7,7 @@ Architecture match (checked: exactly 35,746,307 parameters, the same as ours): 4
 embedding with sin first and exponent ``i/(half−1)`` (``flip_sin_to_cos=False, freq_shift=1``),
 4·ch time MLP, conv down/upsampling, dropout 0.1, no scale-shift norm.
 
-Train step (the same algorithm as ``diffusion.train.make_train_step``): t ~ U{0..999},
+Train step (the same algorithm as ``diffusion.training.step.make_train_step``): t ~ U{0..999},
 ε ~ N(0, I), x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε (linear betas 1e-4..0.02), ε-MSE, backward,
 ``clip_grad_norm_(1.0)``, Adam(lr 2e-4) — the fused CPU kernel where available, else foreach —
 and an EMA (decay 0.9999) of a copy of the parameters with ``torch._foreach_mul_/add_``.

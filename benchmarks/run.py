@@ -5,7 +5,7 @@
     python -m benchmarks.run --sections train,peer --repeats 7 --threads 2 --out /tmp/b.json
 
 Sections (``--sections``, comma-separated; default all):
-  train   the project's real CIFAR10 train step (``diffusion.train.make_train_step`` on
+  train   the project's real CIFAR10 train step (``diffusion.training.step.make_train_step`` on
           experiments/cifar10.py: forward, ε-MSE, backward, clip + Adam, EMA) at batch 8 and 32:
           compile time, images/s (batch / median step time), achieved FLOP/s (XLA cost analysis
           flops / median time) and its fraction of the fp32 matmul peak measured in this run.

@@ -11,12 +11,12 @@ step on disk, ascending) the EMA parameters are restored and the evaluators of
    (``config.sample``: ``method`` — ``ancestral``, ``ddim``, ``dpmpp_2m``, ``dpmpp_2m_sde``,
    ``heun`` or any registered one — over ``num_steps`` steps, 0 = the full T-step chain), in
    global batches of ``config.eval.batch_size`` sharded over all
-   devices (`sampling.sample_in_batches`), and saved as uint8 ``.npz`` plus a grid PNG, so an
+   devices (`evaluation.generator.sample_in_batches`), and saved as uint8 ``.npz`` plus a grid PNG, so an
    interrupted evaluation reuses them.
 2. FID and KID (mean ± s.e.) of those samples against the FID-Inception statistics of
    ``config.data.dataset`` / each split of ``config.eval.fid_split`` (``'train'``, or
    ``'train,test'`` for both of Table 1's references from the same samples; a whole split, or its
-   first `DEFAULT_FID_NUM_REFERENCE` = 50,000 images when larger: pass a sliced split such as
+   first `settings.DEFAULT_FID_NUM_REFERENCE` = 50,000 images when larger: pass a sliced split such as
    ``'train[:10000]'`` to choose another N_ref). Reference statistics are cached in
    ``<data_dir>/fid_stats/<network>/`` (falling back to ``<workdir>/eval/fid_stats/<network>/``
    when the data dir is not writable). Grayscale images are repeated to 3 channels. Every FID is
@@ -75,39 +75,17 @@ from diffusion.config_check import ConfigError, incompatible_fields, validate_co
 from diffusion.evaluation import generator
 from diffusion.evaluation.evaluators import (
     EvalContext,
-    compute_bpd,
-    compute_fid_kid,
     evaluators_from_config,
 )
 from diffusion.evaluation.results import from_process_0
 from diffusion.evaluation.settings import (
-    DEFAULT_FID_NUM_REFERENCE,
     FEATURE_BATCH_SIZE,
     FID_NETWORK,
-    IS_NOT_AVAILABLE,
     eval_config_problems,
-    fid_reference_split,
 )
 from diffusion.progress import format_seconds
 
-__all__ = [
-    "run",
-    "checkpoint_steps",
-    "restore_ema_params",
-    "make_sample_fn",
-    "generate_samples",
-    "compute_fid_kid",
-    "compute_bpd",
-    "fid_reference_split",
-    "eval_config_problems",
-    "IS_NOT_AVAILABLE",
-    "DEFAULT_FID_NUM_REFERENCE",
-    "FID_NETWORK",
-    "FEATURE_BATCH_SIZE",
-]
-
-make_sample_fn = generator.make_sample_fn
-generate_samples = generator.generate_samples
+__all__ = ["run", "checkpoint_steps", "restore_ema_params"]
 
 
 def _validate(config, mesh) -> None:

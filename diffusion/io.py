@@ -364,7 +364,7 @@ def write_png(p: PathLike, image: np.ndarray, scale: int = 1) -> None:
 
 def save_image_grid(images: np.ndarray, p: PathLike) -> None:
     """Tiles uint8 images ``[N, H, W, C]`` into a square PNG grid (`image_grid`) at ``p``;
-    the bytes are those ``diffusion.train.save_image_grid`` writes to a local file."""
+    the training loop's ``samples/step_*.png`` are written with it."""
     write_png(p, image_grid(images))
 
 

@@ -1,7 +1,8 @@
 """Sampling from a trained DDPM (Ho et al. 2020): the ancestral sampler (Algorithm 2) as one
 `jax.lax.scan`, progressive x̂_0 predictions (Fig. 6), respaced sampling (Improved DDPM's
-``SpacedDiffusion``), DDIM (Song et al. 2021), interpolation in x_t (Sec. 4.4), and a batched,
-mesh-sharded driver for the tens of thousands of samples FID needs.
+``SpacedDiffusion``), DDIM (Song et al. 2021), and interpolation in x_t (Sec. 4.4). The batched,
+mesh-sharded driver for the tens of thousands of samples FID needs is
+`diffusion.evaluation.generator.sample_in_batches`.
 
 Conventions. ``denoise_fn(x_t, t) -> model output``: ``x_t`` is ``[B, ...]`` (usually
 ``[B, H, W, C]``) float32, ``t`` is int32 ``[B]`` holding code indices 0..T−1 of the ORIGINAL
@@ -21,16 +22,11 @@ steps, so the compiled program holds one copy of the network whatever T is.
 
 from __future__ import annotations
 
-import math
-import sys
-import time
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from diffusion import gaussian
 from diffusion.schedules import Schedule
@@ -45,7 +41,6 @@ __all__ = [
     "ddim_mean_std",
     "ddim_sample",
     "interpolate",
-    "sample_in_batches",
     "progressive_timesteps",
 ]
 
@@ -616,115 +611,3 @@ def interpolate(
     )
     out = _run_chain(step, x_mix, t, k_dec, progressive_every=None, noise_shape=x0_a.shape)
     return out.reshape((L,) + x0_a.shape)
-
-
-# ---------------------------------------------------------------------------------------------
-# Many samples: batches, a device mesh, several processes
-# ---------------------------------------------------------------------------------------------
-
-
-def _local_rows(arr) -> np.ndarray:
-    """This process's rows of a batch-sharded array, in batch order, as NumPy."""
-    if arr.is_fully_addressable:
-        return np.asarray(arr)
-    shards = {}
-    for s in arr.addressable_shards:
-        start = s.index[0].start or 0
-        shards.setdefault(start, s.data)  # replicas along other mesh axes: keep one
-    return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)], axis=0)
-
-
-def sample_in_batches(
-    sample_fn: Callable,
-    num_samples: int,
-    batch_size: int,
-    key,
-    *,
-    mesh: Optional[Mesh] = None,
-    as_uint8: bool = True,
-    progress: bool = True,
-) -> np.ndarray:
-    """Draws ``num_samples`` samples in batches, optionally sharded over a device mesh.
-
-    ``sample_fn(key, n) -> [n, ...]`` float samples in [−1, 1] (``n`` a static Python int), e.g.
-    ``lambda k, n: ancestral_sample(sched, fn, (n, 32, 32, 3), k, mean_type=..., var_type=...)``.
-    It is jitted once; batch i uses ``fold_in(fold_in(key, p), i)`` with p = `jax.process_index()`,
-    so processes draw different samples and the result does not depend on the number of devices.
-
-    With ``mesh`` (a `jax.sharding.Mesh` with a ``'data'`` axis) each batch's output is sharded
-    along 'data' with ``NamedSharding(mesh, P('data'))`` and XLA partitions the chain over the
-    devices (the random draws are partition-invariant, so 1 and N devices give the same samples).
-    If the mesh spans several processes, one global batch of ``batch_size · process_count`` is drawn
-    per step by all processes together (key folded with p = 0 on all of them) and each process keeps
-    its addressable rows. The (global) batch must be divisible by the 'data' axis size.
-
-    Each process returns its ``num_samples / process_count`` samples (ValueError if not divisible)
-    as NumPy ``[N_local, ...]``: uint8 via `to_uint8` (``as_uint8``) or float32. The last batch is
-    computed in full and truncated. Progress goes to stderr on process 0 (tqdm if installed).
-    """
-    pcount, pindex = jax.process_count(), jax.process_index()
-    num_samples, batch_size = int(num_samples), int(batch_size)
-    if num_samples < 1 or batch_size < 1:
-        raise ValueError(
-            f"num_samples and batch_size must be positive, got {num_samples}, {batch_size}"
-        )
-    if num_samples % pcount:
-        raise ValueError(
-            f"num_samples={num_samples} must be divisible by the process count {pcount}"
-        )
-    n_local = num_samples // pcount
-    global_mesh = mesh is not None and len({d.process_index for d in mesh.devices.flat}) > 1
-    global_batch = batch_size * pcount if global_mesh else batch_size
-    base_key = jax.random.fold_in(key, 0 if global_mesh else pindex)
-
-    def fn(k):
-        x = sample_fn(k, global_batch)
-        return to_uint8(x) if as_uint8 else x.astype(jnp.float32)
-
-    if mesh is None:
-        run = jax.jit(fn)
-        put_key = lambda k: k
-    else:
-        if "data" not in mesh.axis_names:
-            raise ValueError(f"mesh must have a 'data' axis, got axes {mesh.axis_names}")
-        n_data = mesh.shape["data"]
-        if global_batch % n_data:
-            raise ValueError(
-                f"batch_size={batch_size} (global batch {global_batch}) must be "
-                f"divisible by the mesh's 'data' axis size {n_data}"
-            )
-        run = jax.jit(fn, out_shardings=NamedSharding(mesh, P("data")))
-        replicated = NamedSharding(mesh, P())
-        put_key = lambda k: jax.device_put(k, replicated)
-
-    n_batches = math.ceil(n_local / batch_size)
-    show = progress and pindex == 0
-    bar = None
-    if show:
-        try:
-            from tqdm.auto import tqdm  # optional
-
-            bar = tqdm(total=n_local, desc="sampling", unit="img", file=sys.stderr)
-        except ImportError:
-            bar = None
-    out, t0 = [], time.time()
-    for i in range(n_batches):
-        rows = _local_rows(run(put_key(jax.random.fold_in(base_key, i))))
-        out.append(rows)
-        if bar is not None:
-            bar.update(min(len(rows), n_local - i * batch_size))
-        elif show:
-            done = min((i + 1) * batch_size, n_local)
-            el = time.time() - t0
-            eta = el / done * (n_local - done)
-            print(
-                f"sampling: batch {i + 1}/{n_batches}, {done}/{n_local} images, {el:.1f}s "
-                f"elapsed"
-                + (f", ETA {eta:.0f}s" if done < n_local else ", done")
-                + (" (the first batch includes compiling the chain)" if i == 0 else ""),
-                file=sys.stderr,
-                flush=True,
-            )
-    if bar is not None:
-        bar.close()
-    return np.concatenate(out, axis=0)[:n_local]

@@ -5,7 +5,7 @@
     python -m experiments.reproduce --out results/offline --set training.num_train_steps=3000
 
 Each run (a Table 2 row of `experiments/ablation.py` at the offline scale, with a seed) trains in
-``<out>/runs/<row>_seed<seed>`` (`diffusion.train.train_and_evaluate`), then is evaluated there
+``<out>/runs/<row>_seed<seed>`` (`diffusion.training.train`), then is evaluated there
 (`diffusion.evaluate.run`: FID and KID of N samples from the full T-step chain, bits/dim of the
 full bound on test digits). A run whose loss or gradients go non-finite is marked diverged and
 its last good checkpoint (if any) is evaluated. A finished run writes ``summary.json``; a
@@ -144,7 +144,7 @@ def run_one(
 ) -> Dict[str, Any]:
     """Trains and evaluates one (row, seed) in ``<out_dir>/runs/<row>_seed<seed>``, or returns its
     stored ``summary.json`` when the run already finished with the same config."""
-    from diffusion import evaluate, train
+    from diffusion import evaluate, training
     from diffusion.checkpoint import Checkpointer
 
     name = f"{row}_seed{seed}"
@@ -163,8 +163,8 @@ def run_one(
     t0 = time.time()
     diverged, message = False, None
     try:
-        train.train_and_evaluate(config, workdir)
-    except train.NonFiniteError as e:
+        training.train(config, workdir)
+    except training.NonFiniteError as e:
         diverged, message = True, str(e)
         logging.warning("%s diverged: %s", name, e)
     train_s = time.time() - t0

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion import train
+from diffusion import factories
 from diffusion.config_check import config_problems
 from experiments import ablation, cifar10
 
@@ -21,7 +21,7 @@ PAPER_TABLE2 = {  # paper Table 2 (docs/reference.md): (mean, objective, Σ)
 
 
 def _num_params(config):
-    model = train.create_model(config)
+    model = factories.create_model(config)
     shapes = jax.eval_shape(
         lambda: model.init(
             jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,), jnp.int32), train=False

@@ -16,8 +16,9 @@ import copy
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from diffusion import losses, train
+from diffusion import factories, losses
 from experiments import tiny
 
 BATCH = 4
@@ -46,8 +47,8 @@ def _params_like(abstract, seed=0):
 
 def _loss_and_grads(config, params, x0, t, noise, dropout_key):
     """(loss, grads, lowered StableHLO text) of the mean training loss under ``config``."""
-    model = train.create_model(config)
-    schedule = train.schedule_from_config(config)
+    model = factories.create_model(config)
+    schedule = factories.schedule_from_config(config)
     d = config.diffusion
 
     def loss_fn(p):
@@ -77,6 +78,7 @@ def _flat(tree):
     )
 
 
+@pytest.mark.slow
 def test_bf16_loss_and_gradients_match_fp32():
     config = tiny.get_config()
     assert config.model.dtype == "float32"
@@ -90,7 +92,7 @@ def test_bf16_loss_and_gradients_match_fp32():
     t = jnp.array([3, 30, 60, config.diffusion.num_timesteps - 3], jnp.int32)
     dropout_key = jax.random.key(2)
 
-    model = train.create_model(config)
+    model = factories.create_model(config)
     abstract = jax.eval_shape(
         lambda: model.init({"params": jax.random.key(0)}, x0[:1], t[:1], train=False)
     )["params"]

@@ -309,14 +309,6 @@ def test_parameter_tree_identical_across_impls():
         assert trees[impl] == trees["xla"], impl
 
 
-@pytest.mark.slow
-def test_init_values_identical_across_impls():
-    x, t = jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,), jnp.int32)
-    ref = UNet(**TINY, conv_impl="xla").init(jax.random.PRNGKey(0), x, t, train=False)
-    other = UNet(**TINY, conv_impl="winograd").init(jax.random.PRNGKey(0), x, t, train=False)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, ref, other)
-
-
 def test_invalid_conv_impl_raises_clear_error():
     model = get_model(
         {"name": "ddpm_unet", **{k: v for k, v in TINY.items() if k != "out_ch"}},
@@ -359,12 +351,6 @@ def test_auto_is_xla_off_cpu_and_for_bf16():
     # at least 16x16: F(4,3) in all three directions
     for shape, cout in (((8, 16, 16, 256), 256), ((8, 32, 32, 128), 128), ((32, 32, 32, 384), 128)):
         assert conv.auto_choice(shape, cout, jnp.float32, backend="cpu") == conv.PLANS["winograd4"]
-
-
-def test_default_config_has_conv_impl():
-    from experiments import default
-
-    assert default.get_config().runtime.conv_impl in conv.IMPLS
 
 
 def test_infer_method_runs_only_when_not_differentiated():

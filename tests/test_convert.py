@@ -42,7 +42,7 @@ def _rel_err(params, config):
     """max |ours - reference| / max |reference| over the fixture's inputs, per example."""
     import jax.numpy as jnp
 
-    from diffusion.train import create_model
+    from diffusion.factories import create_model
 
     ref = np.load(REF)
     out = np.asarray(
@@ -60,7 +60,7 @@ def _restore(workdir):
 
     from diffusion import evaluate, parallel
     from diffusion.checkpoint import Checkpointer
-    from diffusion.train import create_model
+    from diffusion.factories import create_model
 
     sys.path.insert(0, workdir)
     try:
@@ -87,6 +87,7 @@ def _restore(workdir):
 
 
 # ------------------------------------------------------------------------------ diffusers
+@pytest.mark.slow
 def test_diffusers_fixture_cli_roundtrip_without_torch(tmp_path):
     """The CLI converts the fixture (torch made unimportable), and the checkpoint restored by
     the evaluator's own path reproduces diffusers' outputs at every t within 1e-5."""
@@ -264,6 +265,7 @@ def tf_checkpoint(tmp_path_factory):
     return prefix, raw
 
 
+@pytest.mark.slow
 def test_tf_checkpoint_ema_params_and_step(tf_checkpoint, tmp_path):
     """EMA shadows -> ema_params reproduce the fixture outputs; raw weights -> params exactly;
     global_step -> step; Adam slots / beta powers are reported, not converted."""
@@ -292,6 +294,7 @@ def test_tf_checkpoint_ema_params_and_step(tf_checkpoint, tmp_path):
     np.testing.assert_array_equal(params["temb"]["dense1"]["bias"], raw["model/temb/dense1/b"])
 
 
+@pytest.mark.slow
 def test_tf_checkpoint_folder_and_errors(tf_checkpoint, tmp_path):
     """A folder with a 'checkpoint' file works; an unknown variable, a missing EMA shadow and a
     wrong shape are named."""
@@ -344,12 +347,13 @@ def test_tf_checkpoint_folder_and_errors(tf_checkpoint, tmp_path):
     "base,expected",
     [("cifar10", 35_746_307), ("celebahq256", 113_673_219), ("lsun_church", 113_673_219)],
 )
+@pytest.mark.slow
 def test_name_maps_cover_paper_models(base, expected):
     """Both name maps cover every parameter of the paper's models (shapes only), each source
     name used once, and a source holding exactly those names and shapes matches."""
     config = convert.base_config(base)
     params = convert.abstract_params(config)
-    leaves = convert._flat(params)
+    leaves = convert.common._flat(params)
     assert sum(int(np.prod(v.shape)) for v in leaves.values()) == expected
     for name_map in (convert.tf_name_map(params), convert.diffusers_name_map(params)):
         assert set(name_map) == set(leaves)
@@ -374,6 +378,7 @@ def test_name_maps_cover_paper_models(base, expected):
     assert f"model/down_{top}/downsample/conv/W" not in tf_names
 
 
+@pytest.mark.slow
 def test_diffusers_map_matches_fixture_names():
     """The map's names and torch shapes are exactly those diffusers wrote for the fixture."""
     config = convert.config_from_diffusers(
@@ -385,6 +390,7 @@ def test_diffusers_map_matches_fixture_names():
 
 
 # ------------------------------------------------------------------------------ errors
+@pytest.mark.slow
 def test_diffusers_errors_name_the_tensor(tmp_path):
     from safetensors.numpy import save_file
 
@@ -460,6 +466,7 @@ def test_existing_workdir_is_refused(tmp_path):
         convert.convert(FIXTURE, str(wd), base=BASE)
 
 
+@pytest.mark.slow
 def test_converted_config_takes_command_line_overrides(tmp_path):
     """The README's commands override unset fields of the converted config from the command line
     (--config.data.data_dir, --config.eval.inception_weights): they must keep their types. A
@@ -553,6 +560,7 @@ def test_tf_unknown_level_count_names_checkpoint_and_fix(tmp_path, capsys):
     assert "--base" in line and all(b in line for b in convert.BASES), line
 
 
+@pytest.mark.slow
 def test_bad_tf_checkpoint_files_are_named(tf_checkpoint, tmp_path, capsys):
     """A truncated .index or .data file of a TF checkpoint: one line naming the checkpoint and
     that its files are truncated or corrupt; status 2."""
@@ -582,7 +590,7 @@ def test_unexpected_error_is_one_line(tmp_path, capsys, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("disk on fire\nsecond line")
 
-    monkeypatch.setattr(convert, "convert", boom)
+    monkeypatch.setattr(convert.cli, "convert", boom)
     rc, line = _one_line_error(capsys, ["--input", FIXTURE, "--workdir", str(tmp_path / "wd")])
     assert rc == 1
     assert line.startswith("error: RuntimeError: disk on fire") and "second line" in line, line

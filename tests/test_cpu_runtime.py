@@ -59,6 +59,7 @@ def test_flags_are_appended_and_user_values_win():
     assert cpu_runtime.apply_xla_cpu_flags(dict(env), force=True) == out  # idempotent
 
 
+@pytest.mark.slow
 @needs_glibc
 def test_jax_accepts_the_flags_and_trimming_is_harmless():
     """A fresh process with the flags set starts the CPU backend and computes (an unknown flag
@@ -109,6 +110,7 @@ def _faults_per_call(env_extra):
     return keep, [int(ln.split()[1]) for ln in lines if ln.startswith("faults ")], is_async
 
 
+@pytest.mark.slow
 @needs_glibc
 def test_keep_freed_memory_is_opt_in_and_stops_refaulting_large_blocks():
     """XLA CPU's per-execution buffers are large blocks, which glibc maps afresh for every
@@ -191,6 +193,7 @@ print(before, after, first, again, expect)
 """
 
 
+@pytest.mark.slow
 @needs_glibc
 @needs_proc
 def test_release_compile_caches_frees_cached_programs_and_keeps_functions_usable():

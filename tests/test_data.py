@@ -73,6 +73,7 @@ def _ids(batch):
 # --------------------------------------------------------------------------- #
 
 
+@pytest.mark.slow
 def test_builds_are_fast_and_registered(data_dir, build_times):
     import tensorflow_datasets as tfds
 
@@ -90,6 +91,7 @@ def test_builds_are_fast_and_registered(data_dir, build_times):
     assert time.perf_counter() - t < 5
 
 
+@pytest.mark.slow
 def test_mnist5k_content(mnist_train, mnist_test, data_dir):
     import tensorflow_datasets as tfds
 
@@ -122,12 +124,14 @@ def test_mnist5k_content(mnist_train, mnist_test, data_dir):
         np.testing.assert_array_equal(labels[:20], list(range(10)) * 2)  # Balanced prefix.
 
 
+@pytest.mark.slow
 def test_mnist5k_resize_config(data_dir):
     x = data.load_split("mnist5k/resize", "test", data_dir=data_dir)
     assert x.shape == (500, 32, 32, 1) and x.dtype == np.uint8
     assert x[:, 12:20, 12:20].mean() > 60
 
 
+@pytest.mark.slow
 def test_emoji32_content(emoji):
     (tr_x, tr_y), (te_x, te_y) = emoji["train"], emoji["test"]
     assert len(tr_y) + len(te_y) == 4009
@@ -164,6 +168,7 @@ def test_emoji32_content(emoji):
     assert (img != 255).any()
 
 
+@pytest.mark.slow
 def test_load_split_resizes(data_dir, emoji):
     x16 = data.load_split("emoji32", "test", data_dir=data_dir, image_size=16)
     assert x16.shape == (len(emoji["test"][1]), 16, 16, 3) and x16.dtype == np.uint8
@@ -179,6 +184,7 @@ def test_load_split_resizes(data_dir, emoji):
 # --------------------------------------------------------------------------- #
 
 
+@pytest.mark.slow
 def test_batches_shape_range_and_determinism(mnist_train):
     p = data.InputPipeline(
         mnist_train,
@@ -256,6 +262,7 @@ def test_flips_about_half_and_real_mirrors():
     assert not np.concatenate([_ids(no.batch(s))[1] for s in range(40)]).any()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("count", [2, 4])
 def test_process_split_matches_single_process(mnist_train, count):
     kw = dict(global_batch_size=64, seed=7, random_flip=True)
@@ -270,6 +277,7 @@ def test_process_split_matches_single_process(mnist_train, count):
         np.testing.assert_array_equal(np.concatenate(local), one.batch(step)["image"])
 
 
+@pytest.mark.slow
 def test_iterator_resume_equals_fresh(mnist_train):
     p = data.InputPipeline(
         mnist_train,
@@ -303,6 +311,7 @@ def test_iterator_propagates_errors():
         next(it)
 
 
+@pytest.mark.slow
 def test_batch_not_divisible_raises(mnist_train):
     with pytest.raises(ValueError, match="divisible"):
         data.InputPipeline(
@@ -350,6 +359,7 @@ def _config(data_dir, **data_kw):
     return c
 
 
+@pytest.mark.slow
 def test_create_input_pipeline_from_config(data_dir, mnist_train):
     p = data.create_input_pipeline(_config(data_dir), process_index=0, process_count=1)
     assert isinstance(p, data.InputPipeline)
@@ -365,6 +375,7 @@ def test_create_input_pipeline_from_config(data_dir, mnist_train):
         assert next(it)["image"].shape == (16, 16, 16, 3)
 
 
+@pytest.mark.slow
 def test_streaming_pipeline_resumes_exactly(data_dir):
     c = _config(data_dir, in_memory=False)
     p = data.create_input_pipeline(c, process_index=1, process_count=2)

@@ -13,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion import evaluate, sampling, train
+from diffusion import evaluate, factories, sampling
 from diffusion.checkpoint import Checkpointer
 from diffusion.config_check import ConfigError
+from diffusion.evaluation import generator, settings
 from experiments import tiny
 
 T = 20
@@ -47,8 +48,8 @@ def _config(data_dir, num_steps=4, **eval_overrides):
 def _make_checkpoints(path, config, steps):
     """Saves the initial TrainState at ``steps`` with the EMA params perturbed per step (the
     U-Net's output layer starts at zero, so unperturbed steps would all sample the same)."""
-    model, tx = train.create_model(config), train.make_optimizer(config)
-    state = train.init_state(config, model, tx)
+    model, tx = factories.create_model(config), factories.make_optimizer(config)
+    state = factories.init_state(config, model, tx)
     ckpt = Checkpointer(os.path.join(str(path), "checkpoints"), max_to_keep=10)
     for s in steps:
         rng = np.random.default_rng(s)
@@ -59,7 +60,7 @@ def _make_checkpoints(path, config, steps):
         ckpt.save(
             s,
             state.replace(step=jnp.asarray(s, jnp.int32), ema_params=ema),
-            train.config_to_dict(config),
+            factories.config_to_dict(config),
         )
     ckpt.close()
     return str(path)
@@ -97,13 +98,13 @@ class FakeFeatures:
 class CountingSampler:
     def __init__(self, monkeypatch):
         self.calls = 0
-        orig = sampling.sample_in_batches
+        orig = generator.sample_in_batches
 
         def wrapped(*a, **k):
             self.calls += 1
             return orig(*a, **k)
 
-        monkeypatch.setattr(sampling, "sample_in_batches", wrapped)
+        monkeypatch.setattr(generator, "sample_in_batches", wrapped)
 
 
 def _results(workdir):
@@ -120,6 +121,7 @@ def _check_bpd(b, m=8):
     np.testing.assert_allclose(b["rate"] + b["distortion"], b["total"], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_evaluate_with_the_real_inception_network(
     checkpoints, tmp_path, data_dir, monkeypatch, caplog
 ):
@@ -145,7 +147,7 @@ def test_evaluate_with_the_real_inception_network(
     assert math.isfinite(e["fid"]["value"]) and e["fid"]["value"] > 0
     assert e["kid"]["num_gen"] == 16 and e["kid"]["num_ref"] == 32
     assert math.isfinite(e["kid"]["mean"]) and e["kid"]["se"] >= 0
-    assert e["inception_score"] == evaluate.IS_NOT_AVAILABLE
+    assert e["inception_score"] == settings.IS_NOT_AVAILABLE
     assert e["samples"]["chain"] == f"full{T}"
     _check_bpd(e["bpd"])
     # Every FID message states N.
@@ -160,10 +162,11 @@ def test_evaluate_with_the_real_inception_network(
     assert os.path.isfile(os.path.join(ev, stem + ".png"))
     assert os.path.isfile(os.path.join(ev, f"features_step_00000005_n16_full{T}.npz"))
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(ev))
-    cache = os.path.join(data_dir, "fid_stats", evaluate.FID_NETWORK)
+    cache = os.path.join(data_dir, "fid_stats", settings.FID_NETWORK)
     assert any(f.startswith("fid_stats_mnist5k_16px_test") for f in os.listdir(cache))
 
 
+@pytest.mark.slow
 def test_resume_skips_finished_work_and_all_sweeps_every_step(
     checkpoints, tmp_path, data_dir, monkeypatch
 ):
@@ -228,6 +231,7 @@ def test_resume_skips_finished_work_and_all_sweeps_every_step(
     assert r5["10"]["previous"][-1]["fid"] == r4["10"]["fid"]  # the N=16 result is kept
 
 
+@pytest.mark.slow
 def test_sample_mode_writes_a_grid(checkpoints, tmp_path, data_dir):
     config = _config(data_dir, num_steps=3)
     workdir = _workdir(checkpoints, tmp_path, [5])
@@ -239,6 +243,7 @@ def test_sample_mode_writes_a_grid(checkpoints, tmp_path, data_dir):
     assert not os.path.exists(os.path.join(workdir, "eval", "results.json"))
 
 
+@pytest.mark.slow
 def test_no_checkpoint_is_a_clear_error(tmp_path, data_dir):
     config = _config(data_dir)
     workdir = str(tmp_path / "empty")
@@ -249,6 +254,7 @@ def test_no_checkpoint_is_a_clear_error(tmp_path, data_dir):
         os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)
 
 
+@pytest.mark.slow
 def test_config_that_does_not_match_the_checkpoint_is_refused(checkpoints, data_dir):
     config = _config(data_dir)
     workdir = checkpoints
@@ -267,7 +273,7 @@ def test_invalid_eval_settings_name_the_field(data_dir):
         checkpoints="best",
         fid_split="",
     )
-    problems = "\n".join(evaluate.eval_config_problems(c, num_devices=4))
+    problems = "\n".join(settings.eval_config_problems(c, num_devices=4))
     for field in (
         "num_samples",
         "batch_size",
@@ -279,12 +285,13 @@ def test_invalid_eval_settings_name_the_field(data_dir):
     assert f"config.sample.num_steps={T + 1}" in problems
     c = _config(data_dir)
     c.diffusion.var_type = "learned"
-    assert "var_type='learned'" in "\n".join(evaluate.eval_config_problems(c))
-    assert evaluate.eval_config_problems(_config(data_dir)) == []
+    assert "var_type='learned'" in "\n".join(settings.eval_config_problems(c))
+    assert settings.eval_config_problems(_config(data_dir)) == []
     with pytest.raises(ConfigError, match="config.eval.checkpoints"):
         evaluate.run(_config(data_dir, checkpoints="best"), "/nonexistent")
 
 
+@pytest.mark.slow
 def test_real_data_floor_is_measured_at_the_same_n_and_reference(
     checkpoints, tmp_path, data_dir, caplog
 ):
@@ -317,6 +324,7 @@ def test_real_data_floor_is_measured_at_the_same_n_and_reference(
     assert feats.images == seen  # (only step 10 was copied here: nothing new to do)
 
 
+@pytest.mark.slow
 def test_bits_per_dim_follows_eval_clip_denoised_and_keys_its_results(
     checkpoints, tmp_path, data_dir, monkeypatch
 ):
@@ -354,11 +362,12 @@ def _ema_params(workdir, config, step):
     mesh = parallel.make_mesh()
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
     try:
-        return evaluate.restore_ema_params(ckpt, step, config, train.create_model(config), mesh)
+        return evaluate.restore_ema_params(ckpt, step, config, factories.create_model(config), mesh)
     finally:
         ckpt.close()
 
 
+@pytest.mark.slow
 def test_sample_mode_uses_the_configured_sampler(checkpoints, tmp_path, data_dir):
     """--mode sample with config.sample.method = 'ddim' (η = 0, 3 strided steps) gives exactly
     what `sampling.ddim_sample` gives on the restored EMA parameters with the evaluation key —
@@ -372,10 +381,10 @@ def test_sample_mode_uses_the_configured_sampler(checkpoints, tmp_path, data_dir
     with np.load(os.path.join(workdir, "eval", "samples_step_00000005.npz")) as z:
         got, chain = z["images"], str(z["chain"])
     assert chain == "ddim3_eta0"
-    model = train.create_model(config)
-    fn = train.make_denoise_fn(model, _ema_params(workdir, config, 5))
+    model = factories.create_model(config)
+    fn = factories.make_denoise_fn(model, _ema_params(workdir, config, 5))
     key = jax.random.fold_in(jax.random.fold_in(rng.stream(config.seed, rng.EVAL_SAMPLES), 0), 0)
-    sched = train.schedule_from_config(config)
+    sched = factories.schedule_from_config(config)
     kw = dict(mean_type="eps", var_type=config.diffusion.var_type, clip_denoised=True)
     want = sampling.to_uint8(
         sampling.ddim_sample(sched, fn, (4, 16, 16, 1), key, eta=0.0, num_steps=3, **kw)
@@ -387,6 +396,7 @@ def test_sample_mode_uses_the_configured_sampler(checkpoints, tmp_path, data_dir
     assert not np.array_equal(got, np.asarray(other))
 
 
+@pytest.mark.slow
 def test_a_registered_sampler_is_selected_by_config(checkpoints, tmp_path, data_dir):
     """A new sampler is one registered object; config.sample.method selects it, its tag names
     the files, and an unknown method is a one-line config error."""
@@ -424,6 +434,7 @@ def test_a_registered_sampler_is_selected_by_config(checkpoints, tmp_path, data_
         samplers.SAMPLERS.pop("constant_for_test")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["ancestral", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "heun"])
 def test_every_sampler_runs_through_sample_and_evaluate_mode_from_the_config(
     method, checkpoints, tmp_path, data_dir
@@ -446,10 +457,12 @@ def test_every_sampler_runs_through_sample_and_evaluate_mode_from_the_config(
     with np.load(os.path.join(workdir, "eval", "samples_step_00000005.npz")) as z:
         got, chain = z["images"], str(z["chain"])
     assert chain == tag and got.shape == (8, 16, 16, 1) and got.dtype == np.uint8
-    fn = train.make_denoise_fn(train.create_model(config), _ema_params(workdir, config, 5))
+    fn = factories.make_denoise_fn(factories.create_model(config), _ema_params(workdir, config, 5))
     key = jax.random.fold_in(jax.random.fold_in(rng.stream(config.seed, rng.EVAL_SAMPLES), 0), 0)
-    param = train.parameterization(config)
-    want = samplers.draw(spec, train.schedule_from_config(config), fn, (8, 16, 16, 1), key, param)
+    param = factories.parameterization(config)
+    want = samplers.draw(
+        spec, factories.schedule_from_config(config), fn, (8, 16, 16, 1), key, param
+    )
     diff = np.abs(got.astype(int) - np.asarray(sampling.to_uint8(want.x)).astype(int))
     # Equal up to float rounding between the sharded jit and this call (a rare 1-level step).
     assert diff.max() <= 1 and (diff > 0).mean() < 0.005, (diff.max(), (diff > 0).mean())
@@ -464,6 +477,7 @@ def test_every_sampler_runs_through_sample_and_evaluate_mode_from_the_config(
     assert os.path.isfile(os.path.join(workdir, "eval", f"samples_step_00000005_n8_{tag}.npz"))
 
 
+@pytest.mark.slow
 def test_one_pass_reports_fid_against_two_splits_and_the_bound_on_two(
     checkpoints, tmp_path, data_dir
 ):
@@ -503,6 +517,7 @@ def test_one_pass_reports_fid_against_two_splits_and_the_bound_on_two(
     assert feats.images == seen and _results(workdir)["10"] == e
 
 
+@pytest.mark.slow
 def test_bound_estimate_from_k_timesteps_is_the_full_bound_at_k_equal_t_minus_1(
     checkpoints, tmp_path, data_dir
 ):

@@ -18,6 +18,7 @@ import sys
 import textwrap
 import time
 
+import pytest
 from gcs_emulator import (  # noqa: F401
     _http,
     gcs_emulator,
@@ -36,7 +37,7 @@ _RUN = textwrap.dedent("""
     import json, os, sys
     sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
     import numpy as np
-    from diffusion import evaluate, io, train
+    from diffusion import evaluate, io, training
     from train_worker import small_config
     wd, data_dir = os.environ["WORKDIR"], os.environ["DATA_DIR"]
 
@@ -58,9 +59,9 @@ _RUN = textwrap.dedent("""
         return c
 
     out = {}
-    s = train.train_and_evaluate(config(4), wd)                      # train, checkpoint
+    s = training.train(config(4), wd)                      # train, checkpoint
     out["first"] = int(np.asarray(s.step))
-    s = train.train_and_evaluate(config(6), wd)                      # relaunch: resume at 4
+    s = training.train(config(6), wd)                      # relaunch: resume at 4
     out["resumed"] = int(np.asarray(s.step))
     out["metrics_steps"] = [r["step"] for r in io.read_jsonl(io.join(wd, "metrics.jsonl"))]
 
@@ -82,7 +83,7 @@ _RUN = textwrap.dedent("""
         p = io.join(ck, "6", "state", name)
         if io.isfile(p) and name.startswith("_METADATA"):
             io.write_bytes(p, io.read_bytes(p)[:20])
-    s = train.train_and_evaluate(config(6), wd)
+    s = training.train(config(6), wd)
     out["after_quarantine"] = int(np.asarray(s.step))
     out["quarantined"] = Checkpointer(ck).quarantined()
     print("RESULT " + json.dumps(out))
@@ -94,6 +95,7 @@ def _objects(emu, prefix=""):
     return sorted(i["name"] for i in json.loads(body).get("items", []))
 
 
+@pytest.mark.slow
 @requires_emulator
 def test_tiny_run_train_resume_sample_evaluate_on_a_gcs_workdir(gcs_emulator, tmp_path, data_dir):
     emu = gcs_emulator
@@ -155,6 +157,7 @@ def _launch_cmd(workdir, data_dir, steps):
     ]
 
 
+@pytest.mark.slow
 @requires_emulator
 def test_a_dead_bucket_ends_the_run_in_bounded_time_and_the_last_good_step_resumes(
     tmp_path, data_dir
@@ -221,7 +224,7 @@ _CONVERT = textwrap.dedent("""
     import numpy as np
     from diffusion import convert, evaluate, io, parallel
     from diffusion.checkpoint import Checkpointer
-    from diffusion.train import create_model
+    from diffusion.factories import create_model
     wd, fixture = os.environ["WORKDIR"], os.environ["FIXTURE"]
     rc = convert.main(["--input", fixture, "--workdir", wd, "--base", "emoji32"])
     assert rc == 0, rc
@@ -244,6 +247,7 @@ _CONVERT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @requires_emulator
 def test_convert_into_a_gcs_workdir(gcs_emulator, tmp_path):
     """``python -m diffusion.convert --workdir gs://...`` writes config.json, config.py, the

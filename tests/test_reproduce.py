@@ -56,6 +56,7 @@ def two_rows(tmp_path_factory, data_dir):
     return out, first, second
 
 
+@pytest.mark.slow
 def test_runs_are_trained_evaluated_and_tabled(two_rows):
     out, first, _ = two_rows
     assert [r["run"] for r in first["runs"]] == ["eps_simple_seed0", "xprev_L_learned_seed0"]
@@ -81,6 +82,7 @@ def test_runs_are_trained_evaluated_and_tabled(two_rows):
     assert on_disk["runs"][0]["fid"]["value"] == first["runs"][0]["fid"]["value"]
 
 
+@pytest.mark.slow
 def test_figures_are_written(two_rows):
     out, first, _ = two_rows
     assert first["figures"]["from_run"] == "eps_simple_seed0"
@@ -103,6 +105,7 @@ def test_figures_are_written(two_rows):
     assert rd["rate"] > 0 and rd["distortion"] > 0
 
 
+@pytest.mark.slow
 def test_relaunch_skips_finished_runs(two_rows):
     _, first, second = two_rows
     assert all(r.get("skipped") for r in second["runs"])
@@ -110,6 +113,7 @@ def test_relaunch_skips_finished_runs(two_rows):
     assert second["seconds_this_invocation"] < 30
 
 
+@pytest.mark.slow
 def test_a_diverging_row_is_reported_and_its_last_good_checkpoint_evaluated(tmp_path, data_dir):
     # lr = 1e4 blows the parameters up within a few steps
     over = dict(

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from train_worker import small_config
 
-from diffusion import checkpoint, train
+from diffusion import checkpoint, factories, training
 from diffusion.checkpoint import (
     Checkpointer,
     CheckpointIncompatibleError,
@@ -31,7 +31,7 @@ def _toy_state(seed, tx, shape=(64, 64)):
         "w": jnp.asarray(rng.standard_normal(shape), jnp.float32),
         "b": jnp.asarray(rng.standard_normal(shape[-1]), jnp.float32),
     }
-    return train.TrainState(
+    return factories.TrainState(
         step=jnp.array(seed, jnp.int32),
         params=params,
         ema_params=jax.tree.map(lambda x: 0.5 * x, params),
@@ -41,7 +41,7 @@ def _toy_state(seed, tx, shape=(64, 64)):
 
 def _saved_dir(tmp_path, steps=(1, 2), config=None):
     c = config or small_config("unused", 1)
-    tx = train.make_optimizer(c)
+    tx = factories.make_optimizer(c)
     d = str(tmp_path / "checkpoints")
     ck = Checkpointer(d, max_to_keep=5)
     for s in steps:
@@ -70,7 +70,7 @@ def test_optimizer_stage_change_is_refused_with_the_differences_and_nothing_move
     before = _listing(d)
     c = small_config("unused", 1)
     c.training.grad_clip = 0.0  # the chain loses its clipping stage
-    tx = train.make_optimizer(c)
+    tx = factories.make_optimizer(c)
     ck = Checkpointer(d)
     with pytest.raises(CheckpointIncompatibleError) as e:
         ck.restore_latest(
@@ -98,7 +98,7 @@ def test_parameter_shape_change_is_refused_naming_the_path(tmp_path):
 
 def test_every_tree_changing_switch_is_a_resume_difference():
     c = small_config("unused", 1)
-    saved = train.config_to_dict(c)
+    saved = factories.config_to_dict(c)
     assert incompatible_fields(saved, c) == []
     for field, value in (("grad_clip", 0.0), ("weight_decay", 1e-4)):
         c2 = small_config("unused", 1)
@@ -106,8 +106,8 @@ def test_every_tree_changing_switch_is_a_resume_difference():
         diffs = incompatible_fields(saved, c2)
         assert len(diffs) == 1 and f"training.{field} > 0" in diffs[0]
         # The parts of the tree each switch changes really differ (so the check is not vacuous).
-        t1 = jax.eval_shape(lambda: train.make_optimizer(c).init({"w": jnp.zeros(3)}))
-        t2 = jax.eval_shape(lambda: train.make_optimizer(c2).init({"w": jnp.zeros(3)}))
+        t1 = jax.eval_shape(lambda: factories.make_optimizer(c).init({"w": jnp.zeros(3)}))
+        t2 = jax.eval_shape(lambda: factories.make_optimizer(c2).init({"w": jnp.zeros(3)}))
         assert jax.tree.structure(t1) != jax.tree.structure(t2)
         assert incompatible_fields(saved, c2, optimizer=False) == []
     c3 = small_config("unused", 1)
@@ -119,7 +119,7 @@ def test_params_only_resume_takes_params_and_ema_into_a_new_optimizer(tmp_path):
     d, _ = _saved_dir(tmp_path)
     c = small_config("unused", 1)
     c.training.grad_clip = 0.0
-    tx = train.make_optimizer(c)
+    tx = factories.make_optimizer(c)
     got, _, step = Checkpointer(d).restore_latest(_abstract(tx), params_only=True)
     assert step == 2 and set(got) == {"step", "params", "ema_params"}
     want = _toy_state(2, tx)
@@ -191,13 +191,14 @@ def test_all_checkpoints_corrupt_stops_instead_of_starting_over(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the real run
+@pytest.mark.slow
 def test_relaunch_with_grad_clip_off_exits_nonzero_and_keeps_the_checkpoint(tmp_path, data_dir):
     """The reproduction of the bug: train to step 4, relaunch the same workdir through
     launch.py with --config.training.grad_clip=0. Before the fix the intact checkpoint was moved
     to checkpoints_corrupt/ and training restarted from 0 with exit status 0."""
     wd = str(tmp_path / "run")
     c = small_config(data_dir, 4)
-    train.train_and_evaluate(c, wd)
+    training.train(c, wd)
     ck_dir = os.path.join(wd, "checkpoints")
     before = _listing(ck_dir)
     assert before[0][-1] == "4"

@@ -35,6 +35,7 @@ from jax.sharding import Mesh
 
 from diffusion import gaussian as G
 from diffusion import sampling as S
+from diffusion.evaluation import generator
 from diffusion.schedules import Schedule, get_beta_schedule, make_schedule
 
 BETAS = get_beta_schedule("linear")  # the paper's, float64
@@ -568,9 +569,9 @@ def _small_sample_fn(k, n):
 @pytest.mark.slow
 def test_sample_in_batches_one_device_mesh_equals_no_mesh():
     mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
-    a = S.sample_in_batches(_small_sample_fn, 10, 4, KEY, mesh=mesh)  # with progress output
+    a = generator.sample_in_batches(_small_sample_fn, 10, 4, KEY, mesh=mesh)  # with progress output
     assert a.shape == (10, 4, 4, 3) and a.dtype == np.uint8  # last batch truncated
-    f = S.sample_in_batches(_small_sample_fn, 10, 4, KEY, as_uint8=False, progress=False)
+    f = generator.sample_in_batches(_small_sample_fn, 10, 4, KEY, as_uint8=False, progress=False)
     assert f.dtype == np.float32 and f.shape == (10, 4, 4, 3)
     np.testing.assert_array_equal(S.to_uint8(f), a)
     # batch i is sampled with fold_in(fold_in(key, process_index), i)
@@ -581,7 +582,7 @@ def test_sample_in_batches_one_device_mesh_equals_no_mesh():
     )
     np.testing.assert_array_equal(f[8:], first[:2])
     with pytest.raises(ValueError, match="'data'"):
-        S.sample_in_batches(
+        generator.sample_in_batches(
             _small_sample_fn, 4, 4, KEY, mesh=Mesh(np.array(jax.devices()[:1]), ("x",))
         )
 
@@ -593,14 +594,15 @@ _TWO_DEVICE_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     import test_sampling as TS
     from diffusion import sampling as S
+    from diffusion.evaluation import generator
     assert len(jax.devices()) == 2, jax.devices()
     m1 = Mesh(np.array(jax.devices()[:1]), ("data",))
     m2 = Mesh(np.array(jax.devices()), ("data",))
     kw = dict(progress=False, as_uint8=False)
-    a = S.sample_in_batches(TS._small_sample_fn, 12, 4, TS.KEY, mesh=m1, **kw)
-    b = S.sample_in_batches(TS._small_sample_fn, 12, 4, TS.KEY, mesh=m2, **kw)
+    a = generator.sample_in_batches(TS._small_sample_fn, 12, 4, TS.KEY, mesh=m1, **kw)
+    b = generator.sample_in_batches(TS._small_sample_fn, 12, 4, TS.KEY, mesh=m2, **kw)
     try:
-        S.sample_in_batches(TS._small_sample_fn, 12, 3, TS.KEY, mesh=m2, **kw)
+        generator.sample_in_batches(TS._small_sample_fn, 12, 3, TS.KEY, mesh=m2, **kw)
         err = ""
     except ValueError as e:
         err = str(e)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion import train
+from diffusion import factories, training
 from diffusion.checkpoint import Checkpointer, abstract_like
 from diffusion.config_check import ConfigError, config_problems, validate_config
 from experiments import celebahq256, cifar10, lsun_bedroom, lsun_cat, lsun_church, tiny
@@ -22,7 +22,7 @@ WORKER = os.path.join(ROOT, "tests", "train_worker.py")
 
 
 def _num_params(config):
-    model = train.create_model(config)
+    model = factories.create_model(config)
     s = config.data.image_size
     shapes = jax.eval_shape(
         lambda: model.init(
@@ -35,6 +35,7 @@ def _num_params(config):
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
 
 
+@pytest.mark.slow
 def test_cifar10_config_is_the_papers():
     c = cifar10.get_config()
     assert _num_params(c) == 35_746_307
@@ -72,13 +73,13 @@ def test_cifar10_config_is_the_papers():
         tuple(c.model.attn_resolutions),
     ) == (128, (1, 2, 2, 2), 2, (16,))
     # The optimizer: linear warm-up to 2e-4 over 5000 steps, then constant.
-    lr = train.learning_rate_fn(c)
+    lr = factories.learning_rate_fn(c)
     np.testing.assert_allclose(
         [lr(0), lr(2500), lr(5000), lr(10**6)], [0, 1e-4, 2e-4, 2e-4], rtol=1e-6
     )
     # Adam with eps 1e-8 after clipping to global norm 1: a first step with gradient g moves each
     # parameter by lr·g/(|g| + eps) (bias-corrected), whatever the clipping factor.
-    tx = train.make_optimizer(c)
+    tx = factories.make_optimizer(c)
     p = {"w": jnp.zeros(3)}
     g = {"w": jnp.array([3e-8, -4e-8, 0.0])}  # norm 5e-8 < 1: not clipped, eps matters
     st = tx.init(p)
@@ -144,13 +145,13 @@ def test_invalid_config_lists_every_problem():
 
 def test_checkpoint_save_restore_is_identical(tmp_path):
     c = tiny.get_config()
-    tx = train.make_optimizer(c)
+    tx = factories.make_optimizer(c)
     rng = np.random.default_rng(0)
     params = {
         "a": {"w": jnp.asarray(rng.standard_normal((3, 4)), jnp.float32)},
         "b": jnp.asarray(rng.standard_normal(5), jnp.float32),
     }
-    state = train.TrainState(
+    state = factories.TrainState(
         step=jnp.array(7, jnp.int32),
         params=params,
         ema_params=jax.tree.map(lambda x: x * 0.5, params),
@@ -177,16 +178,17 @@ def tiny_run(tmp_path_factory, data_dir):
     c.data.data_dir = data_dir
     c.training.num_train_steps = 20
     c.training.log_every = 1
-    state20 = train.train_and_evaluate(c, workdir)
+    state20 = training.train(c, workdir)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         first = [json.loads(line) for line in f]
     c.training.num_train_steps = 30
-    state30 = train.train_and_evaluate(c, workdir)
+    state30 = training.train(c, workdir)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         both = [json.loads(line) for line in f]
     return workdir, first, both, state20, state30
 
 
+@pytest.mark.slow
 def test_real_run_writes_checkpoints_events_samples_and_loss_falls(tiny_run):
     workdir, first, _, state20, _ = tiny_run
     assert [m["step"] for m in first] == list(range(1, 21))
@@ -201,6 +203,7 @@ def test_real_run_writes_checkpoints_events_samples_and_loss_falls(tiny_run):
     assert saved["model"]["ch"] == 32
 
 
+@pytest.mark.slow
 def test_relaunch_resumes_at_the_saved_step(tiny_run):
     workdir, first, both, state20, state30 = tiny_run
     second = both[len(first) :]
@@ -210,6 +213,7 @@ def test_relaunch_resumes_at_the_saved_step(tiny_run):
     assert 20 in steps and 30 in steps and 10 not in steps  # keep_every=20 kept, rolling pruned
 
 
+@pytest.mark.slow
 def test_resume_with_a_different_model_is_refused(tiny_run, data_dir):
     workdir = tiny_run[0]
     c = tiny.get_config()
@@ -217,7 +221,7 @@ def test_resume_with_a_different_model_is_refused(tiny_run, data_dir):
     c.model.ch = 64
     c.training.num_train_steps = 40
     with pytest.raises(ConfigError, match=r"model.ch: 32 \(saved\) -> 64 \(now\)"):
-        train.train_and_evaluate(c, workdir)
+        training.train(c, workdir)
 
 
 def _run_worker(tmp, data_dir, name, devices, steps=3, extra=(), background=False):

@@ -7,8 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
-from diffusion import train
+from diffusion import factories, training
 from experiments import tiny
 
 
@@ -31,18 +32,19 @@ def _batch(c, seed):
     return {"image": jnp.asarray(x, jnp.float32)}
 
 
+@pytest.mark.slow
 def test_ema_follows_the_recurrence_of_the_parameters_actually_produced():
     """ema_k = d·ema_{k−1} + (1−d)·θ_k with ema_0 = θ_0, computed in float64 from the parameters
     each real step returned. Swapping d and 1−d, or averaging the pre-update parameters, fails."""
     decay = 0.8
     c = _config(ema_decay=decay, lr=1e-2, warmup_steps=0)
     model, schedule, tx = (
-        train.create_model(c),
-        train.schedule_from_config(c),
-        train.make_optimizer(c),
+        factories.create_model(c),
+        factories.schedule_from_config(c),
+        factories.make_optimizer(c),
     )
-    step = train.make_train_step(c, model, schedule, tx)
-    state = train.init_state(c, model, tx)
+    step = training.make_train_step(c, model, schedule, tx)
+    state = factories.init_state(c, model, tx)
     f64 = lambda tree: jax.tree.map(lambda x: np.asarray(x, np.float64), tree)  # noqa: E731
     ema = f64(state.params)
     key = jax.random.key(0)
@@ -89,15 +91,16 @@ class _Spy(nn.Module):
         return jnp.zeros(x.shape[:-1] + (self.out_ch,)) + w * 0.0 + x[..., :1] * 0.0
 
 
+@pytest.mark.slow
 def test_timesteps_cover_exactly_0_to_T_minus_1_uniformly_and_train_mode_is_on():
     c = _config(batch_size=64)
     T = 10
     c.diffusion.num_timesteps = T
     record = _Record()
     model = _Spy(out_ch=c.data.channels, record=record)
-    schedule, tx = train.schedule_from_config(c), train.make_optimizer(c)
-    step = train.make_train_step(c, model, schedule, tx)
-    state = train.init_state(c, model, tx)
+    schedule, tx = factories.schedule_from_config(c), factories.make_optimizer(c)
+    step = training.make_train_step(c, model, schedule, tx)
+    state = factories.init_state(c, model, tx)
     jax.effects_barrier()
     record.items.clear()  # (the init call)
     key = jax.random.key(3)
@@ -116,11 +119,12 @@ def test_timesteps_cover_exactly_0_to_T_minus_1_uniformly_and_train_mode_is_on()
     assert int(draws.min()) == 0 and int(draws.max()) == 999
 
 
+@pytest.mark.slow
 def test_dropout_is_active_in_training_and_off_for_sampling():
     c = _config()
     c.model.dropout = 0.5
-    model = train.create_model(c)
-    state = train.init_state(c, model, train.make_optimizer(c))
+    model = factories.create_model(c)
+    state = factories.init_state(c, model, factories.make_optimizer(c))
     # Random weights everywhere (the "zero" layers too), so that dropout's effect is not hidden.
     leaves, treedef = jax.tree.flatten(state.params)
     keys = jax.random.split(jax.random.key(9), len(leaves))
@@ -140,18 +144,19 @@ def test_dropout_is_active_in_training_and_off_for_sampling():
     )
     a, b = apply(True, jax.random.key(1)), apply(True, jax.random.key(2))
     assert float(jnp.abs(a - b).mean()) > 1e-2 * float(jnp.abs(a).mean())  # masks differ
-    denoise = train.make_denoise_fn(model, state.params)  # what samplers/eval use
+    denoise = factories.make_denoise_fn(model, state.params)  # what samplers/eval use
     e1, e2 = denoise(x, t), apply(False, jax.random.key(5))
     np.testing.assert_array_equal(np.asarray(e1), np.asarray(e2))  # deterministic, no dropout
     # And the sampler path really calls the network with train=False.
     record = _Record()
     spy = _Spy(out_ch=c.data.channels, record=record)
     p = spy.init(jax.random.key(0), x, t, train=False)["params"]
-    jax.jit(train.make_denoise_fn(spy, p))(x, t)
+    jax.jit(factories.make_denoise_fn(spy, p))(x, t)
     jax.effects_barrier()
     assert record.items and not any(r[1] for r in record.items)
 
 
+@pytest.mark.slow
 def test_grad_clip_groups_clip_each_group_then_average_as_the_released_tpu_code():
     """groups=2: each half of the batch's gradient is clipped to grad_clip on its own, then the
     two are averaged (tf.tpu.CrossShardOptimizer + per-core clip_by_global_norm). Checked against
@@ -159,12 +164,12 @@ def test_grad_clip_groups_clip_each_group_then_average_as_the_released_tpu_code(
     clip = 1e-3  # small enough that every half's gradient is clipped
     c = _config(grad_clip=clip, grad_clip_groups=2, lr=1.0, warmup_steps=0, ema_decay=0.0)
     c.model.dropout = 0.0
-    model, schedule = train.create_model(c), train.schedule_from_config(c)
+    model, schedule = factories.create_model(c), factories.schedule_from_config(c)
     lr = 1000.0  # large, so that the update stands well above float32 rounding of the params
     tx_sgd = optax.chain(optax.clip_by_global_norm(clip), optax.sgd(lr))  # update = −lr·grad
-    state0 = train.init_state(c, model, tx_sgd)
+    state0 = factories.init_state(c, model, tx_sgd)
     batch, key = _batch(c, 7), jax.random.key(11)
-    step = train.make_train_step(c, model, schedule, tx_sgd)
+    step = training.make_train_step(c, model, schedule, tx_sgd)
     new, metrics = step(jax.tree.map(jnp.copy, state0), batch, key)
     got = jax.tree.map(lambda new_, old: (old - new_) / lr, new.params, state0.params)  # grad
 
@@ -205,7 +210,7 @@ def test_grad_clip_groups_clip_each_group_then_average_as_the_released_tpu_code(
     # The global mode differs: clip(mean) ≠ mean(clip) when the halves point different ways.
     c0 = _config(grad_clip=clip, grad_clip_groups=0, lr=1.0, warmup_steps=0, ema_decay=0.0)
     c0.model.dropout = 0.0
-    new0, _ = train.make_train_step(c0, model, schedule, tx_sgd)(
+    new0, _ = training.make_train_step(c0, model, schedule, tx_sgd)(
         jax.tree.map(jnp.copy, state0), batch, key
     )
     diff = max(

@@ -89,7 +89,8 @@ def main():
     # (tests/conftest.py sets JAX_COMPILATION_CACHE_DIR, which this process inherits)
     import numpy as np
 
-    from diffusion import parallel, train
+    from diffusion import parallel, training
+    from diffusion.training import step as step_lib  # the loop builds its step from here
 
     if args.coordinator:
         parallel.maybe_initialize_distributed(
@@ -106,7 +107,7 @@ def main():
     if args.device_delay:
         import jax.numpy as jnp
 
-        make_step_ = train.make_train_step
+        make_step_ = step_lib.make_train_step
 
         def burning_make_train_step(*a, **k):
             step = make_step_(*a, **k)
@@ -120,11 +121,11 @@ def main():
             # One jitted program (so the loop compiles it ahead, like the real step).
             return jax.jit(lambda *args_: burn(*step(*args_)), donate_argnums=(0,))
 
-        train.make_train_step = burning_make_train_step
+        step_lib.make_train_step = burning_make_train_step
     if args.compile_delay:
         import time
 
-        make_step_c = train.make_train_step
+        make_step_c = step_lib.make_train_step
 
         class _SlowToCompile:
             def __init__(self, step):
@@ -134,11 +135,11 @@ def main():
                 time.sleep(args.compile_delay)
                 return self.step.lower(*a, **k)
 
-        train.make_train_step = lambda *a, **k: _SlowToCompile(make_step_c(*a, **k))
+        step_lib.make_train_step = lambda *a, **k: _SlowToCompile(make_step_c(*a, **k))
     if args.step_delay:
         import time
 
-        make_step = train.make_train_step
+        make_step = step_lib.make_train_step
 
         def slow_make_train_step(*a, **k):
             step = make_step(*a, **k)
@@ -151,13 +152,13 @@ def main():
 
             return slow_step
 
-        train.make_train_step = slow_make_train_step
+        step_lib.make_train_step = slow_make_train_step
     if args.mode == "train_and_evaluate":
         import launch
 
         launch.run(config, args.workdir, "train_and_evaluate")
         return
-    state = train.train_and_evaluate(config, args.workdir)
+    state = training.train(config, args.workdir)
     local = lambda x: np.asarray(x.addressable_data(0))
     leaves = [local(x) for x in jax.tree.leaves((state.params, state.ema_params, state.opt_state))]
     out = {f"leaf_{i:04d}": v for i, v in enumerate(leaves)}

@@ -34,6 +34,7 @@ import numpy as np
 from diffusion import factories, io, likelihood, parallel, rng, samplers
 from diffusion.evaluation import generator
 from diffusion.evaluation import settings as S
+from diffusion.evaluation.references import FidReferences, to_rgb, with_progress
 from diffusion.evaluation.results import (
     ResultsStore,
     all_processes,
@@ -53,25 +54,7 @@ __all__ = [
     "evaluators_from_config",
     "compute_fid_kid",
     "compute_bpd",
-    "to_rgb",
 ]
-
-
-def to_rgb(images: np.ndarray) -> np.ndarray:
-    """Grayscale ``[..., 1]`` → 3 channels (repeated) for Inception; RGB unchanged."""
-    return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
-
-
-def _with_progress(feature_fn: Callable, total: int, what: str) -> Callable:
-    """Wraps ``feature_fn`` to log "<what>: Inception features k/total images (rate, ETA)"."""
-    prog = Progress(f"{what}: Inception features", total)
-
-    def fn(batch):
-        out = np.asarray(feature_fn(batch))
-        prog.update(len(batch))
-        return out
-
-    return fn
 
 
 def compute_fid_kid(gen_features: np.ndarray, ref: fid_lib.ReferenceStatistics) -> Dict[str, Any]:
@@ -126,15 +109,24 @@ def compute_bpd(
     x̂_0 is clipped to [−1, 1] inside pθ when ``config.eval.clip_denoised`` (the default, as the
     released ``calc_bpd_loop`` and its CIFAR10 evaluation); ``clip_denoised`` in the result says
     which bound this is."""
-    from diffusion.data import normalize_images
-
     param = factories.parameterization(config)
     clip = bool(config.eval.clip_denoised)
     K = int(config.eval.get("bpd_timesteps", 0) or 0)
-    schedule = factories.schedule_from_config(config)
     rep, data = parallel.replicated_sharding(mesh), parallel.batch_sharding(mesh)
-    M = len(images)
-    batch = generator.batch_for(M, config.eval.batch_size, int(mesh.devices.size))
+    batch = generator.batch_for(len(images), config.eval.batch_size, int(mesh.devices.size))
+    fn = _masked_bound_sums(config, model, param, clip, K)
+    step = jax.jit(fn, in_shardings=(rep, data, data, rep), out_shardings=rep)
+    sums = _sum_over_batches(step, params, images, batch, rep, data, what)
+    return _bpd_summary(sums, len(images), clip, K)
+
+
+def _masked_bound_sums(config, model, param, clip: bool, K: int) -> Callable:
+    """``(params, x [B, H, W, C] in [−1, 1], mask [B], batch index) -> sums over the unmasked
+    examples`` of the bound's total (and its square), prior, and either the decoder term
+    (``K > 0``: `likelihood.bound_estimate` from K timesteps) or the per-t terms and x̂_0 errors
+    (the full bound, `likelihood.bits_per_dim`). The noise is `rng.BPD_NOISE` folded with the
+    batch index."""
+    schedule = factories.schedule_from_config(config)
 
     def fn(params, x, mask, index):
         key = jax.random.fold_in(rng.stream(config.seed, rng.BPD_NOISE), index)
@@ -168,11 +160,19 @@ def compute_bpd(
             "mse_clipped": m @ out["mse_clipped"],
         }
 
-    step = jax.jit(fn, in_shardings=(rep, data, data, rep), out_shardings=rep)
+    return fn
+
+
+def _sum_over_batches(step, params, images: np.ndarray, batch: int, rep, data, what: str):
+    """Runs ``step`` on uint8 ``images [M, H, W, C]`` in global batches of ``batch`` (the last
+    padded by repeating its final image, the padding masked out) and adds up its float64
+    outputs; progress as ``what``."""
+    from diffusion.data import normalize_images
+
+    M = len(images)
     sums = None
-    n_batches = math.ceil(M / batch)
     prog = Progress(what, M, unit="examples", every_s=0.0)
-    for i in range(n_batches):
+    for i in range(math.ceil(M / batch)):
         chunk = images[i * batch : (i + 1) * batch]
         k = len(chunk)
         if k < batch:
@@ -189,6 +189,13 @@ def compute_bpd(
         out = {key: np.asarray(v, np.float64) for key, v in out.items()}
         sums = out if sums is None else {key: sums[key] + out[key] for key in sums}
         prog.update(k)
+    return sums
+
+
+def _bpd_summary(sums: Dict[str, np.ndarray], M: int, clip: bool, K: int) -> Dict[str, Any]:
+    """Means over the M examples from the sums: total ± its standard error (sample variance
+    over examples), prior, rate = prior + Σ_{t>0} terms and distortion = the decoder term (paper
+    Table 4), and for the full bound (``K = 0``) the per-t lists."""
     mean = {key: v / M for key, v in sums.items()}
     var = max(mean["total_sq"] - mean["total"] ** 2, 0.0) * M / max(M - 1, 1)
     res = {
@@ -242,9 +249,11 @@ class EvalContext:
         self.spec = samplers.spec_from_config(config)
         self.chain = samplers.tag(self.spec, config.diffusion.num_timesteps)
         self._feature_fn, self._feature_logits_fn = feature_fn, None
-        self._refs: Dict[str, Tuple[str, fid_lib.ReferenceStatistics]] = {}
         self._step_cache: Dict[str, Any] = {}
         self.timings: Dict[str, float] = {}  # wall seconds by stage, for the run's summary
+        self.references = FidReferences(
+            config, self.eval_dir, network, feature_batch_size, self.feature_fn, self.timed
+        )
 
     def timed(self, stage: str, t0: float) -> None:
         """Adds ``time.time() - t0`` to ``timings[stage]``."""
@@ -283,64 +292,8 @@ class EvalContext:
         return self._feature_logits_fn
 
     def reference(self, split: str) -> Tuple[str, fid_lib.ReferenceStatistics]:
-        """``(reference split, statistics)`` for FID against ``split``: the split actually read
-        (`settings.fid_reference_split`) and its statistics, cached next to the data (or under
-        ``<workdir>/eval``) and in memory."""
-        if split not in self._refs:
-            ref_split = S.fid_reference_split(self.config, split)
-            self._refs[split] = (ref_split, self._load_reference(ref_split))
-        return self._refs[split]
-
-    def _reference_cache_dir(self) -> str:
-        from diffusion.data import default_data_dir
-
-        c = self.config
-        sub = ["fid_stats", self.network] + (
-            [f"p{jax.process_index()}"] if jax.process_index() else []
-        )
-        base = io.absolute(c.data.data_dir) if c.data.data_dir else default_data_dir()
-        for root in (base, self.eval_dir):
-            path = io.join(root, *sub)
-            try:
-                return io.probe_writable(path, what="FID reference cache")
-            except OSError:
-                continue
-        raise OSError(f"Neither {base} nor {self.eval_dir} is writable for the FID reference cache")
-
-    def _load_reference(self, split: str) -> fid_lib.ReferenceStatistics:
-        from diffusion.data import load_split
-
-        d = self.config.data
-        t0 = time.time()
-        images = load_split(d.dataset, split, data_dir=d.data_dir, image_size=d.image_size)
-        if len(images) < 2:
-            raise ValueError(
-                f"config.eval.fid_split: {split!r} of {d.dataset!r} has "
-                f"{len(images)} image(s); FID needs at least 2"
-            )
-        cache_dir = self._reference_cache_dir()
-        logging.info(
-            "FID reference: %d images of %s/%s at %dpx (cache %s)",
-            len(images),
-            d.dataset,
-            split,
-            d.image_size,
-            cache_dir,
-        )
-        ref = fid_lib.reference_statistics(
-            f"{d.dataset}_{d.image_size}px",
-            split,
-            _with_progress(self.feature_fn(), len(images), f"reference {d.dataset}/{split}"),
-            images=to_rgb(images),
-            cache_dir=cache_dir,
-            batch_size=self.feature_batch_size,
-            network=self.network,
-        )
-        logging.info(
-            "FID reference statistics ready: N_ref=%d (%.1fs)", len(ref.features), time.time() - t0
-        )
-        self.timed("FID reference statistics", t0)
-        return ref
+        """``(reference split, statistics)`` for FID against ``split`` (`FidReferences.get`)."""
+        return self.references.get(split)
 
     # -- per-step files
     def file(self, kind: str, step: int, ext: str, per_process: bool = False) -> str:
@@ -425,13 +378,13 @@ class EvalContext:
             t0 = time.time()
             extra = {}
             if want_is:
-                fn = _with_progress(self.feature_logits_fn(), len(images), f"step {step} samples")
+                fn = with_progress(self.feature_logits_fn(), len(images), f"step {step} samples")
                 feats, logits = fid_lib.extract_features_and_logits(
                     to_rgb(images), fn, batch_size=self.feature_batch_size
                 )
                 extra["logits"] = logits
             else:
-                fn = _with_progress(self.feature_fn(), len(images), f"step {step} samples")
+                fn = with_progress(self.feature_fn(), len(images), f"step {step} samples")
                 feats = fid_lib.extract_features(
                     to_rgb(images), fn, batch_size=self.feature_batch_size
                 )
@@ -501,7 +454,7 @@ class EvalContext:
                 len(images),
             )
         t0 = time.time()
-        fn = _with_progress(self.feature_fn(), len(images), f"real-data floor {split}")
+        fn = with_progress(self.feature_fn(), len(images), f"real-data floor {split}")
         feats = fid_lib.extract_features(to_rgb(images), fn, batch_size=self.feature_batch_size)
         res = compute_fid_kid(feats, ref)
         floor = {

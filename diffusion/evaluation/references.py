@@ -1,0 +1,124 @@
+"""FID reference statistics: a data split's Inception features, computed once per split and
+cached next to the data (or under ``<workdir>/eval`` when the data dir is not writable) and in
+memory (`FidReferences`)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Dict, Tuple
+
+import jax
+import numpy as np
+
+from diffusion import io
+from diffusion.evaluation import settings as S
+from diffusion.metrics import fid as fid_lib
+from diffusion.progress import Progress
+
+__all__ = ["FidReferences", "to_rgb", "with_progress"]
+
+
+def to_rgb(images: np.ndarray) -> np.ndarray:
+    """Grayscale ``[..., 1]`` → 3 channels (repeated) for Inception; RGB unchanged."""
+    return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
+
+
+def with_progress(feature_fn: Callable, total: int, what: str) -> Callable:
+    """Wraps ``feature_fn`` to log "<what>: Inception features k/total images (rate, ETA)"."""
+    prog = Progress(f"{what}: Inception features", total)
+
+    def fn(batch):
+        out = np.asarray(feature_fn(batch))
+        prog.update(len(batch))
+        return out
+
+    return fn
+
+
+class FidReferences:
+    """The FID reference statistics of one run, per split.
+
+    Args:
+      config: the run's config (``data`` and ``eval.fid_split`` sizes).
+      eval_dir: ``<workdir>/eval``, the fallback cache root.
+      network: the feature network's name (a cache key).
+      feature_batch_size: images per Inception batch.
+      feature_fn: ``() -> (uint8 [B, H, W, 3] -> features [B, d])``, called when first needed.
+      timed: ``(stage, t0) -> None`` records the wall time spent.
+    """
+
+    def __init__(
+        self,
+        config,
+        eval_dir: str,
+        network: str,
+        feature_batch_size: int,
+        feature_fn: Callable[[], Callable],
+        timed: Callable[[str, float], None],
+    ):
+        self.config, self.eval_dir, self.network = config, eval_dir, network
+        self.feature_batch_size, self.feature_fn, self.timed = feature_batch_size, feature_fn, timed
+        self._refs: Dict[str, Tuple[str, fid_lib.ReferenceStatistics]] = {}
+
+    def get(self, split: str) -> Tuple[str, fid_lib.ReferenceStatistics]:
+        """``(reference split, statistics)`` for FID against ``split``: the split actually read
+        (`settings.fid_reference_split`) and its statistics, cached next to the data (or under
+        ``<workdir>/eval``) and in memory."""
+        if split not in self._refs:
+            ref_split = S.fid_reference_split(self.config, split)
+            self._refs[split] = (ref_split, self.load(ref_split))
+        return self._refs[split]
+
+    def cache_dir(self) -> str:
+        """The writable cache directory: under the data dir, else under ``eval_dir``."""
+        from diffusion.data import default_data_dir
+
+        c = self.config
+        sub = ["fid_stats", self.network] + (
+            [f"p{jax.process_index()}"] if jax.process_index() else []
+        )
+        base = io.absolute(c.data.data_dir) if c.data.data_dir else default_data_dir()
+        for root in (base, self.eval_dir):
+            path = io.join(root, *sub)
+            try:
+                return io.probe_writable(path, what="FID reference cache")
+            except OSError:
+                continue
+        raise OSError(f"Neither {base} nor {self.eval_dir} is writable for the FID reference cache")
+
+    def load(self, split: str) -> fid_lib.ReferenceStatistics:
+        """The statistics of ``split`` (computed from the images, or read from the cache)."""
+        from diffusion.data import load_split
+
+        d = self.config.data
+        t0 = time.time()
+        images = load_split(d.dataset, split, data_dir=d.data_dir, image_size=d.image_size)
+        if len(images) < 2:
+            raise ValueError(
+                f"config.eval.fid_split: {split!r} of {d.dataset!r} has "
+                f"{len(images)} image(s); FID needs at least 2"
+            )
+        cache_dir = self.cache_dir()
+        logging.info(
+            "FID reference: %d images of %s/%s at %dpx (cache %s)",
+            len(images),
+            d.dataset,
+            split,
+            d.image_size,
+            cache_dir,
+        )
+        ref = fid_lib.reference_statistics(
+            f"{d.dataset}_{d.image_size}px",
+            split,
+            with_progress(self.feature_fn(), len(images), f"reference {d.dataset}/{split}"),
+            images=to_rgb(images),
+            cache_dir=cache_dir,
+            batch_size=self.feature_batch_size,
+            network=self.network,
+        )
+        logging.info(
+            "FID reference statistics ready: N_ref=%d (%.1fs)", len(ref.features), time.time() - t0
+        )
+        self.timed("FID reference statistics", t0)
+        return ref
