@@ -44,6 +44,14 @@ ALLOWED: Dict[Tuple[str, str], str] = {
         "_build",
     ): "finds the C++ compiler (shutil.which) and renames the built .so into the local cache",
     (
+        "diffusion/models/cpu_kernels.py",
+        "_compiler",
+    ): "finds the C++ compiler on PATH (shutil.which), no file of a workdir",
+    (
+        "diffusion/models/cpu_kernels.py",
+        "_write_atomic",
+    ): "renames a built .so or a build-failure marker into the local kernel cache",
+    (
         "diffusion/data/builders.py",
         "_file_lock",
     ): "an fcntl lock file beside a local TFDS data_dir (skipped for gs:// data dirs)",
