@@ -27,6 +27,8 @@ SHAPE_FIELDS = (
     "diffusion.beta_schedule",
     "diffusion.beta_start",
     "diffusion.beta_end",
+    "training.t_sampler",
+    "training.t_sampler_history",
 )
 
 # Switches that add or remove an optimizer stage, and so change the saved optimizer state's tree:
@@ -153,6 +155,14 @@ def config_problems(
     ):
         _range(p, config, t + f, lambda v: v >= 1, "an integer >= 1", (int,))
     _choice(p, config, t + "nonfinite", ("raise", "skip"))
+    if "t_sampler" in config.training:  # absent from configs saved before it existed
+        from diffusion.training.t_sampler import T_SAMPLERS
+
+        _choice(p, config, t + "t_sampler", T_SAMPLERS)
+        _range(p, config, t + "t_sampler_history", lambda v: v >= 1, "an integer >= 1", (int,))
+        _range(
+            p, config, t + "t_sampler_uniform_prob", lambda v: 0 < v <= 1, "0 < uniform_prob <= 1"
+        )
     _choice(p, config, t + "resume", ("full", "params"))
     _choice(p, config, t + "tensorboard", (True, False))
     if "save_timeout_s" in config.training:  # absent from configs saved before it existed

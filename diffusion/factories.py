@@ -102,11 +102,17 @@ class TrainState(flax.struct.PyTreeNode):
     params: Any
     ema_params: Any
     opt_state: Any
+    # The timestep sampler's state (`diffusion.training.t_sampler`): None for the uniform draw
+    # (no leaves, so the checkpoint tree is what it was before the option existed).
+    t_sampler: Any = None
 
 
 def init_state(config, model, tx, mesh=None) -> TrainState:
     """Initial `TrainState` (params from the `rng.PARAM_INIT` stream), replicated on ``mesh``."""
+    from diffusion.training import t_sampler
+
     size, c = config.data.image_size, config.data.channels
+    kind, history, _ = t_sampler.sampler_options(config)
 
     def init():
         key = rng.stream(config.seed, rng.PARAM_INIT)
@@ -117,6 +123,7 @@ def init_state(config, model, tx, mesh=None) -> TrainState:
             params=params,
             ema_params=jax.tree.map(jnp.copy, params),
             opt_state=tx.init(params),
+            t_sampler=t_sampler.init_state(kind, config.diffusion.num_timesteps, history),
         )
 
     out_shardings = parallel.replicated_sharding(mesh) if mesh is not None else None

@@ -19,7 +19,10 @@ Paper rows (Ho et al. 2020, Table 2, CIFAR10 IS / FID):
   eps_simple        ε prediction, L_simple, fixed Σ (the paper's model) 9.46 / 3.17
 Beyond the paper: xstart_simple (x0 prediction), v_simple (v prediction), cosine_eps_simple
 (Improved DDPM's cosine schedule), hybrid_learned_range (Improved DDPM's L_hybrid with a
-learned-range Σ). "Fixed isotropic Σ" is σ² = β_t (``fixedlarge``), the released code's default.
+learned-range Σ), eps_L_fixed_is (eps_L_fixed with t importance-sampled as in Improved DDPM
+Sec. 3.3: ``training.t_sampler='importance'``, the test of their explanation that L trains
+poorly because its gradient is noisy). "Fixed isotropic Σ" is σ² = β_t (``fixedlarge``), the
+released code's default.
 """
 
 from experiments import cifar10, mnist5k
@@ -36,7 +39,10 @@ ROWS = {
     "v_simple": ("v", "mse", "fixedlarge", "linear"),
     "cosine_eps_simple": ("eps", "mse", "fixedlarge", "cosine"),
     "hybrid_learned_range": ("eps", "hybrid", "learned_range", "linear"),
+    "eps_L_fixed_is": ("eps", "kl", "fixedlarge", "linear"),
 }
+# Rows that differ from another in a training option, not in (mean, loss, var, schedule).
+ROW_TRAINING = {"eps_L_fixed_is": {"t_sampler": "importance"}}
 PAPER_ROWS = (
     "xprev_L_learned",
     "xprev_L_fixed",
@@ -118,4 +124,6 @@ def get_config(arg=None):
     config.diffusion.loss_type = loss_type
     config.diffusion.var_type = var_type
     config.diffusion.beta_schedule = schedule
+    for field, value in ROW_TRAINING.get(row, {}).items():
+        config.training[field] = value
     return config

@@ -74,6 +74,12 @@ def get_config():
     gs.clip_denoised = True  # as the released code's sample summaries
     t.grid_sample_steps = ml_collections.config_dict.placeholder(int)  # removed: grid_sample
     t.nonfinite = "raise"  # raise | skip: what a non-finite loss/gradient does
+    # How t is drawn: uniform (Algorithm 1) | importance (Improved DDPM Sec. 3.3: p_t ∝
+    # sqrt(E[L_t²]) over the last t_sampler_history terms of each t, mixed with uniform_prob of
+    # the uniform draw, weights 1/(T p_t); meant for loss_type=kl; diffusion/training/t_sampler.py)
+    t.t_sampler = "uniform"
+    t.t_sampler_history = 10
+    t.t_sampler_uniform_prob = 0.001
     t.tensorboard = True  # TensorBoard event files (through TensorFlow's file system)
     t.resume = "full"  # full | params: params = take params/EMA/step from the
     # checkpoint into a new optimizer state (explicit opt-in)

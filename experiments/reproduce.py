@@ -58,6 +58,7 @@ DESCRIPTIONS = {
     "v_simple": "v, unweighted MSE, fixed Σ",
     "cosine_eps_simple": "ε, L_simple, fixed Σ, cosine schedule",
     "hybrid_learned_range": "ε, L_hybrid, learned-range Σ",
+    "eps_L_fixed_is": "ε, L, fixed Σ, t importance-sampled",
 }
 # The default plan: every paper row with seed 0, and a second seed for the two rows the
 # paper's Tables 1 and 2 compare most (ε with L_simple against ε with the true bound L).

@@ -31,6 +31,7 @@ from diffusion.factories import (
     schedule_from_config,
 )
 from diffusion.training import step as step_lib
+from diffusion.training import t_sampler
 from diffusion.training.hooks import (
     CheckpointHook,
     GridHook,
@@ -204,6 +205,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         save_timeout_s=tr.get("save_timeout_s", 300.0),
     )
     params_only = tr.resume == "params"
+    kind, history, _ = t_sampler.sampler_options(config)
     state = restore_or_init(
         ckpt,
         abstract_state(config, model, mesh),
@@ -213,6 +215,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         workdir=workdir,
         config_differences=lambda saved: incompatible_fields(
             saved, config, optimizer=not params_only
+        ),
+        new_t_sampler=jax.jit(
+            lambda: t_sampler.init_state(kind, config.diffusion.num_timesteps, history),
+            out_shardings=parallel.replicated_sharding(mesh),
         ),
     )
     start = int(jax.device_get(state.step))

@@ -42,6 +42,7 @@ def restore_or_init(
     params_only: bool,
     workdir: str,
     config_differences: Optional[Callable[[dict], list]] = None,
+    new_t_sampler: Callable[[], object] = lambda: None,
 ) -> TrainState:
     """The state a run starts from.
 
@@ -54,6 +55,8 @@ def restore_or_init(
         start a new optimizer state.
       workdir: named in the log line and in the fix of a mismatch.
       config_differences: ``saved_config_dict -> [field, ...]`` that explain a mismatch.
+      new_t_sampler: a fresh timestep-sampler state (`t_sampler.init_state`; only for
+        ``params_only``: the importance history restarts with the optimizer).
 
     Raises `ResumeMismatchError` when the checkpoint's tree differs from ``abstract``.
     """
@@ -75,6 +78,7 @@ def restore_or_init(
             params=saved["params"],
             ema_params=saved["ema_params"],
             opt_state=new_opt_state(saved["params"]),
+            t_sampler=new_t_sampler(),
         )
         logging.warning(
             "Resumed parameters and EMA from step %d in %s with a NEW optimizer state "

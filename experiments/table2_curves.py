@@ -1,0 +1,498 @@
+"""Table 2 as learning curves: every row trained past the 1,500-step budget and evaluated as it goes.
+
+    python -m experiments.table2_curves                     # run (or resume) the plan, then draw
+    python -m experiments.table2_curves --plot_only         # draw from what has been measured
+
+The plan (`PLAN`), at the offline scale of `experiments/ablation.py` (16×16 MNIST digits, the
+1.1M-parameter U-Net, batch 32, lr 1e-3):
+
+* stage 1, the two ε rows the paper's likelihood claim compares (Table 1: 3.70 bits/dim with L,
+  3.75 with L_simple): ``eps_simple`` and ``eps_L_fixed``, seeds 0, 1, 2. Each trains until its
+  bound changes by less than its standard error over the last three bound evaluations (max − min
+  of the three < the latest s.e.), or to ``--max_steps`` (10,000);
+* stage 2, one seed each, to the step count stage 1 reached (the largest of its runs): the three
+  μ̃ rows, ``eps_L_learned`` and ``eps_L_fixed_is`` (L with t importance-sampled as in Improved
+  DDPM Sec. 3.3, `diffusion.training.t_sampler`).
+
+Each run evaluates at fixed intervals: the train loss (the mean of the logged losses since the
+previous point), every ``--bound_every`` steps the bound on the same ``--bound_examples`` (128)
+test digits (`likelihood.bound_estimate`'s unbiased estimate from K = ``--bound_timesteps``
+random timesteps per digit, with its standard error), and every ``--fid_every`` steps FID/KID of
+``--fid_samples`` (128) samples from the paper's full 1,000-step chain against the same 1,000
+training digits, beside the real-data floor at the same N. A run whose loss or gradients go
+non-finite is marked diverged at that step and trains no further.
+
+Resumable anywhere: a run trains in ``<out>/runs/<row>_seed<seed>`` segment by segment (each
+segment = `diffusion.training.train` up to the next evaluation step, resuming from the newest
+checkpoint), and each finished point is appended to the run's ``curve.json`` and to the record
+``--record`` (default ``docs/figures/table2_curves.json``, small enough to commit), which is
+rewritten after every point. A relaunch skips every point already in either file, so the plan
+can stop at any moment (or move to a fresh machine with the record only: finished runs are taken
+from it, unfinished ones restart from their last checkpoint when it exists, else from step 0).
+
+At the end (and with ``--plot_only``) it writes ``--figure`` (``docs/figures/table2_curves.png``:
+train loss, bound and FID@128 against steps, one colour per row, a band for the spread over
+seeds) and ``<out>/table.md`` (the end point of each row: mean ± s.d. over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from diffusion import io  # noqa: E402
+from experiments import reproduce  # noqa: E402
+
+STAGE1_ROWS = ("eps_simple", "eps_L_fixed")
+STAGE1_SEEDS = (0, 1, 2)
+STAGE2_ROWS = ("xprev_L_learned", "xprev_L_fixed", "xprev_mse", "eps_L_learned", "eps_L_fixed_is")
+PLAN = {
+    "max_steps": 10_000,
+    "bound_every": 1000,
+    "fid_every": 2500,
+    "bound_examples": 128,
+    "bound_timesteps": 100,
+    "fid_samples": 128,
+    "window": 3,
+}
+COLOURS = {
+    "eps_simple": "tab:blue",
+    "eps_L_fixed": "tab:orange",
+    "eps_L_fixed_is": "tab:green",
+    "eps_L_learned": "tab:red",
+    "xprev_L_fixed": "tab:purple",
+    "xprev_L_learned": "tab:brown",
+    "xprev_mse": "tab:gray",
+}
+
+
+# ----------------------------------------------------------------------------- the schedule
+def eval_points(max_steps: int, bound_every: int, fid_every: int) -> List[Tuple[int, bool, bool]]:
+    """``[(step, bound?, fid?)]`` in order: every multiple of ``bound_every`` and of
+    ``fid_every`` up to ``max_steps``, and ``max_steps`` itself (both metrics there)."""
+    steps = set(range(bound_every, max_steps + 1, bound_every))
+    steps |= set(range(fid_every, max_steps + 1, fid_every)) | {max_steps}
+    return [
+        (s, s % bound_every == 0 or s == max_steps, s % fid_every == 0 or s == max_steps)
+        for s in sorted(steps)
+    ]
+
+
+def converged(points: Sequence[Dict[str, Any]], window: int = 3) -> bool:
+    """The stopping rule of stage 1: over the last ``window`` bound evaluations the bound moved
+    by less than its standard error (max − min < the latest ``bpd_se``)."""
+    bounds = [p for p in points if p.get("bpd") is not None]
+    if len(bounds) < window:
+        return False
+    last = [p["bpd"] for p in bounds[-window:]]
+    se = bounds[-1].get("bpd_se")
+    return se is not None and math.isfinite(se) and max(last) - min(last) < se
+
+
+def _train_loss(workdir: str, after: int, upto: int) -> Optional[float]:
+    """Mean of the logged losses with ``after < step <= upto`` (None when none was logged)."""
+    lines = io.read_jsonl(io.join(workdir, "metrics.jsonl"))
+    vals = [
+        float(m["loss"])
+        for m in lines
+        if after < m.get("step", -1) <= upto and m.get("loss") is not None
+    ]
+    vals = [v for v in vals if math.isfinite(v)]
+    return float(np.mean(vals)) if vals else None
+
+
+# ----------------------------------------------------------------------------- one run
+def run_config(row, seed, step, plan, overrides, data_dir, *, bound: bool, fid: bool):
+    """The run's config, training to ``step`` and evaluating the chosen metrics there."""
+    c = reproduce.run_config(row, seed, overrides, data_dir)
+    t = c.training
+    t.num_train_steps = int(step)
+    t.keep_every = int(plan["max_steps"])  # the rolling checkpoint is enough to resume
+    t.sample_every = int(plan["max_steps"])  # one grid, at the end
+    e = c.eval
+    e.checkpoints = "latest"
+    e.num_samples = int(plan["fid_samples"]) if fid else 0
+    e.bpd_num_examples = int(plan["bound_examples"]) if bound else 0
+    e.bpd_timesteps = int(plan["bound_timesteps"])
+    e.batch_size = max(e.batch_size, int(plan["fid_samples"])) if fid else e.batch_size
+    return c
+
+
+def _point_from_results(step, res, loss, train_s, eval_s) -> Dict[str, Any]:
+    fid, kid, bpd = res.get("fid") or {}, res.get("kid") or {}, res.get("bpd") or {}
+    floor = fid.get("real_floor") or {}
+    return {
+        "step": int(step),
+        "train_loss": loss,
+        "bpd": bpd.get("total"),
+        "bpd_se": bpd.get("total_se"),
+        "fid": fid.get("value"),
+        "kid": kid.get("mean"),
+        "kid_se": kid.get("se"),
+        "floor_fid": floor.get("fid"),
+        "num_gen": fid.get("num_gen"),
+        "num_ref": fid.get("num_ref"),
+        "train_s": round(train_s, 1),
+        "eval_s": round(eval_s, 1),
+    }
+
+
+def _share_floor(out_dir: str, workdir: str) -> None:
+    """The real-data floor is the same for every run (same N, reference and network): the first
+    run measures it, the others get a copy (`EvalContext.real_floor` checks its settings)."""
+    shared = io.join(out_dir, "real_floor.json")
+    mine = io.join(workdir, "eval", "real_floor.json")
+    if os.path.isfile(mine) and not os.path.isfile(shared):
+        shutil.copy(mine, shared)
+    elif os.path.isfile(shared) and not os.path.isfile(mine):
+        io.makedirs(io.join(workdir, "eval"))
+        shutil.copy(shared, mine)
+
+
+def run_curve(
+    row: str,
+    seed: int,
+    target_steps: int,
+    out_dir: str,
+    plan: Dict[str, Any],
+    record: Dict[str, Any],
+    save_record: Callable[[], None],
+    *,
+    stop_rule: bool,
+    overrides: Optional[Dict[str, Any]] = None,
+    data_dir: Optional[str] = None,
+    feature_fn: Optional[Callable] = None,
+    feature_network: Optional[str] = None,
+) -> Dict[str, Any]:
+    """Trains and evaluates one (row, seed) up to ``target_steps`` (or until `converged` with
+    ``stop_rule``, or divergence), resuming from what ``record`` and the run's folder hold.
+    Returns the run's record entry: ``{'row', 'seed', 'points': [...], 'status', 'final_step'}``
+    with status ``converged`` / ``max_steps`` / ``diverged``."""
+    from diffusion import evaluate, training
+
+    overrides = dict(overrides or {})
+    name = f"{row}_seed{seed}"
+    workdir = io.absolute(io.join(out_dir, "runs", name))
+    io.makedirs(workdir)
+    entry = record["runs"].setdefault(
+        name, {"row": row, "seed": seed, "points": [], "status": "running"}
+    )
+    local = io.read_json(io.join(workdir, "curve.json"), default=None)
+    if local and len(local.get("points", [])) > len(entry["points"]):
+        entry.update(local)
+    if entry["status"] in ("converged", "diverged") or (
+        entry["status"] == "max_steps" and entry.get("final_step", 0) >= target_steps
+    ):
+        return entry
+    entry["status"] = "running"
+    done = {p["step"] for p in entry["points"]}
+
+    def commit():
+        io.write_json(io.join(workdir, "curve.json"), entry, indent=1)
+        save_record()
+
+    schedule = eval_points(target_steps, plan["bound_every"], plan["fid_every"])
+    for step, bound, fid in schedule:
+        if step in done:
+            continue
+        if stop_rule and converged(entry["points"], plan["window"]):
+            break
+        prev = max(done) if done else 0
+        logging.info("===== %s: training to step %d =====", name, step)
+        t0 = time.time()
+        try:
+            training.train(
+                run_config(row, seed, step, plan, overrides, data_dir, bound=False, fid=False),
+                workdir,
+            )
+        except training.NonFiniteError as e:
+            logging.warning("%s diverged: %s", name, e)
+            last = io.read_jsonl(io.join(workdir, "metrics.jsonl"))
+            entry.update(
+                status="diverged",
+                divergence=str(e).splitlines()[0],
+                final_step=int(last[-1]["step"]) if last else prev,
+            )
+            commit()
+            return entry
+        train_s = time.time() - t0
+        _share_floor(out_dir, workdir)
+        t1 = time.time()
+        config = run_config(row, seed, step, plan, overrides, data_dir, bound=bound, fid=fid)
+        res = evaluate.run(
+            config, workdir, mode="evaluate", feature_fn=feature_fn, feature_network=feature_network
+        ).get(step, {})
+        _share_floor(out_dir, workdir)
+        point = _point_from_results(
+            step, res, _train_loss(workdir, prev, step), train_s, time.time() - t1
+        )
+        entry["points"].append(point)
+        done.add(step)
+        logging.info("%s point: %s", name, point)
+        commit()
+    last = entry["points"][-1] if entry["points"] else None
+    if last is not None and last.get("fid") is None:  # stopped between FID points: end with one
+        t1 = time.time()
+        config = run_config(
+            row, seed, last["step"], plan, overrides, data_dir, bound=False, fid=True
+        )
+        res = evaluate.run(
+            config, workdir, mode="evaluate", feature_fn=feature_fn, feature_network=feature_network
+        ).get(last["step"], {})
+        extra = _point_from_results(last["step"], res, None, 0.0, time.time() - t1)
+        for k in ("fid", "kid", "kid_se", "floor_fid", "num_gen", "num_ref"):
+            last[k] = extra[k]
+        last["eval_s"] = round(last["eval_s"] + extra["eval_s"], 1)
+    final = last["step"] if last else 0
+    entry.update(status="converged" if final < target_steps else "max_steps", final_step=final)
+    commit()
+    return entry
+
+
+# ----------------------------------------------------------------------------- the plan
+def run_plan(
+    out_dir: str,
+    record_path: str,
+    plan: Optional[Dict[str, Any]] = None,
+    *,
+    stage1_rows: Sequence[str] = STAGE1_ROWS,
+    stage1_seeds: Sequence[int] = STAGE1_SEEDS,
+    stage2_rows: Sequence[str] = STAGE2_ROWS,
+    overrides: Optional[Dict[str, Any]] = None,
+    data_dir: Optional[str] = None,
+    feature_fn: Optional[Callable] = None,
+    feature_network: Optional[str] = None,
+) -> Dict[str, Any]:
+    """Runs stage 1 then stage 2 (see the module docstring), resuming; returns the record."""
+    plan = dict(PLAN, **(plan or {}))
+    io.makedirs(out_dir)
+    record = io.read_json(record_path, default=None) or {}
+    if "plan" in record and (
+        record["plan"] != plan or record.get("overrides", {}) != (overrides or {})
+    ):
+        raise ValueError(
+            f"{record_path} was made with another plan ({record.get('plan')}, overrides "
+            f"{record.get('overrides')}); pass another --record (or delete it) to start over"
+        )
+    record.update(plan=plan, overrides=dict(overrides or {}))
+    record.setdefault("runs", {})
+    t_start = time.time()
+
+    def save():
+        io.write_json(record_path, record, indent=1)
+
+    kw = dict(
+        overrides=overrides,
+        data_dir=data_dir,
+        feature_fn=feature_fn,
+        feature_network=feature_network,
+    )
+    finals = []
+    for row in stage1_rows:
+        for seed in stage1_seeds:
+            e = run_curve(
+                row, seed, plan["max_steps"], out_dir, plan, record, save, stop_rule=True, **kw
+            )
+            finals.append(e.get("final_step", 0))
+    stage2_steps = max(finals) if finals else plan["max_steps"]
+    record["stage2_steps"] = stage2_steps
+    for row in stage2_rows:
+        run_curve(row, 0, stage2_steps, out_dir, plan, record, save, stop_rule=False, **kw)
+    record["seconds_this_invocation"] = round(time.time() - t_start, 1)
+    save()
+    return record
+
+
+# ----------------------------------------------------------------------------- outputs
+def wall_seconds(record: Dict[str, Any]) -> Dict[str, float]:
+    """Training and evaluation seconds summed over every point of every run."""
+    pts = [p for r in record.get("runs", {}).values() for p in r["points"]]
+    return {
+        "train_s": round(sum(p.get("train_s") or 0 for p in pts), 1),
+        "eval_s": round(sum(p.get("eval_s") or 0 for p in pts), 1),
+    }
+
+
+def _by_row(record) -> Dict[str, List[Dict[str, Any]]]:
+    rows: Dict[str, List[Dict[str, Any]]] = {}
+    for r in record.get("runs", {}).values():
+        rows.setdefault(r["row"], []).append(r)
+    return rows
+
+
+def plot_curves(record: Dict[str, Any], path: str) -> None:
+    """Three panels against training steps: train loss (log scale; L rows are in bits/dim per
+    term, L_simple rows in squared error), the bound in bits/dim and FID@N with the real-data
+    floor. One colour per row: the mean over seeds, a band from the lowest to the highest seed,
+    an ✕ where a run diverged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    keys = (("train_loss", "train loss (log)"), ("bpd", "bound, bits/dim"), ("fid", "FID"))
+    floor = None
+    for row, runs in _by_row(record).items():
+        colour = COLOURS.get(row, None)
+        for ax, (key, _) in zip(axes, keys):
+            series = [
+                {p["step"]: p[key] for p in r["points"] if p.get(key) is not None} for r in runs
+            ]
+            steps = sorted(set().union(*[set(s) for s in series]))
+            if not steps:
+                continue
+            vals = np.array([[s.get(k, np.nan) for k in steps] for s in series], float)
+            mean = np.nanmean(vals, 0)
+            label = f"{row} ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
+            ax.plot(steps, mean, "-o", ms=3, color=colour, label=label)
+            if len(runs) > 1:
+                ax.fill_between(
+                    steps, np.nanmin(vals, 0), np.nanmax(vals, 0), color=colour, alpha=0.2
+                )
+            for r, s in zip(runs, series):
+                if r.get("status") == "diverged" and s:
+                    k = max(s)
+                    ax.plot([k], [s[k]], "x", ms=10, color=colour)
+        for r in runs:
+            for p in r["points"]:
+                if p.get("floor_fid") is not None:
+                    floor = (p["floor_fid"], p.get("num_gen"))
+    for ax, (_, title) in zip(axes, keys):
+        ax.set_xlabel("training steps")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[2].set_yscale("log")
+    if floor:
+        axes[2].axhline(floor[0], color="k", ls="--", lw=1, label=f"real-data floor (N={floor[1]})")
+    axes[2].legend(fontsize=7)
+    axes[1].legend(fontsize=7)
+    fig.suptitle("Table 2 rows as learning curves (offline scale: 16×16 MNIST, 1.1M-param U-Net)")
+    fig.tight_layout()
+    io.makedirs(os.path.dirname(path) or ".")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fmt(x, spec=".3f") -> str:
+    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
+def markdown_table(record: Dict[str, Any]) -> str:
+    """Each row's end point: steps, status per seed, the bound (mean ± s.d. over seeds, and the
+    per-evaluation s.e.) and FID@N (mean ± s.d.) with the floor, beside the paper's numbers."""
+    lines = [
+        "| row | seeds | steps | status | bound, bits/dim (± s.d. seeds; s.e.) | FID@N (± s.d.) "
+        "| paper FID | paper NLL |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row, runs in _by_row(record).items():
+        ends = []
+        for r in runs:
+            b = [p for p in r["points"] if p.get("bpd") is not None]
+            f = [p for p in r["points"] if p.get("fid") is not None]
+            ends.append((b[-1] if b else {}, f[-1] if f else {}, r))
+        bpd = np.array([e[0].get("bpd", np.nan) for e in ends], float)
+        se = np.array([e[0].get("bpd_se", np.nan) for e in ends], float)
+        fid = np.array([e[1].get("fid", np.nan) for e in ends], float)
+
+        def ms(v):
+            v = v[np.isfinite(v)]
+            if not v.size:
+                return "–"
+            return f"{v.mean():.3f}" + (f" ± {v.std(ddof=1):.3f}" if v.size > 1 else "")
+
+        paper = reproduce.PAPER_TABLE2.get(row, "n/a")
+        paper_fid = "unstable" if paper is None else ("–" if paper == "n/a" else f"{paper[1]}")
+        status = ", ".join(sorted({f"{r['status']}@{r.get('final_step', '?')}" for r in runs}))
+        lines.append(
+            f"| {row} | {len(runs)} | {max(r.get('final_step', 0) for r in runs)} | {status} "
+            f"| {ms(bpd)} (s.e. {_fmt(float(np.nanmean(se)) if np.isfinite(se).any() else None)}) "
+            f"| {ms(fid)} | {paper_fid} | {reproduce.PAPER_NLL.get(row, '–')} |"
+        )
+    floor = next(
+        (
+            p["floor_fid"]
+            for r in record.get("runs", {}).values()
+            for p in r["points"]
+            if p.get("floor_fid") is not None
+        ),
+        None,
+    )
+    w = wall_seconds(record)
+    lines.append("")
+    lines.append(
+        f"Real-data floor FID at the same N: {_fmt(floor)}. Wall time: training "
+        f"{w['train_s'] / 3600:.2f} h, evaluation {w['eval_s'] / 3600:.2f} h."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="results/table2_curves", help="runs/ and table.md go here")
+    p.add_argument("--record", default="docs/figures/table2_curves.json")
+    p.add_argument("--figure", default="docs/figures/table2_curves.png")
+    p.add_argument("--plot_only", action="store_true", help="draw from the record, train nothing")
+    for key, value in PLAN.items():
+        p.add_argument(f"--{key}", type=int, default=value)
+    p.add_argument("--stage1_rows", default=",".join(STAGE1_ROWS))
+    p.add_argument("--stage1_seeds", default=",".join(map(str, STAGE1_SEEDS)))
+    p.add_argument("--stage2_rows", default=",".join(STAGE2_ROWS))
+    p.add_argument("--set", action="append", default=[], metavar="GROUP.FIELD=VALUE")
+    p.add_argument("--data_dir", default=None)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if a.plot_only:
+        record = io.read_json(a.record, default=None)
+        if not record:
+            raise SystemExit(f"error: no record at {a.record}; run without --plot_only first")
+    else:
+        from diffusion import cpu_runtime, quiet_logs
+
+        quiet_logs.install()
+        cpu_runtime.apply_xla_cpu_flags()
+        cpu_runtime.keep_freed_memory()
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        import tensorflow as tf
+
+        tf.config.set_visible_devices([], "GPU")
+        split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
+        for row in split(a.stage1_rows) + split(a.stage2_rows):
+            if row not in reproduce.ablation.ROWS:
+                raise SystemExit(
+                    f"error: unknown row {row!r}; valid: {sorted(reproduce.ablation.ROWS)}"
+                )
+        record = run_plan(
+            a.out,
+            a.record,
+            {k: getattr(a, k) for k in PLAN},
+            stage1_rows=split(a.stage1_rows),
+            stage1_seeds=[int(s) for s in split(a.stage1_seeds)],
+            stage2_rows=split(a.stage2_rows),
+            overrides=reproduce.parse_overrides(a.set),
+            data_dir=a.data_dir,
+        )
+    plot_curves(record, a.figure)
+    table = markdown_table(record)
+    if not a.plot_only:
+        io.write_text(io.join(a.out, "table.md"), table)
+    print(table)
+    print(f"figure: {a.figure}")
+
+
+if __name__ == "__main__":
+    main()
