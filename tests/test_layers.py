@@ -108,6 +108,7 @@ LAYERS = [
         "diffusion.samplers.config",
         "diffusion.samplers.grids",
         "diffusion.samplers.denoiser",
+        "diffusion.training.t_sampler",
         "diffusion.samplers.ancestral",
         "diffusion.samplers.ddim",
         "diffusion.samplers.dpm_solver",
