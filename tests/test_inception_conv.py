@@ -1,4 +1,4 @@
-"""The FID Inception network's ``conv_impl`` (diffusion/metrics/inception.py): every way a
+"""The FID Inception network's ``conv_impl`` (diffusion/metrics/inception/network.py): every way a
 :class:`ConvBN` convolution can be computed (Winograd F(2,3)/F(4,3) for 3x3 stride-1 SAME and
 VALID convs, one matmul for 1x1 convs, 9 strided-slice matmuls for 3x3 stride-2 convs) against
 ``lax.conv`` on each conv shape kind of the network, the per-layer 'auto' rule, the parameter
@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from diffusion.metrics import inception as inc
+from diffusion.metrics.inception import network as inc_network
 
 
 def _weights():
@@ -76,8 +77,8 @@ def test_convbn_matches_xla(layer, conv_impl):
     assert got.shape == ref.shape and got.dtype == jnp.float32
     # compare before the ReLU too (the ReLU hides the sign of small errors): the conv itself
     method = inc.conv_method(conv_impl, k, s, p, cin, cout, jnp.float32)
-    y_ref = inc._conv_by("xla", x, params["kernel"], s, p)
-    y = jax.jit(lambda x: inc._conv_by(method, x, params["kernel"], s, p))(x)
+    y_ref = inc_network._conv_by("xla", x, params["kernel"], s, p)
+    y = jax.jit(lambda x: inc_network._conv_by(method, x, params["kernel"], s, p))(x)
     assert y.shape == y_ref.shape
     assert _rel(y, y_ref) < TOL[conv_impl], (method, _rel(y, y_ref))
     assert _rel(got, ref) < TOL[conv_impl]
