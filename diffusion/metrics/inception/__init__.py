@@ -18,10 +18,12 @@ One job per module:
   ``[B, 1008]`` in one pass; see :func:`diffusion.metrics.fid.inception_score`).
 
 ``conv_impl`` of both factories is a pure compute choice (parameters and, within ~1e-6 relative,
-features unchanged): ``'auto'`` (default) on CPU float32 runs the 3x3 stride-1 convs with >= 64
-channels by Winograd F(2x2, 3x3), the 1x1 convs as one matmul and the 3x3 stride-2 convs with >=
-64 input channels as 9 matmuls, XLA's conv for the rest and everywhere off CPU; ``'xla'`` is
-the all-``lax.conv`` network.
+features unchanged): ``'xla'`` is the all-``lax.conv`` network; ``'auto'`` (default) takes each
+layer's method from the one conv rule of the project, `diffusion.models.conv.infer_method`,
+which the U-Net's ``runtime.conv_impl='auto'`` uses too when not differentiating. On CPU float32
+it runs the 3x3 stride-1 convs with >= 64 channels by Winograd F(2x2, 3x3), the 1x1 convs as one
+matmul and the 3x3 stride-2 convs with >= 64 input channels as 9 matmuls, XLA's conv for the
+rest and everywhere off CPU.
 """
 
 # Beyond __all__, the constants and building blocks the single module used to have (BN_EPS,

@@ -26,11 +26,12 @@ the weights themselves: :mod:`diffusion.metrics.inception.weights`):
 :class:`InceptionV3WithLogits` is the same trunk plus the TF graph's 1008-way ``fc`` layer.
 
 How the convolutions are computed is a pure compute choice, ``conv_impl`` (:func:`conv_method`):
-``'auto'`` (default; the U-Net's gate and channel rule,
-`diffusion.models.conv.auto_active` / ``enough_channels``) on CPU float32 runs the 3x3
-stride-1 convs with >= 64 channels by Winograd F(2x2, 3x3) (:mod:`diffusion.models.conv`; 'VALID' ones as the
-'SAME' result cropped), the 1x1 convs as one matmul and the 3x3 stride-2 convs with >= 64 input
-channels as 9 matmuls, XLA's conv for the rest and everywhere off CPU; ``'xla'`` is the former
+``'auto'`` (default) asks the project's one forward-only conv rule,
+`diffusion.models.conv.infer_method` (the U-Net's too), with each layer's kernel, stride,
+padding, input size and channels. On CPU float32 that runs the 3x3 stride-1 convs with >= 64
+channels by Winograd F(2x2, 3x3) (:mod:`diffusion.models.conv`; 'VALID' ones as the 'SAME'
+result cropped), the 1x1 convs as one matmul and the 3x3 stride-2 convs with >= 64 input channels
+as 9 matmuls, XLA's conv for the rest and everywhere off CPU; ``'xla'`` is the former
 all-``lax.conv`` network. Parameters are the same; features agree within ~1e-6 relative.
 """
 
@@ -75,49 +76,41 @@ def conv_method(
     kernel_size,
     stride: int,
     padding,
+    h: int,
+    w: int,
     cin: int,
     cout: int,
     dtype,
     backend: Optional[str] = None,
 ) -> str:
-    """How one :class:`ConvBN` convolution is computed (a pure compute choice; params unchanged).
+    """How one :class:`ConvBN` convolution of an input ``[B, h, w, cin]`` (NHWC) with kernel
+    ``[*kernel_size, cin, cout]`` (HWIO) is computed (a pure compute choice; params unchanged).
 
     Returns one of
       ``'xla'``   ``lax.conv_general_dilated`` (what the network always did);
       ``'w2'`` / ``'w4'``  Winograd F(2x2,3x3) / F(4x4,3x3) of :mod:`diffusion.models.conv` --
                   only for 3x3 stride-1 convs with padding 1 ('SAME') or 0 ('VALID': the SAME
                   result cropped by one pixel on each side);
-      ``'dot'``   1x1 stride-1 conv as one ``[B*H*W, Cin] @ [Cin, Cout]`` matmul;
+      ``'dot'``   1x1 stride-1 conv as one ``[B*h*w, cin] @ [cin, cout]`` matmul;
       ``'taps'``  3x3 stride-2 'VALID' conv as the sum of 9 matmuls of strided input slices.
 
     ``conv_impl``: ``'xla'`` everything XLA; ``'winograd'`` / ``'winograd4'`` every 3x3
-    stride-1 conv by F(2,3) / F(4,3), the rest XLA; ``'auto'``: the U-Net's rule
-    (`diffusion.models.conv`): XLA unless `conv_lib.auto_active` (CPU backend, float32) and
-    `conv_lib.enough_channels` (>= 64 in and out), else the matmul form of the layer's kernel
-    shape measured on the benchmark CPU (benchmarks/RESULTS.md, "FID Inception convolutions"):
-    F(2,3) for the 3x3 stride-1 convs (F(4,3), the U-Net's choice at >= 16x16, lost on every
-    Inception layer: 35x35 64->96 197 vs 76 ms), ``dot`` for the 1x1 convs, ``taps`` for the 3x3
-    stride-2 convs, XLA for the rest (1x7/7x1, 1x3/3x1, 5x5, the 32-channel stem convs).
+    stride-1 conv by F(2,3) / F(4,3), the rest XLA; ``'auto'``: the one forward-only rule of
+    the project, `diffusion.models.conv.infer_method` (the U-Net's too). On the Inception's
+    layers it gives, on CPU float32: F(2,3) for the 3x3 stride-1 convs with >= 64 channels (none
+    is a multiple of 4 in size at >= 16x16, where it would take F(4,3)), ``dot`` for the 1x1
+    convs, ``taps`` for the 3x3 stride-2 convs with >= 64 input channels, XLA for the rest
+    (1x7/7x1, 1x3/3x1, 5x5, the 32-channel stem convs) and everywhere off CPU.
     """
     check_inception_conv_impl(conv_impl)
+    if conv_impl == "auto":
+        return conv_lib.infer_method(kernel_size, stride, padding, h, w, cin, cout, dtype, backend)
+    if conv_impl == "xla":
+        return "xla"
     kh, kw = _pair(kernel_size)
     ph, pw = _pair(padding)
     s1_3x3 = (kh, kw) == (3, 3) and stride == 1 and ph == pw and ph in (0, 1)
-    if conv_impl == "xla":
-        return "xla"
-    if conv_impl in ("winograd", "winograd4"):
-        return ("w2" if conv_impl == "winograd" else "w4") if s1_3x3 else "xla"
-    if not conv_lib.auto_active(dtype, backend):
-        return "xla"
-    if (kh, kw) == (1, 1) and stride == 1 and (ph, pw) == (0, 0):
-        return "dot"  # (not a convolution: one matmul at any channel count)
-    if not conv_lib.enough_channels(cin, cout):
-        return "xla"
-    if s1_3x3:
-        return "w2"
-    if (kh, kw) == (3, 3) and stride == 2 and (ph, pw) == (0, 0):
-        return "taps"
-    return "xla"
+    return ("w2" if conv_impl == "winograd" else "w4") if s1_3x3 else "xla"
 
 
 def _conv_by(method: str, x, kernel, stride: int, padding):
@@ -179,8 +172,17 @@ class ConvBN(nn.Module):
         beta = self.param("beta", nn.initializers.zeros, (self.features,))
         mean = self.param("mean", nn.initializers.zeros, (self.features,))
         var = self.param("var", nn.initializers.ones, (self.features,))
+        _, h, w, _ = x.shape
         method = conv_method(
-            self.conv_impl, self.kernel_size, self.stride, self.padding, cin, self.features, x.dtype
+            self.conv_impl,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            h,
+            w,
+            cin,
+            self.features,
+            x.dtype,
         )
         y = _conv_by(method, x, kernel.astype(x.dtype), self.stride, self.padding)
         y = (y - mean) * jax.lax.rsqrt(var + BN_EPS) + beta
