@@ -28,7 +28,7 @@ rest and everywhere off CPU.
 
 # Beyond __all__, the constants and building blocks the single module used to have (BN_EPS,
 # FEATURE_DIM, INPUT_SIZE, ConvBN, check_inception_conv_impl, resize_nv_bilinear, ENV_VAR,
-# PYTORCH_FID_URL) stay importable from here: tests, benchmarks and `diffusion.metrics.fid` use them.
+# PYTORCH_FID_URL) stay importable from here: tests, benchmarks and `metrics.fid` use them.
 from diffusion.metrics.inception.features import make_feature_fn, make_feature_logits_fn
 from diffusion.metrics.inception.network import (  # noqa: F401
     BN_EPS,
