@@ -252,7 +252,8 @@ def run(config, workdir: str, mode: str) -> None:
         stages.append(("sampling" if mode == "sample" else "evaluation", time.time() - t1))
     logging.info(
         "Done in %s: %s. Outputs in %s: checkpoints/, samples/step_*.png (training "
-        "grids), eval/ (results.json, sample grids), metrics.jsonl, TensorBoard events.",
+        "grids, with 4x copies *_x4.png), eval/ (results.json, sample grids and their _x4.png), "
+        "metrics.jsonl, TensorBoard events.",
         format_seconds(time.time() - t0),
         "; ".join(f"{k} {format_seconds(v)}" for k, v in stages),
         workdir,

@@ -45,8 +45,10 @@ Files under ``<workdir>/eval/``::
     real_floor.json                                the real-data FID floor and its settings
     samples_step_<step>_n<N>_<chain>[_pI].npz      uint8 samples ('images') of evaluate mode
     samples_step_<step>_n<N>_<chain>.png           grid of the first 64 of them
+    samples_step_<step>_n<N>_<chain>_x4.png        the same grid enlarged 4x (nearest neighbour)
     features_step_<step>_n<N>_<chain>.npz          their Inception features (reused on resume)
     samples_step_<step>.png / .npz                 sample mode: a grid of num_grid_samples
+    samples_step_<step>_x4.png                     sample mode: that grid enlarged 4x
     events.out.tfevents.*                          TensorBoard scalars and images
 
 ``<step>`` is zero-padded to 8 digits (as ``samples/step_*.png`` of training); ``<chain>`` is
@@ -174,7 +176,8 @@ def evaluate_step(
 
 def sample_step(ctx: EvalContext, step: int, params) -> str:
     """``--mode sample``: a grid of ``training.num_grid_samples`` samples of ``step`` with the
-    configured sampler, as ``eval/samples_step_<step>.png`` (+ ``.npz``). Returns the PNG path."""
+    configured sampler, as ``eval/samples_step_<step>.png`` (+ ``.npz``, and the grid enlarged 4x
+    for viewing, ``_x4.png``). Returns the PNG path."""
     c = ctx.config
     n = int(c.training.get("num_grid_samples", 64) or 64)
     n = math.ceil(n / jax.process_count()) * jax.process_count()
@@ -194,7 +197,7 @@ def sample_step(ctx: EvalContext, step: int, params) -> str:
             seed=np.asarray(c.seed),
             chain=np.asarray(ctx.chain),
         )
-        io.save_image_grid(images, png)
+        io.save_sample_grid(images, png)
         ctx.writer.write_images(step, {f"samples_{ctx.chain}": images[:16]})
         logging.info("Step %d: wrote %s", step, png)
     return png

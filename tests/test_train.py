@@ -199,6 +199,7 @@ def test_real_run_writes_checkpoints_events_samples_and_loss_falls(tiny_run):
     names = os.listdir(workdir)
     assert any(n.startswith("events.out.tfevents") for n in names)
     assert os.path.exists(os.path.join(workdir, "samples", "step_00000020.png"))
+    assert os.path.exists(os.path.join(workdir, "samples", "step_00000020_x4.png"))
     saved = json.load(open(os.path.join(workdir, "config.json")))
     assert saved["model"]["ch"] == 32
 

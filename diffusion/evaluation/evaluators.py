@@ -341,7 +341,7 @@ class EvalContext:
             chain=np.asarray(self.chain),
         )
         if self.main:
-            io.save_image_grid(images[: S.GRID_SIZE], self.file("samples", step, ".png"))
+            io.save_sample_grid(images[: S.GRID_SIZE], self.file("samples", step, ".png"))
             self.writer.write_images(step, {f"eval_samples_{self.chain}": images[:16]})
         return images
 

