@@ -30,6 +30,7 @@ end with ``os._exit`` (``launch.py`` does) instead of waiting for it at interpre
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
@@ -151,6 +152,28 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
     if len(text) > limit:
         text = text[: limit - 3] + "..."
     return f"{type(e).__name__}: {text}"
+
+
+def saved_form(tree: Any) -> Any:
+    """What Orbax stores for ``tree``: a dataclass pytree (the `TrainState`) as the dict of its
+    fields, leaving out fields that are None (the ``t_sampler`` of a uniform run). So a run's
+    checkpoint has the same tree whether it was written before such a field existed or after,
+    and old checkpoints keep restoring. Any other tree is stored as it is."""
+    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        return {
+            f.name: getattr(tree, f.name)
+            for f in dataclasses.fields(tree)
+            if getattr(tree, f.name) is not None
+        }
+    return tree
+
+
+def restored_form(restored: Any, like: Any) -> Any:
+    """The inverse of `saved_form`: ``restored`` (a dict) as ``like``'s dataclass type, the
+    fields it lacks left at their defaults."""
+    if dataclasses.is_dataclass(like) and not isinstance(like, type):
+        return type(like)(**restored)
+    return restored
 
 
 def abstract_like(tree: Any, sharding=None) -> Any:
@@ -324,7 +347,8 @@ class Checkpointer:
             saved = self.manager.save(
                 step,
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config_dict)
+                    state=ocp.args.StandardSave(saved_form(state)),
+                    config=ocp.args.JsonSave(config_dict),
                 ),
                 force=force,
             )
@@ -474,10 +498,11 @@ class Checkpointer:
         out = self.manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), config=ocp.args.JsonRestore()
+                state=ocp.args.StandardRestore(saved_form(abstract_state)),
+                config=ocp.args.JsonRestore(),
             ),
         )
-        return out["state"], out["config"]
+        return restored_form(out["state"], abstract_state), out["config"]
 
     def restore_config(self, step: int) -> dict:
         """Only the config saved with ``step``."""
@@ -583,7 +608,9 @@ class Checkpointer:
                 diffs = list(config_differences(saved_config)) if config_differences else []
                 saved_tree = self._read(step, "tree metadata", lambda: self.saved_tree(step))
                 tree_diffs = tree_differences(
-                    saved_tree, abstract_state, only=PARAMS_ONLY if params_only else None
+                    saved_tree,
+                    saved_form(abstract_state),
+                    only=PARAMS_ONLY if params_only else None,
                 )
                 if diffs or tree_diffs:
                     lines = [f"config: {d}" for d in diffs] + [f"tree: {d}" for d in tree_diffs]

@@ -27,12 +27,23 @@ SHAPE_FIELDS = (
     "diffusion.beta_schedule",
     "diffusion.beta_start",
     "diffusion.beta_end",
-    "training.t_sampler",
-    "training.t_sampler_history",
 )
+
 
 # Switches that add or remove an optimizer stage, and so change the saved optimizer state's tree:
 # (description, function of the config giving the value compared).
+def _t_sampler_state(c) -> tuple:
+    """What the timestep sampler keeps in the TrainState: nothing for uniform (also for configs
+    saved before the option existed), a [T, history] loss history for importance."""
+    try:
+        kind = _get(c, "training.t_sampler")
+    except (KeyError, AttributeError):
+        return ("uniform",)
+    if kind != "importance":
+        return (kind,)
+    return (kind, int(_get(c, "training.t_sampler_history")))
+
+
 OPTIMIZER_STRUCTURE = (
     (
         "training.grad_clip > 0 (a clipping stage)",
@@ -41,6 +52,10 @@ OPTIMIZER_STRUCTURE = (
     (
         "training.weight_decay > 0 (a weight-decay stage)",
         lambda c: float(_get(c, "training.weight_decay")) > 0,
+    ),
+    (
+        "training.t_sampler / t_sampler_history (importance sampling keeps a loss history per t)",
+        _t_sampler_state,
     ),
 )
 

@@ -133,11 +133,13 @@ def _abstract_state(config, model, mesh):
 
 
 def restore_ema_params(ckpt: Checkpointer, step: int, config, model, mesh) -> Any:
-    """The EMA parameters of the checkpoint at ``step``, replicated on ``mesh``.
+    """The EMA parameters of the checkpoint at ``step``, replicated on ``mesh``; only the model
+    and process must match the config (the optimizer and timestep-sampler state are not read
+    into a config-built tree, so evaluating with other training switches works).
 
     Raises ConfigError when the checkpoint was trained with a different model/process
     (`config_check.SHAPE_FIELDS`)."""
-    diffs = incompatible_fields(ckpt.restore_config(step), config)
+    diffs = incompatible_fields(ckpt.restore_config(step), config, optimizer=False)
     if diffs:
         raise ConfigError(
             f"The checkpoint at step {step} in {ckpt.directory} was trained with a "
@@ -145,8 +147,8 @@ def restore_ema_params(ckpt: Checkpointer, step: int, config, model, mesh) -> An
             + "\n  - ".join(diffs)
             + "\nEvaluate with the config the run was trained with."
         )
-    state, _ = ckpt.restore(step, factories.abstract_state(config, model, mesh))
-    return state.ema_params
+    sharding = parallel.replicated_sharding(mesh) if mesh is not None else None
+    return ckpt.restore_params_only(step, sharding)["ema_params"]
 
 
 # ----------------------------------------------------------------------------- the modes

@@ -189,3 +189,41 @@ def test_a_run_with_importance_sampling_records_every_term_and_resumes_bitwise(
         logged = [json.loads(line)["loss"] for line in f]
     assert len(logged) == 10 and np.isfinite(logged).all()
     assert os.path.isdir(tmp_path / "resumed" / "checkpoints" / "10")
+
+
+def test_checkpoints_from_before_the_option_restore_and_a_switch_is_named(tmp_path):
+    """A checkpoint written before ``t_sampler`` existed (the TrainState's four fields) restores
+    into today's TrainState, a uniform run writes exactly that tree, evaluation reads its EMA
+    whatever the sampler switch, and resuming it with the importance sampler is refused naming
+    the switch."""
+    from train_worker import small_config
+
+    from diffusion import evaluate, factories
+    from diffusion.checkpoint import Checkpointer
+    from diffusion.config_check import incompatible_fields
+
+    c = small_config("unused", 1)
+    model = factories.create_model(c)
+    state = factories.init_state(c, model, factories.make_optimizer(c))
+    assert state.t_sampler is None
+    old = {k: getattr(state, k) for k in ("step", "params", "ema_params", "opt_state")}
+    ck = Checkpointer(str(tmp_path / "ck"), async_save=False)
+    ck.save(3, old, factories.config_to_dict(c))
+    ck.save(4, state, factories.config_to_dict(c))
+    ck.wait()
+    assert jax.tree.structure(ck.saved_tree(3)) == jax.tree.structure(ck.saved_tree(4))
+    got = Checkpointer(str(tmp_path / "ck")).restore(3, factories.abstract_state(c, model))[0]
+    assert isinstance(got, factories.TrainState) and got.t_sampler is None
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    c_is = small_config("unused", 1)
+    c_is.training.t_sampler = "importance"
+    ema = evaluate.restore_ema_params(ck, 3, c_is, model, None)
+    for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(state.ema_params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    saved = factories.config_to_dict(c)
+    del saved["training"]["t_sampler"]  # a config saved before the option: read as uniform
+    assert incompatible_fields(saved, c) == []
+    diffs = incompatible_fields(saved, c_is)
+    assert len(diffs) == 1 and "training.t_sampler" in diffs[0] and "importance" in diffs[0]
+    assert incompatible_fields(saved, c_is, optimizer=False) == []
