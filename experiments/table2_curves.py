@@ -78,6 +78,10 @@ COLOURS = {
 }
 
 
+class PlanInterrupted(RuntimeError):
+    """Training was stopped by a signal (preemption): the plan ends; a relaunch resumes it."""
+
+
 # ----------------------------------------------------------------------------- the schedule
 def eval_points(max_steps: int, bound_every: int, fid_every: int) -> List[Tuple[int, bool, bool]]:
     """``[(step, bound?, fid?)]`` in order: every multiple of ``bound_every`` and of
@@ -213,7 +217,7 @@ def run_curve(
         logging.info("===== %s: training to step %d =====", name, step)
         t0 = time.time()
         try:
-            training.train(
+            state = training.train(
                 run_config(row, seed, step, plan, overrides, data_dir, bound=False, fid=False),
                 workdir,
             )
@@ -228,6 +232,13 @@ def run_curve(
             commit()
             return entry
         train_s = time.time() - t0
+        reached = int(getattr(state, "step", step))
+        if reached < step:  # SIGTERM / SIGINT: the loop saved at `reached` and returned
+            commit()
+            raise PlanInterrupted(
+                f"{name}: training stopped at step {reached} of {step} (a signal); its checkpoint "
+                "is saved. Relaunch the same command to resume from it."
+            )
         _share_floor(out_dir, workdir)
         t1 = time.time()
         config = run_config(row, seed, step, plan, overrides, data_dir, bound=bound, fid=fid)
@@ -476,16 +487,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 raise SystemExit(
                     f"error: unknown row {row!r}; valid: {sorted(reproduce.ablation.ROWS)}"
                 )
-        record = run_plan(
-            a.out,
-            a.record,
-            {k: getattr(a, k) for k in PLAN},
-            stage1_rows=split(a.stage1_rows),
-            stage1_seeds=[int(s) for s in split(a.stage1_seeds)],
-            stage2_rows=split(a.stage2_rows),
-            overrides=reproduce.parse_overrides(a.set),
-            data_dir=a.data_dir,
-        )
+        try:
+            record = run_plan(
+                a.out,
+                a.record,
+                {k: getattr(a, k) for k in PLAN},
+                stage1_rows=split(a.stage1_rows),
+                stage1_seeds=[int(s) for s in split(a.stage1_seeds)],
+                stage2_rows=split(a.stage2_rows),
+                overrides=reproduce.parse_overrides(a.set),
+                data_dir=a.data_dir,
+            )
+        except PlanInterrupted as e:
+            raise SystemExit(f"stopped: {e}") from None
     plot_curves(record, a.figure)
     table = markdown_table(record)
     if not a.plot_only:

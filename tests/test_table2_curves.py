@@ -97,3 +97,18 @@ def test_tiny_plan_runs_resumes_and_draws(tmp_path, data_dir):
     assert os.path.getsize(fig) > 10_000
     table = tc.markdown_table(again)
     assert "| eps_L_fixed_is | 1 | 4 | max_steps@4 |" in table
+
+
+def test_a_signal_during_training_ends_the_plan_without_recording_a_point(tmp_path, monkeypatch):
+    """SIGTERM makes the training loop save and return early; the driver must not evaluate or
+    record the step it did not reach (it did before: the point was filed under the target step)."""
+    from types import SimpleNamespace
+
+    from diffusion import evaluate, training
+
+    monkeypatch.setattr(training, "train", lambda config, workdir: SimpleNamespace(step=1))
+    monkeypatch.setattr(evaluate, "run", lambda *a, **k: pytest.fail("evaluated a partial run"))
+    record = {"runs": {}}
+    with pytest.raises(tc.PlanInterrupted, match="stopped at step 1 of 2"):
+        tc.run_curve("eps_simple", 0, 4, str(tmp_path), PLAN, record, lambda: None, stop_rule=False)
+    assert record["runs"]["eps_simple_seed0"]["points"] == []
