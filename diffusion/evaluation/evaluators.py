@@ -34,7 +34,7 @@ import numpy as np
 from diffusion import factories, io, likelihood, parallel, rng, samplers
 from diffusion.evaluation import generator
 from diffusion.evaluation import settings as S
-from diffusion.evaluation.references import FidReferences, to_rgb, with_progress
+from diffusion.evaluation.references import FidReferences, compute_fid_kid, to_rgb, with_progress
 from diffusion.evaluation.results import (
     ResultsStore,
     all_processes,
@@ -55,32 +55,6 @@ __all__ = [
     "compute_fid_kid",
     "compute_bpd",
 ]
-
-
-def compute_fid_kid(gen_features: np.ndarray, ref: fid_lib.ReferenceStatistics) -> Dict[str, Any]:
-    """FID and KID of generated features ``[N, d]`` against a reference.
-
-    Returns ``{'fid', 'kid', 'kid_se', 'num_gen', 'num_ref', 'kid_subset_size',
-    'kid_num_subsets'}`` (Python floats/ints). FID uses the exact N×N_ref route when
-    ``max(N, N_ref) <= d``, else the d×d statistics (sqrtm)."""
-    g = np.asarray(gen_features, np.float64)
-    n, n_ref, dim = len(g), len(ref.features), g.shape[1]
-    if max(n, n_ref) <= dim:
-        fid = fid_lib.frechet_distance_from_features(g, ref.features)
-    else:
-        fid = fid_lib.frechet_distance(*fid_lib.compute_statistics(g), ref.mu, ref.sigma)
-    kid, kid_se = fid_lib.kernel_inception_distance(
-        g, ref.features, num_subsets=S.KID_NUM_SUBSETS, subset_size=S.KID_SUBSET_SIZE
-    )
-    return {
-        "fid": float(fid),
-        "kid": float(kid),
-        "kid_se": float(kid_se),
-        "num_gen": int(n),
-        "num_ref": int(n_ref),
-        "kid_subset_size": int(min(n, n_ref, S.KID_SUBSET_SIZE)),
-        "kid_num_subsets": S.KID_NUM_SUBSETS,
-    }
 
 
 def _global_array(x: np.ndarray, sharding) -> jax.Array:
