@@ -165,7 +165,7 @@ def evaluate_step(
         return entry
     params = params_fn()
     entry["step"] = step
-    ctx.new_step()
+    ctx.step_samples.new_step()
     scalars = {}
     for ev, need in zip(evaluators, needed):
         if need:

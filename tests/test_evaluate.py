@@ -338,6 +338,52 @@ def test_real_data_floor_is_measured_at_the_same_n_and_reference(
     assert feats.images == seen  # (only step 10 was copied here: nothing new to do)
 
 
+def test_real_floor_is_kept_in_real_floor_json_and_recomputed_only_when_its_settings_change(
+    tmp_path, data_dir
+):
+    """`RealFloor` on its own: the first call scores the real images and writes
+    eval/real_floor.json; a later one (a new run) reads it back without extracting a feature;
+    another network or reference split recomputes; an empty real_floor_split gives None."""
+    from diffusion import io
+    from diffusion.evaluation.floor import RealFloor
+    from diffusion.metrics import fid as fid_lib
+
+    config = _config(data_dir, real_floor_split="auto")  # FID against test[:32]: floor on train
+    ref_feats = np.random.default_rng(0).standard_normal((32, 48))
+    ref = fid_lib.ReferenceStatistics(*fid_lib.compute_statistics(ref_feats), ref_feats, None)
+    feats, timings = FakeFeatures(), {}
+
+    def get(network="fake", ref_split="test[:32]"):
+        return RealFloor(
+            config,
+            str(tmp_path),
+            reference=lambda split: (ref_split, ref),
+            feature_fn=lambda: feats,
+            network=network,
+            feature_batch_size=8,
+            main=True,
+            timed=lambda stage, t0: timings.update({stage: timings.get(stage, 0) + 1}),
+        ).get()
+
+    first = get()
+    assert feats.images == 16 and first["num"] == 16 and first["num_ref"] == 32
+    assert first["settings"] == {
+        "split": "train[:16]",
+        "ref_split": "test[:32]",
+        "network": "fake",
+        "dataset": "mnist5k",
+        "image_size": 16,
+    }
+    assert io.read_json(str(tmp_path / "real_floor.json")) == first
+    assert timings == {"real-data floor": 1}
+    assert get() == first and feats.images == 16  # read back, not recomputed
+    assert get(network="other")["settings"]["network"] == "other" and feats.images == 32
+    assert get(ref_split="test[:16]")["settings"]["ref_split"] == "test[:16]"
+    assert feats.images == 48
+    config.eval.real_floor_split = ""
+    assert get() is None and feats.images == 48
+
+
 @pytest.mark.slow
 def test_bits_per_dim_follows_eval_clip_denoised_and_keys_its_results(
     checkpoints, tmp_path, data_dir, monkeypatch

@@ -148,6 +148,8 @@ LAYERS = [
         "diffusion.evaluation.results",
         "diffusion.evaluation.generator",
         "diffusion.evaluation.references",
+        "diffusion.evaluation.step_data",
+        "diffusion.evaluation.floor",
         "diffusion.evaluation.evaluators",
     },
     # 5: the drivers and tools

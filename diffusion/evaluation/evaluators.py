@@ -1,5 +1,10 @@
 """The metrics of an evaluation behind one interface, and the context they share.
 
+`EvalContext` holds the run-level set-up (config, mesh, model, sampler, results store, output
+directory, writer, timings) and the feature networks and references, and composes the per-step
+samples and features (`step_data.StepSamples`, ``ctx.step_samples``) and the real-data floor
+(`floor.RealFloor`, ``ctx.floor``). `compute_fid_kid` lives in `references` (re-exported here).
+
 An `Evaluator` has a ``key`` (its entry in ``results.json``), ``settings(ctx)`` (what makes a
 stored value reusable) and ``evaluate(ctx, step, params, entry) -> scalars`` (computes, stores in
 ``entry``, returns TensorBoard scalars). `evaluators_from_config` builds the list ``config.eval``
@@ -34,15 +39,10 @@ import numpy as np
 from diffusion import factories, io, likelihood, parallel, rng, samplers
 from diffusion.evaluation import generator
 from diffusion.evaluation import settings as S
-from diffusion.evaluation.references import FidReferences, to_rgb, with_progress
-from diffusion.evaluation.results import (
-    ResultsStore,
-    all_processes,
-    gather,
-    load_features,
-    load_npz,
-    settings_match,
-)
+from diffusion.evaluation.floor import RealFloor
+from diffusion.evaluation.references import FidReferences, compute_fid_kid
+from diffusion.evaluation.results import ResultsStore, settings_match
+from diffusion.evaluation.step_data import StepSamples
 from diffusion.metrics import fid as fid_lib
 from diffusion.progress import Progress
 
@@ -55,32 +55,6 @@ __all__ = [
     "compute_fid_kid",
     "compute_bpd",
 ]
-
-
-def compute_fid_kid(gen_features: np.ndarray, ref: fid_lib.ReferenceStatistics) -> Dict[str, Any]:
-    """FID and KID of generated features ``[N, d]`` against a reference.
-
-    Returns ``{'fid', 'kid', 'kid_se', 'num_gen', 'num_ref', 'kid_subset_size',
-    'kid_num_subsets'}`` (Python floats/ints). FID uses the exact N×N_ref route when
-    ``max(N, N_ref) <= d``, else the d×d statistics (sqrtm)."""
-    g = np.asarray(gen_features, np.float64)
-    n, n_ref, dim = len(g), len(ref.features), g.shape[1]
-    if max(n, n_ref) <= dim:
-        fid = fid_lib.frechet_distance_from_features(g, ref.features)
-    else:
-        fid = fid_lib.frechet_distance(*fid_lib.compute_statistics(g), ref.mu, ref.sigma)
-    kid, kid_se = fid_lib.kernel_inception_distance(
-        g, ref.features, num_subsets=S.KID_NUM_SUBSETS, subset_size=S.KID_SUBSET_SIZE
-    )
-    return {
-        "fid": float(fid),
-        "kid": float(kid),
-        "kid_se": float(kid_se),
-        "num_gen": int(n),
-        "num_ref": int(n_ref),
-        "kid_subset_size": int(min(n, n_ref, S.KID_SUBSET_SIZE)),
-        "kid_num_subsets": S.KID_NUM_SUBSETS,
-    }
 
 
 def _global_array(x: np.ndarray, sharding) -> jax.Array:
@@ -225,9 +199,11 @@ def _bpd_summary(sums: Dict[str, np.ndarray], M: int, clip: bool, K: int) -> Dic
 
 # ----------------------------------------------------------------------------- shared context
 class EvalContext:
-    """What the evaluators of one run share: config, mesh, model, the results store, the output
-    directory and writer, the feature networks and reference statistics (loaded once), and the
-    samples / features of the step being evaluated (drawn once for all FID evaluators)."""
+    """What the evaluators of one run share: config, mesh, model, sampler, the results store, the
+    output directory and writer, stage timings, the feature networks and reference statistics
+    (loaded once), and composed from those: ``step_samples`` (`StepSamples`: the samples and
+    features of the step being evaluated, drawn once for all FID evaluators) and ``floor``
+    (`RealFloor`: the real-data FID floor, computed once)."""
 
     def __init__(
         self,
@@ -249,10 +225,36 @@ class EvalContext:
         self.spec = samplers.spec_from_config(config)
         self.chain = samplers.tag(self.spec, config.diffusion.num_timesteps)
         self._feature_fn, self._feature_logits_fn = feature_fn, None
-        self._step_cache: Dict[str, Any] = {}
         self.timings: Dict[str, float] = {}  # wall seconds by stage, for the run's summary
         self.references = FidReferences(
             config, self.eval_dir, network, feature_batch_size, self.feature_fn, self.timed
+        )
+        self.step_samples = StepSamples(
+            config,
+            mesh,
+            self.model,
+            self.spec,
+            self.chain,
+            self.eval_dir,
+            network=network,
+            feature_batch_size=feature_batch_size,
+            feature_fn=self.feature_fn,
+            feature_logits_fn=self.feature_logits_fn,
+            store=self.store,
+            main=self.main,
+            # the driver sets ``writer`` after construction: look it up when writing
+            write_images=lambda step, images: self.writer.write_images(step, images),
+            timed=self.timed,
+        )
+        self.floor = RealFloor(
+            config,
+            self.eval_dir,
+            reference=self.reference,
+            feature_fn=self.feature_fn,
+            network=network,
+            feature_batch_size=feature_batch_size,
+            main=self.main,
+            timed=self.timed,
         )
 
     def timed(self, stage: str, t0: float) -> None:
@@ -272,8 +274,9 @@ class EvalContext:
         return self._feature_fn
 
     def feature_logits_fn(self) -> Callable:
-        """``images -> (pool3, logits)`` of the network read from ``config.eval.inception_weights``
-        (its pool3 equals the bundled network's; the logits give the Inception Score)."""
+        """``uint8 [B, H, W, 3] -> (pool3 [B, 2048], logits [B, 1008])`` of the network read from
+        ``config.eval.inception_weights`` (its pool3 equals the bundled network's; the logits give
+        the Inception Score)."""
         if self._feature_logits_fn is None:
             from diffusion.metrics.inception import (
                 load_inception_logits_params,
@@ -294,191 +297,6 @@ class EvalContext:
     def reference(self, split: str) -> Tuple[str, fid_lib.ReferenceStatistics]:
         """``(reference split, statistics)`` for FID against ``split`` (`FidReferences.get`)."""
         return self.references.get(split)
-
-    # -- per-step files
-    def file(self, kind: str, step: int, ext: str, per_process: bool = False) -> str:
-        c = self.config
-        name = f"{kind}_step_{step:08d}_n{c.eval.num_samples}_{self.chain}"
-        if not self.spec.clip_denoised:
-            name += "_noclip"
-        if per_process and jax.process_count() > 1:
-            name += f"_p{jax.process_index()}"
-        return io.join(self.eval_dir, name + ext)
-
-    def new_step(self) -> None:
-        self._step_cache = {}
-
-    def samples(self, step: int, params) -> np.ndarray:
-        """This process's ``eval.num_samples`` uint8 samples of ``step`` (drawn, or reused from
-        the step's NPZ when complete), with the grid PNG."""
-        c = self.config
-        n = c.eval.num_samples
-        n_local = n // jax.process_count()
-        s, ch = c.data.image_size, c.data.channels
-        path = self.file("samples", step, ".npz", per_process=True)
-        images = load_npz(path, "images", (n_local, s, s, ch), np.uint8)
-        if all_processes(images is not None):
-            logging.info("Step %d: reusing %d samples from %s", step, n, path)
-            return images
-        logging.info(
-            "Step %d: drawing N=%d samples with the %s chain (global batch %d)",
-            step,
-            n,
-            samplers.describe(self.spec, c.diffusion.num_timesteps),
-            generator.batch_for(n, c.eval.batch_size, int(self.mesh.devices.size)),
-        )
-        t0 = time.time()
-        images = generator.generate_samples(
-            c, self.model, params, n, mesh=self.mesh, spec=self.spec
-        )
-        logging.info("Step %d: %d samples in %.1fs", step, n, time.time() - t0)
-        self.timed("sampling", t0)
-        io.write_npz(
-            path,
-            images=images,
-            step=np.asarray(step),
-            seed=np.asarray(c.seed),
-            chain=np.asarray(self.chain),
-        )
-        if self.main:
-            io.save_sample_grid(images[: S.GRID_SIZE], self.file("samples", step, ".png"))
-            self.writer.write_images(step, {f"eval_samples_{self.chain}": images[:16]})
-        return images
-
-    def sample_features(self, step: int, params, entry: dict):
-        """``(features [N, 2048], logits [N, 1008] or None)`` of the step's samples, all
-        processes' rows gathered; computed once per step and cached in the step's features NPZ
-        (logits when ``eval.inception_weights`` is set: pool3 and logits in one pass)."""
-        if "features" in self._step_cache:
-            return self._step_cache["features"]
-        c = self.config
-        n = c.eval.num_samples
-        feat_path = self.file("features", step, ".npz", per_process=True)
-        want_is = bool(c.eval.get("inception_weights"))
-        cached = load_features(
-            feat_path, self.network, n // jax.process_count(), c.seed, need_logits=want_is
-        )
-        feats, logits = cached if cached is not None else (None, None)
-        if not all_processes(feats is not None):
-            images = self.samples(step, params)
-            entry["samples"] = {
-                "num_samples": n,
-                "chain": self.chain,
-                "num_steps": self.spec.num_steps,
-                "nfe": samplers.nfe(self.spec, c.diffusion.num_timesteps),
-                "method": self.spec.method,
-                "clip_denoised": self.spec.clip_denoised,
-                "file": os.path.basename(self.file("samples", step, ".npz", per_process=True)),
-            }
-            if samplers.get(self.spec.method).uses_eta:
-                entry["samples"]["eta"] = self.spec.eta
-            if self.spec.options:
-                entry["samples"]["options"] = dict(self.spec.options)
-            self.store.save()
-            t0 = time.time()
-            extra = {}
-            if want_is:
-                fn = with_progress(self.feature_logits_fn(), len(images), f"step {step} samples")
-                feats, logits = fid_lib.extract_features_and_logits(
-                    to_rgb(images), fn, batch_size=self.feature_batch_size
-                )
-                extra["logits"] = logits
-            else:
-                fn = with_progress(self.feature_fn(), len(images), f"step {step} samples")
-                feats = fid_lib.extract_features(
-                    to_rgb(images), fn, batch_size=self.feature_batch_size
-                )
-            logging.info(
-                "Step %d: Inception features of %d samples in %.1fs",
-                step,
-                len(feats),
-                time.time() - t0,
-            )
-            self.timed("Inception features of the samples", t0)
-            io.write_npz(
-                feat_path,
-                features=feats,
-                network=np.asarray(self.network),
-                seed=np.asarray(c.seed),
-                **extra,
-            )
-        feats = gather(feats)
-        if want_is:
-            logits = gather(logits)
-        self._step_cache["features"] = (feats, logits if want_is else None)
-        return self._step_cache["features"]
-
-    def real_floor(self) -> Optional[Dict[str, Any]]:
-        """FID/KID of real images of `settings.real_floor_split` against the primary reference, at
-        the same N as the samples (fewer if the split is smaller: then said), computed once and
-        kept in ``eval/real_floor.json`` with its settings; None when disabled or unavailable."""
-        from diffusion.data import load_split
-
-        c = self.config
-        split = S.real_floor_split(c)
-        if split is None:
-            return None
-        primary = S.split_list(c.eval.fid_split)[0]
-        ref_split, ref = self.reference(primary)
-        settings = {
-            "split": split,
-            "ref_split": ref_split,
-            "network": self.network,
-            "dataset": c.data.dataset,
-            "image_size": c.data.image_size,
-        }
-        path = io.join(self.eval_dir, "real_floor.json")
-        stored = io.read_json(path, default={})
-        if all_processes(bool(stored) and stored.get("settings") == settings):
-            return stored
-        try:
-            images = load_split(
-                c.data.dataset, split, data_dir=c.data.data_dir, image_size=c.data.image_size
-            )
-        except (ValueError, KeyError) as e:
-            logging.warning(
-                "No real-data FID floor: split %r of %s is not available (%s); set "
-                "config.eval.real_floor_split to another split or '' to skip.",
-                split,
-                c.data.dataset,
-                e,
-            )
-            return None
-        if len(images) < c.eval.num_samples:
-            logging.warning(
-                "Real-data floor: %s has %d images, fewer than the %d samples: the "
-                "floor is at N=%d (biased upwards relative to the model's FID).",
-                split,
-                len(images),
-                c.eval.num_samples,
-                len(images),
-            )
-        t0 = time.time()
-        fn = with_progress(self.feature_fn(), len(images), f"real-data floor {split}")
-        feats = fid_lib.extract_features(to_rgb(images), fn, batch_size=self.feature_batch_size)
-        res = compute_fid_kid(feats, ref)
-        floor = {
-            "fid": res["fid"],
-            "kid": res["kid"],
-            "kid_se": res["kid_se"],
-            "num": res["num_gen"],
-            "num_ref": res["num_ref"],
-            "settings": settings,
-        }
-        logging.info(
-            "Real-data floor: FID@%d = %.3f, KID = %.5f for real %s/%s images against "
-            "the same reference (%.1fs)",
-            floor["num"],
-            floor["fid"],
-            floor["kid"],
-            c.data.dataset,
-            split,
-            time.time() - t0,
-        )
-        self.timed("real-data floor", t0)
-        if self.main:
-            io.write_json(path, floor, indent=1, sort_keys=True)
-        return floor
 
 
 # ----------------------------------------------------------------------------- evaluators
@@ -524,7 +342,7 @@ class FidKidEvaluator(Evaluator):
 
     def evaluate(self, ctx, step, params, entry):
         c = ctx.config
-        feats, logits = ctx.sample_features(step, params, entry)
+        feats, logits = ctx.step_samples.features(step, params, entry)
         ref_split, ref = ctx.reference(self.split)
         res = compute_fid_kid(feats, ref)
         n_gen, n_ref = res["num_gen"], res["num_ref"]
@@ -569,7 +387,7 @@ class FidKidEvaluator(Evaluator):
             else:
                 entry["inception_score"] = S.IS_NOT_AVAILABLE
                 is_text = "; IS " + S.IS_NOT_AVAILABLE
-            floor = ctx.real_floor()
+            floor = ctx.floor.get()
             if floor is not None:
                 entry["fid"]["real_floor"] = {k: floor[k] for k in ("fid", "kid", "num")} | {
                     "split": floor["settings"]["split"]

@@ -1,12 +1,12 @@
 """FID reference statistics: a data split's Inception features, computed once per split and
 cached next to the data (or under ``<workdir>/eval`` when the data dir is not writable) and in
-memory (`FidReferences`)."""
+memory (`FidReferences`); `compute_fid_kid` scores features against them."""
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 import jax
 import numpy as np
@@ -16,7 +16,7 @@ from diffusion.evaluation import settings as S
 from diffusion.metrics import fid as fid_lib
 from diffusion.progress import Progress
 
-__all__ = ["FidReferences", "to_rgb", "with_progress"]
+__all__ = ["FidReferences", "compute_fid_kid", "to_rgb", "with_progress"]
 
 
 def to_rgb(images: np.ndarray) -> np.ndarray:
@@ -34,6 +34,32 @@ def with_progress(feature_fn: Callable, total: int, what: str) -> Callable:
         return out
 
     return fn
+
+
+def compute_fid_kid(gen_features: np.ndarray, ref: fid_lib.ReferenceStatistics) -> Dict[str, Any]:
+    """FID and KID of generated features ``[N, d]`` against a reference.
+
+    Returns ``{'fid', 'kid', 'kid_se', 'num_gen', 'num_ref', 'kid_subset_size',
+    'kid_num_subsets'}`` (Python floats/ints). FID uses the exact N×N_ref route when
+    ``max(N, N_ref) <= d``, else the d×d statistics (sqrtm)."""
+    g = np.asarray(gen_features, np.float64)
+    n, n_ref, dim = len(g), len(ref.features), g.shape[1]
+    if max(n, n_ref) <= dim:
+        fid = fid_lib.frechet_distance_from_features(g, ref.features)
+    else:
+        fid = fid_lib.frechet_distance(*fid_lib.compute_statistics(g), ref.mu, ref.sigma)
+    kid, kid_se = fid_lib.kernel_inception_distance(
+        g, ref.features, num_subsets=S.KID_NUM_SUBSETS, subset_size=S.KID_SUBSET_SIZE
+    )
+    return {
+        "fid": float(fid),
+        "kid": float(kid),
+        "kid_se": float(kid_se),
+        "num_gen": int(n),
+        "num_ref": int(n_ref),
+        "kid_subset_size": int(min(n, n_ref, S.KID_SUBSET_SIZE)),
+        "kid_num_subsets": S.KID_NUM_SUBSETS,
+    }
 
 
 class FidReferences:
