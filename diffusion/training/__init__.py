@@ -1,8 +1,8 @@
 """Training: `train(config, workdir) -> TrainState` and its pieces.
 
-Modules: `step` (the compiled train step of Algorithm 1), `restore` (where a run starts),
-`hooks` (log, checkpoint, sample grid, preemption, storage errors), `loop` (compile, the step
-loop, `train`).
+Modules: `step` (the compiled train step of Algorithm 1), `t_sampler` (how t is drawn: uniform
+or importance-sampled, Improved DDPM Sec. 3.3), `restore` (where a run starts), `hooks` (log,
+checkpoint, sample grid, preemption, storage errors), `loop` (compile, the step loop, `train`).
 """
 
 from diffusion.training.hooks import NonFiniteError
