@@ -346,8 +346,8 @@ def _by_row(record) -> Dict[str, List[Dict[str, Any]]]:
 def plot_curves(record: Dict[str, Any], path: str) -> None:
     """Three panels against training steps: train loss (log scale; L rows are in bits/dim per
     term, L_simple rows in squared error), the bound in bits/dim and FID@N with the real-data
-    floor. One colour per row: the mean over seeds, a band from the lowest to the highest seed,
-    an ✕ where a run diverged."""
+    floor. One colour per row: each seed as a thin line, and where every seed has a value the
+    mean over seeds with a band from the lowest to the highest; an ✕ where a run diverged."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -366,12 +366,20 @@ def plot_curves(record: Dict[str, Any], path: str) -> None:
             if not steps:
                 continue
             vals = np.array([[s.get(k, np.nan) for k in steps] for s in series], float)
-            mean = np.nanmean(vals, 0)
             label = f"{row} ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
-            ax.plot(steps, mean, "-o", ms=3, color=colour, label=label)
-            if len(runs) > 1:
+            if len(runs) == 1:
+                ax.plot(steps, vals[0], "-o", ms=3, color=colour, label=label)
+            else:
+                # Each seed thin; the mean and the band only where every seed has a value (a
+                # seed that stopped earlier would otherwise make the mean jump).
+                for v in vals:
+                    ok = np.isfinite(v)
+                    ax.plot(np.array(steps)[ok], v[ok], "-", lw=0.8, alpha=0.6, color=colour)
+                full = np.isfinite(vals).all(0)
+                st = np.array(steps)[full]
+                ax.plot(st, vals[:, full].mean(0), "-o", ms=3, color=colour, label=label)
                 ax.fill_between(
-                    steps, np.nanmin(vals, 0), np.nanmax(vals, 0), color=colour, alpha=0.2
+                    st, vals[:, full].min(0), vals[:, full].max(0), color=colour, alpha=0.2
                 )
             for r, s in zip(runs, series):
                 if r.get("status") == "diverged" and s:
@@ -385,8 +393,12 @@ def plot_curves(record: Dict[str, Any], path: str) -> None:
         ax.set_xlabel("training steps")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0].set_yscale("log")
-    axes[2].set_yscale("log")
+    from matplotlib.ticker import ScalarFormatter
+
+    for ax in (axes[0], axes[2]):
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(ScalarFormatter())
     if floor:
         axes[2].axhline(floor[0], color="k", ls="--", lw=1, label=f"real-data floor (N={floor[1]})")
     axes[2].legend(fontsize=7)
