@@ -532,7 +532,8 @@ def auto_infer_choice(
     return infer_method((3, 3), 1, 1, h, w, cin, cout, dtype, backend)
 
 
-def _pair(p) -> Tuple[int, int]:
+def as_pair(p) -> Tuple[int, int]:
+    """``k`` or ``(kh, kw)`` -> ``(kh, kw)`` (kernel sizes, paddings)."""
     return (p, p) if isinstance(p, int) else (int(p[0]), int(p[1]))
 
 
@@ -583,8 +584,8 @@ def infer_method(
     """
     if not auto_active(dtype, backend):
         return "xla"
-    kh, kw = _pair(kernel_hw)
-    ph, pw = _pair(padding)
+    kh, kw = as_pair(kernel_hw)
+    ph, pw = as_pair(padding)
     if (kh, kw) == (1, 1) and stride == 1 and (ph, pw) == (0, 0):
         return "dot"  # (not a convolution: one matmul at any channel count)
     if not enough_channels(cin, cout):
@@ -708,6 +709,7 @@ def conv_general_dilated_for(conv_impl: str):
 
 __all__ = [
     "IMPLS",
+    "as_pair",
     "METHODS",
     "PLANS",
     "check_conv_impl",

@@ -58,10 +58,6 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 # --------------------------------------------------------------------------------------------
 
 
-def _pair(p) -> Tuple[int, int]:
-    return (p, p) if isinstance(p, int) else (int(p[0]), int(p[1]))
-
-
 #: Allowed ``conv_impl`` values of the Inception network (see :func:`conv_method`).
 CONV_IMPLS = ("auto", "xla", "winograd", "winograd4")
 
@@ -107,15 +103,15 @@ def conv_method(
         return conv_lib.infer_method(kernel_size, stride, padding, h, w, cin, cout, dtype, backend)
     if conv_impl == "xla":
         return "xla"
-    kh, kw = _pair(kernel_size)
-    ph, pw = _pair(padding)
+    kh, kw = conv_lib.as_pair(kernel_size)
+    ph, pw = conv_lib.as_pair(padding)
     s1_3x3 = (kh, kw) == (3, 3) and stride == 1 and ph == pw and ph in (0, 1)
     return ("w2" if conv_impl == "winograd" else "w4") if s1_3x3 else "xla"
 
 
 def _conv_by(method: str, x, kernel, stride: int, padding):
     """The convolution of :class:`ConvBN` (NHWC x HWIO, fp32-exact matmuls) by ``method``."""
-    ph, pw = _pair(padding)
+    ph, pw = conv_lib.as_pair(padding)
     if method == "xla":
         return jax.lax.conv_general_dilated(
             x,
