@@ -112,3 +112,127 @@ def test_a_signal_during_training_ends_the_plan_without_recording_a_point(tmp_pa
     with pytest.raises(tc.PlanInterrupted, match="stopped at step 1 of 2"):
         tc.run_curve("eps_simple", 0, 4, str(tmp_path), PLAN, record, lambda: None, stop_rule=False)
     assert record["runs"]["eps_simple_seed0"]["points"] == []
+
+
+# ----------------------------------------------------------------------------- verdicts
+def _run(row, seed, bounds, fids=(), status="converged", health=None, se=0.05):
+    """A record entry: bounds every 1,000 steps, FIDs every 2,500 (as the plan evaluates)."""
+    pts = {}
+    for i, b in enumerate(bounds):
+        pts[1000 * (i + 1)] = {"step": 1000 * (i + 1), "bpd": b, "bpd_se": se, "fid": None}
+    for i, f in enumerate(fids):
+        s = 2500 * (i + 1)
+        pts.setdefault(s, {"step": s, "bpd": None, "bpd_se": None})["fid"] = f
+    r = {"row": row, "seed": seed, "status": status, "final_step": max(pts),
+         "points": [pts[k] for k in sorted(pts)]}  # fmt: skip
+    if health:
+        r["health"] = health
+    return r
+
+
+def _record(*runs):
+    return {"runs": {f"{r['row']}_seed{r['seed']}": r for r in runs}}
+
+
+def _verdicts(record):
+    return {c["claim"].split(":")[0].split(" ")[0]: c for c in tc.claims(record)}
+
+
+def test_nll_verdict_is_a_two_se_test_on_the_seed_means():
+    simple = [_run("eps_simple", s, [3.0, 2.8, b]) for s, b in enumerate([2.70, 2.72, 2.74])]
+    # L lower by 0.2 with seed s.d. 0.02 each: difference −0.20 ± 0.016 → reproduced.
+    low = [_run("eps_L_fixed", s, [3.2, 2.7, b]) for s, b in enumerate([2.50, 2.52, 2.54])]
+    v = _verdicts(_record(*simple, *low))["NLL"]
+    assert v["verdict"] == "reproduced"
+    assert "L − L_simple = -0.200 ± 0.016" in v["evidence"]
+    assert "at step 3000 (every seed): 2.520 ± 0.020 vs 2.720 ± 0.020" in v["evidence"]
+    # Higher by 0.2 → not reproduced; the slope of each L run's last three bounds is reported.
+    high = [_run("eps_L_fixed", s, [3.2, 3.0, b]) for s, b in enumerate([2.90, 2.92, 2.94])]
+    v = _verdicts(_record(*simple, *high))["NLL"]
+    assert v["verdict"] == "not reproduced"
+    assert "-0.150, -0.140, -0.130 bits/dim per 1k steps" in v["evidence"]
+    # Within 2 s.e. (seed spread 0.3 swamps a 0.02 difference) → not resolved.
+    wide = [_run("eps_L_fixed", s, [3.2, 3.0, b]) for s, b in enumerate([2.44, 2.74, 3.04])]
+    assert _verdicts(_record(*simple, *wide))["NLL"]["verdict"] == "not resolved at this budget"
+    # One L seed: no spread to test against.
+    assert _verdicts(_record(*simple, low[0]))["NLL"]["verdict"] == "not resolved at this budget"
+    # The importance-sampled row is placed against both: 2.75 is within 2 s.d. of L_simple.
+    isr = _run("eps_L_fixed_is", 0, [3.0, 2.9, 2.75])
+    v = _verdicts(_record(*simple, *high, isr))["NLL"]
+    assert "2.750 ± 0.050 at step 3000 (1 seed), which closes the gap" in v["evidence"]
+    isr = _run("eps_L_fixed_is", 0, [3.0, 2.9, 2.85])  # below L's 2.92 − 2·0.02
+    assert "narrows it" in _verdicts(_record(*simple, *high, isr))["NLL"]["evidence"]
+
+
+def test_mu_tilde_verdict_follows_usability_against_eps_L():
+    epsL = [_run("eps_L_fixed", s, [3, 3, 3], fids=[60.0]) for s in range(2)]
+
+    def mu(fixed, learned, mse, mse_status="max_steps"):
+        return [
+            _run("xprev_L_fixed", 0, [4, 4, 4], fids=fixed, status="max_steps"),
+            _run("xprev_L_learned", 0, [4, 4, 4], fids=learned, status="max_steps"),
+            _run("xprev_mse", 0, [9, 9, 9], fids=mse, status=mse_status),
+        ]
+
+    v = lambda *rows: _verdicts(_record(*epsL, *rows))["μ̃"]["verdict"]  # noqa: E731
+    assert v(*mu([300, 100], [300, 110], [350, 340])) == "reproduced"  # ≤ 2 × 60; MSE unusable
+    assert v(*mu([300, 100], [300, 110], [100, 90])) == "not reproduced"  # MSE usable too
+    assert v(*mu([300, 200], [300, 110], [350, 340])) == "not resolved at this budget"  # falling
+    assert v(*mu([200, 195], [300, 110], [350, 340])) == "not reproduced"  # flat and unusable
+    # A diverged MSE row counts as unusable whatever its last FID.
+    assert v(*mu([300, 100], [300, 110], [100, 90], "diverged")) == "reproduced"
+    assert _verdicts(_record(*epsL))["μ̃"]["verdict"] == "not resolved at this budget"
+
+
+def test_learned_sigma_verdict_needs_divergence_or_a_rising_bound():
+    control = _run("eps_L_fixed", 0, [3, 3, 3], health={
+        "max_grad_norm": 0.5, "median_grad_norm": 0.1, "loss_spikes": []})  # fmt: skip
+    v = lambda r: _verdicts(_record(control, r))["learned"]  # noqa: E731
+    steady = _run("eps_L_learned", 0, [3.3, 3.1, 3.05], status="max_steps",
+                  health={"max_grad_norm": 2.0, "median_grad_norm": 0.2, "loss_spikes": [4100]})  # fmt: skip
+    got = v(steady)
+    assert got["verdict"] == "not reproduced"
+    assert "max grad norm after 1k steps 2 (median 0.2), 1 loss spikes" in got["evidence"]
+    assert "(ε/L fixed Σ seed 0: 0.5, median 0.1, 0 spikes)" in got["evidence"]
+    rising = _run("eps_L_learned", 0, [3.3, 3.1, 3.2], status="max_steps")  # +0.1 > s.e. 0.05
+    assert v(rising)["verdict"] == "reproduced" and "[3000]" in v(rising)["evidence"]
+    diverged = dict(steady, status="diverged", final_step=2400, divergence="loss is nan")
+    assert v(diverged)["verdict"] == "reproduced" and "step 2400" in v(diverged)["evidence"]
+
+
+def test_training_health_reads_spikes_and_grad_norms_from_metrics(tmp_path):
+    lines = [{"step": 100 * i, "loss": 1.0, "grad_norm": 0.1, "skipped_steps": 0}
+             for i in range(1, 31)]  # fmt: skip
+    lines[19] = dict(lines[19], loss=5.0, grad_norm=3.0)  # step 2000: a spike (> 3 × median 1.0)
+    lines[4] = dict(lines[4], loss=9.0, grad_norm=9.0)  # step 500: before `after`, ignored
+    lines.append(dict(lines[24], loss=1.0, grad_norm=0.1))  # step 2500 logged again on resume
+    lines[24] = dict(lines[24], loss=7.0)  # ... the first copy was a spike, the later one wins
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        f.write("\n".join(json.dumps(m) for m in lines) + "\n")
+    h = tc.training_health(str(tmp_path))
+    assert h["loss_spikes"] == [2000]
+    assert (h["max_grad_norm"], h["max_grad_norm_step"]) == (3.0, 2000)
+    assert h["median_grad_norm"] == 0.1 and h["logged_to"] == 3000 and h["skipped_steps"] == 0
+    assert tc.bound_rises([{"step": 1, "bpd": 3.0, "bpd_se": 0.05},
+                           {"step": 2, "bpd": 3.04, "bpd_se": 0.05},
+                           {"step": 3, "bpd": 3.2, "bpd_se": 0.05}]) == [3]  # fmt: skip
+
+
+def test_plot_only_draws_tabulates_and_keeps_training_health_in_the_record(tmp_path, capsys):
+    simple = [_run("eps_simple", s, [3.0, 2.8, b], fids=[40.0]) for s, b in enumerate([2.7, 2.72])]
+    rec = _record(*simple)
+    out = tmp_path / "out"
+    run_dir = out / "runs" / "eps_simple_seed0"
+    run_dir.mkdir(parents=True)
+    metrics = [{"step": 100 * i, "loss": 1.0, "grad_norm": 0.2} for i in range(1, 31)]
+    (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in metrics))
+    path, fig = tmp_path / "record.json", tmp_path / "curves.png"
+    path.write_text(json.dumps(rec))
+    tc.main(["--plot_only", "--record", str(path), "--figure", str(fig), "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "| eps_simple | 2 | 3000 | converged@3000 | 2.710 ± 0.014" in printed
+    assert "| NLL: ε/L (fixed Σ) has a better bound than ε/L_simple | **not resolved" in printed
+    saved = json.loads(path.read_text())["runs"]
+    assert saved["eps_simple_seed0"]["health"]["median_grad_norm"] == 0.2
+    assert "health" not in saved["eps_simple_seed1"]  # no folder for it
+    assert os.path.getsize(fig) > 10_000
