@@ -12,7 +12,12 @@ The plan (`PLAN`), at the offline scale of `experiments/ablation.py` (16×16 MNI
   of the three < the latest s.e.), or to ``--max_steps`` (10,000);
 * stage 2, one seed each, to the step count stage 1 reached (the largest of its runs): the three
   μ̃ rows, ``eps_L_learned`` and ``eps_L_fixed_is`` (L with t importance-sampled as in Improved
-  DDPM Sec. 3.3, `diffusion.training.t_sampler`).
+  DDPM Sec. 3.3, `diffusion.training.t_sampler`);
+* extensions: seed 0 of each stage-1 row, when the rule stopped it early, is continued to
+  ``--max_steps`` as ``<row>_seed0_ext`` (a copy of its folder training on from its last
+  checkpoint): whether the end-point ordering still holds at the cap. The end-point table and the
+  verdicts' main test use the rule's end points; the extensions are drawn dashed and reported
+  beside them (an NLL ordering that reverses in them makes that verdict "not resolved").
 
 Each run evaluates at fixed intervals: the train loss (the mean of the logged losses since the
 previous point), every ``--bound_every`` steps the bound on the same ``--bound_examples`` (128)
@@ -60,6 +65,8 @@ from experiments import reproduce  # noqa: E402
 STAGE1_ROWS = ("eps_simple", "eps_L_fixed")
 STAGE1_SEEDS = (0, 1, 2)
 STAGE2_ROWS = ("xprev_L_learned", "xprev_L_fixed", "xprev_mse", "eps_L_learned", "eps_L_fixed_is")
+EXTEND_ROWS = STAGE1_ROWS
+EXTEND_SEEDS = (0,)
 PLAN = {
     "max_steps": 10_000,
     "bound_every": 1000,
@@ -181,16 +188,32 @@ def run_curve(
     data_dir: Optional[str] = None,
     feature_fn: Optional[Callable] = None,
     feature_network: Optional[str] = None,
+    extension_of: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Trains and evaluates one (row, seed) up to ``target_steps`` (or until `converged` with
     ``stop_rule``, or divergence), resuming from what ``record`` and the run's folder hold.
     Returns the run's record entry: ``{'row', 'seed', 'points': [...], 'status', 'final_step'}``
-    with status ``converged`` / ``max_steps`` / ``diverged``."""
+    with status ``converged`` / ``max_steps`` / ``diverged``.
+
+    With ``extension_of`` (the name of a finished run of the same row and seed) the run is
+    ``<that name>_ext``: it starts as a copy of that run's folder and points and trains on from
+    its last checkpoint, so the finished run's entry stays as its rule left it."""
     from diffusion import evaluate, training
 
     overrides = dict(overrides or {})
-    name = f"{row}_seed{seed}"
+    name = f"{row}_seed{seed}" if extension_of is None else f"{extension_of}_ext"
     workdir = io.absolute(io.join(out_dir, "runs", name))
+    if extension_of is not None and not os.path.isdir(workdir):
+        base = record["runs"][extension_of]
+        shutil.copytree(io.join(out_dir, "runs", extension_of), workdir + ".partial")
+        os.replace(workdir + ".partial", workdir)  # a half-made copy is never taken for a run
+        record["runs"][name] = {
+            "row": row,
+            "seed": seed,
+            "extension_of": extension_of,
+            "points": [dict(p) for p in base["points"]],
+            "status": "running",
+        }
     io.makedirs(workdir)
     entry = record["runs"].setdefault(
         name, {"row": row, "seed": seed, "points": [], "status": "running"}
@@ -287,8 +310,11 @@ def run_plan(
     data_dir: Optional[str] = None,
     feature_fn: Optional[Callable] = None,
     feature_network: Optional[str] = None,
+    extend_rows: Sequence[str] = (),
+    extend_seeds: Sequence[int] = (),
 ) -> Dict[str, Any]:
-    """Runs stage 1 then stage 2 (see the module docstring), resuming; returns the record."""
+    """Runs stage 1, stage 2 and the extensions (see the module docstring), resuming; returns
+    the record."""
     plan = dict(PLAN, **(plan or {}))
     io.makedirs(out_dir)
     record = io.read_json(record_path, default=None) or {}
@@ -323,6 +349,23 @@ def run_plan(
     record["stage2_steps"] = stage2_steps
     for row in stage2_rows:
         run_curve(row, 0, stage2_steps, out_dir, plan, record, save, stop_rule=False, **kw)
+    for row in extend_rows:
+        for seed in extend_seeds:
+            base = record["runs"].get(f"{row}_seed{seed}")
+            if base is None or base.get("status") != "converged":
+                continue  # only a run the rule stopped early has steps left to extend to
+            run_curve(
+                row,
+                seed,
+                plan["max_steps"],
+                out_dir,
+                plan,
+                record,
+                save,
+                stop_rule=False,
+                extension_of=f"{row}_seed{seed}",
+                **kw,
+            )
     record["seconds_this_invocation"] = round(time.time() - t_start, 1)
     save()
     return record
@@ -338,10 +381,12 @@ def wall_seconds(record: Dict[str, Any]) -> Dict[str, float]:
     }
 
 
-def _by_row(record) -> Dict[str, List[Dict[str, Any]]]:
+def _by_row(record, extensions: bool = False) -> Dict[str, List[Dict[str, Any]]]:
+    """The runs of each row: the plan's own (``extensions=False``) or only the extensions."""
     rows: Dict[str, List[Dict[str, Any]]] = {}
     for r in record.get("runs", {}).values():
-        rows.setdefault(r["row"], []).append(r)
+        if bool(r.get("extension_of")) == extensions:
+            rows.setdefault(r["row"], []).append(r)
     return rows
 
 
@@ -391,6 +436,16 @@ def plot_curves(record: Dict[str, Any], path: str) -> None:
             for p in r["points"]:
                 if p.get("floor_fid") is not None:
                     floor = (p["floor_fid"], p.get("num_gen"))
+    for row, runs in _by_row(record, extensions=True).items():
+        # A run continued past the point where the rule stopped it: dashed, from that point on.
+        for r in runs:
+            start = record["runs"].get(r["extension_of"], {}).get("final_step", 0)
+            for ax, (key, _) in zip(axes, keys):
+                pts = [(p["step"], p[key]) for p in r["points"] if p.get(key) is not None]
+                pts = [q for q in pts if q[0] >= start]
+                if len(pts) > 1:
+                    ax.plot(*zip(*pts), "--", lw=1.2, color=COLOURS.get(row),
+                            label=f"{row} seed {r['seed']} continued")  # fmt: skip
     for ax, (_, title) in zip(axes, keys):
         ax.set_xlabel("training steps")
         ax.set_title(title)
@@ -549,6 +604,20 @@ def claims(record: Dict[str, Any]) -> List[Dict[str, str]]:
             a, sa, _ = _seed_stats(L, "bpd", k)
             b, sb, _ = _seed_stats(S, "bpd", k)
             ev += f"; at step {k} (every seed): {a:.3f} ± {sa:.3f} vs {b:.3f} ± {sb:.3f}"
+        ext = _by_row(record, extensions=True)
+        for eL in ext.get("eps_L_fixed", []):
+            eS = next((r for r in ext.get("eps_simple", []) if r["seed"] == eL["seed"]), None)
+            a, b = _end(eL, "bpd"), eS and _end(eS, "bpd")
+            if a is None or b is None or a["step"] != b["step"]:
+                continue
+            d, e = a["bpd"] - b["bpd"], math.hypot(a["bpd_se"], b["bpd_se"])
+            ev += (
+                f"; seed {eL['seed']} of both rows continued past the rule to step {a['step']}: "
+                f"{a['bpd']:.3f} vs {b['bpd']:.3f}, L − L_simple = {d:+.3f} ± {e:.3f}"
+            )
+            if verdict != "not resolved at this budget" and (d > 2 * e if diff < 0 else d < -2 * e):
+                verdict = "not resolved at this budget"
+                ev += " (the ordering reverses with training)"
         IS = rows.get("eps_L_fixed_is", [])
         end = _end(IS[0], "bpd") if IS else None
         if end is not None:
@@ -689,6 +758,20 @@ def markdown_table(record: Dict[str, Any]) -> str:
         ),
         None,
     )
+    ext = [r for rs in _by_row(record, extensions=True).values() for r in rs]
+    if ext:
+        lines.append("")
+        lines.append("Continued past the rule's stop (the same run, trained on without it):")
+        lines.append("")
+        for r in ext:
+            b, f = _end(r, "bpd"), _end(r, "fid")
+            lines.append(
+                f"- {r['row']} seed {r['seed']}, from step "
+                f"{record['runs'].get(r['extension_of'], {}).get('final_step', '?')} to "
+                f"{r.get('final_step', '?')} ({r['status']}): bound "
+                f"{_fmt(b and b['bpd'])} ± {_fmt(b and b['bpd_se'])} at {b and b['step']}, "
+                f"FID@N {_fmt(f and f['fid'], '.1f')} at {f and f['step']}"
+            )
     w = wall_seconds(record)
     lines.append("")
     lines.append(
@@ -709,6 +792,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--stage1_rows", default=",".join(STAGE1_ROWS))
     p.add_argument("--stage1_seeds", default=",".join(map(str, STAGE1_SEEDS)))
     p.add_argument("--stage2_rows", default=",".join(STAGE2_ROWS))
+    p.add_argument(
+        "--extend_rows",
+        default=",".join(EXTEND_ROWS),
+        help="stage-1 rows whose runs the rule stopped early are continued to --max_steps",
+    )
+    p.add_argument("--extend_seeds", default=",".join(map(str, EXTEND_SEEDS)))
     p.add_argument("--set", action="append", default=[], metavar="GROUP.FIELD=VALUE")
     p.add_argument("--data_dir", default=None)
     a = p.parse_args(argv)
@@ -741,6 +830,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 stage1_rows=split(a.stage1_rows),
                 stage1_seeds=[int(s) for s in split(a.stage1_seeds)],
                 stage2_rows=split(a.stage2_rows),
+                extend_rows=split(a.extend_rows),
+                extend_seeds=[int(s) for s in split(a.extend_seeds)],
                 overrides=reproduce.parse_overrides(a.set),
                 data_dir=a.data_dir,
             )

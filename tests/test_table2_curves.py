@@ -236,3 +236,80 @@ def test_plot_only_draws_tabulates_and_keeps_training_health_in_the_record(tmp_p
     assert saved["eps_simple_seed0"]["health"]["median_grad_norm"] == 0.2
     assert "health" not in saved["eps_simple_seed1"]  # no folder for it
     assert os.path.getsize(fig) > 10_000
+
+
+def test_a_run_the_rule_stopped_is_continued_as_a_copy_and_reported_apart(tmp_path, monkeypatch):
+    """The extension stage: a converged run is copied and trained on to max_steps; its own entry
+    (the rule's end point, used by the table and the verdicts) is left as it was."""
+    from types import SimpleNamespace
+
+    from diffusion import evaluate, training
+
+    trained = []
+
+    def fake_train(config, workdir):
+        step = config.training.num_train_steps
+        trained.append((os.path.basename(workdir), step))
+        with open(os.path.join(workdir, "last_step"), "w") as f:
+            f.write(str(step))  # stands in for the checkpoint a copy must carry
+        return SimpleNamespace(step=step)
+
+    def fake_eval(config, workdir, mode, **kw):
+        step = config.training.num_train_steps
+        assert open(os.path.join(workdir, "last_step")).read() == str(step)
+        bpd = max(2.9, 3.1 - 0.1 * step)  # flat from step 2: the rule stops at step 4
+        res = {"bpd": {"total": bpd, "total_se": 0.05}} if config.eval.bpd_num_examples else {}
+        if config.eval.num_samples:
+            res["fid"] = {"value": 100.0 / step, "real_floor": {"fid": 1.0}, "num_gen": 8}
+        return {step: res}
+
+    monkeypatch.setattr(training, "train", fake_train)
+    monkeypatch.setattr(evaluate, "run", fake_eval)
+    plan = dict(PLAN, max_steps=6, bound_every=1, fid_every=3)
+    rec_path = str(tmp_path / "record.json")
+    kw = dict(stage1_rows=["eps_simple"], stage1_seeds=[0, 1], stage2_rows=[])
+    record = tc.run_plan(str(tmp_path), rec_path, plan, extend_rows=["eps_simple"],
+                         extend_seeds=[0], **kw)  # fmt: skip
+    runs = record["runs"]
+    assert set(runs) == {"eps_simple_seed0", "eps_simple_seed1", "eps_simple_seed0_ext"}
+    base, ext = runs["eps_simple_seed0"], runs["eps_simple_seed0_ext"]
+    assert (base["status"], base["final_step"]) == ("converged", 4)
+    assert [p["step"] for p in base["points"]] == [1, 2, 3, 4]
+    assert base["points"][-1]["fid"] == 25.0  # the FID added where the rule stopped it
+    assert (ext["status"], ext["final_step"]) == ("max_steps", 6)
+    assert ext["extension_of"] == "eps_simple_seed0"
+    assert [p["step"] for p in ext["points"]] == [1, 2, 3, 4, 5, 6]
+    # Only steps 5 and 6 were trained for the extension, in its own folder, from the copy.
+    assert [s for n, s in trained if n == "eps_simple_seed0_ext"] == [5, 6]
+    assert os.path.isfile(tmp_path / "runs" / "eps_simple_seed0_ext" / "curve.json")
+    table = tc.markdown_table(record)
+    assert "| eps_simple | 2 | 4 | converged@4 | 2.900 ± 0.000" in table
+    assert "- eps_simple seed 0, from step 4 to 6 (max_steps): bound 2.900 ± 0.050 at 6" in table
+    # A relaunch trains nothing more.
+    trained.clear()
+    tc.run_plan(str(tmp_path), rec_path, plan, extend_rows=["eps_simple"], extend_seeds=[0], **kw)
+    assert trained == []
+    tc.plot_curves(record, str(tmp_path / "c.png"))
+
+
+def test_an_nll_ordering_that_reverses_in_the_extensions_is_not_resolved():
+    simple = [_run("eps_simple", s, [3.0, 2.8, b]) for s, b in enumerate([2.70, 2.72, 2.74])]
+    high = [_run("eps_L_fixed", s, [3.2, 3.0, b]) for s, b in enumerate([2.90, 2.92, 2.94])]
+
+    def ext(row, bounds):
+        return dict(_run(row, 0, bounds, status="max_steps"), extension_of=f"{row}_seed0")
+
+    flipped = _record(*simple, *high)
+    flipped["runs"]["eps_simple_seed0_ext"] = ext("eps_simple", [3.0, 2.8, 2.7, 2.69, 2.68])
+    flipped["runs"]["eps_L_fixed_seed0_ext"] = ext("eps_L_fixed", [3.2, 3.0, 2.9, 2.6, 2.4])
+    v = _verdicts(flipped)["NLL"]
+    assert v["verdict"] == "not resolved at this budget"
+    assert "to step 5000: 2.400 vs 2.680, L − L_simple = -0.280 ± 0.071" in v["evidence"]
+    assert "(the ordering reverses with training)" in v["evidence"]
+    held = _record(*simple, *high)
+    held["runs"]["eps_simple_seed0_ext"] = ext("eps_simple", [3.0, 2.8, 2.7, 2.69, 2.68])
+    held["runs"]["eps_L_fixed_seed0_ext"] = ext("eps_L_fixed", [3.2, 3.0, 2.9, 2.85, 2.8])
+    v = _verdicts(held)["NLL"]
+    assert v["verdict"] == "not reproduced" and "L − L_simple = +0.120 ± 0.071" in v["evidence"]
+    # Extensions stay out of the seed statistics: the end point is still the rule's.
+    assert "ε/L fixed Σ 2.920 ± 0.020 (n=3" in v["evidence"]
