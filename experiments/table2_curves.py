@@ -562,8 +562,9 @@ def claims(record: Dict[str, Any]) -> List[Dict[str, str]]:
       13.51 give or take 1.75×, and fails with the unweighted MSE): a μ̃/L row is usable when
       its end FID is within 2× of ε/L fixed Σ's (the mean over seeds). Reproduced when both μ̃/L
       rows are usable and the MSE row is not (or diverged); not reproduced when the MSE row is
-      usable, or when a μ̃/L row is unusable and its FID no longer falls (< 10 % over its last
-      FID interval); otherwise (an unusable μ̃/L row still improving) not resolved.
+      usable, or when a μ̃/L row is unusable and no longer improves (its FID fell by < 10 % over
+      its last FID interval and its bound falls by less than its s.e. per 1,000 steps over its
+      last three evaluations); otherwise (an unusable μ̃/L row still improving) not resolved.
     * **learned Σ with ε** (paper: unstable): reproduced when the run diverged (non-finite loss
       or gradient) or its bound rose between evaluations by more than its s.e.; otherwise not
       reproduced at this budget, with its gradient-norm and loss-spike figures beside ε/L fixed Σ
@@ -650,8 +651,13 @@ def claims(record: Dict[str, Any]) -> List[Dict[str, str]]:
             return e is not None and mu[k][0].get("status") != "diverged" and e["fid"] <= 2 * ref
 
         def still_falling(k):
+            # Still training: the FID fell by ≥ 10 % over its last interval, or the bound falls
+            # by more than its s.e. per 1,000 steps over its last three evaluations.
             f = [p["fid"] for p in mu[k][0]["points"] if p.get("fid") is not None]
-            return len(f) >= 2 and f[-1] < 0.9 * f[-2]
+            slope, b = _slope_per_1k(mu[k][0]), _end(mu[k][0], "bpd")
+            return (len(f) >= 2 and f[-1] < 0.9 * f[-2]) or (
+                slope is not None and b is not None and slope < -(b.get("bpd_se") or 0.0)
+            )
 
         Lrows = ("xprev_L_fixed", "xprev_L_learned")
         if all(usable(k) for k in Lrows) and not usable("xprev_mse"):
@@ -663,9 +669,11 @@ def claims(record: Dict[str, Any]) -> List[Dict[str, str]]:
         parts = []
         for k, v in mu.items():
             e, b = fid_end[k], _end(v[0], "bpd")
+            slope = _slope_per_1k(v[0])
             parts.append(
                 f"{k} FID {_fmt(e and e['fid'], '.1f')}, bound {_fmt(b and b['bpd'])} "
-                f"({v[0].get('status')}@{v[0].get('final_step')})"
+                f"({v[0].get('status')}@{v[0].get('final_step')}; bound "
+                f"{_fmt(slope, '+.2f')} per 1k steps)"
             )
         ev = "; ".join(parts) + f"; usable means FID ≤ 2 × ε/L fixed Σ's {ref:.1f}"
     else:

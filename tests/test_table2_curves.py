@@ -167,9 +167,9 @@ def test_nll_verdict_is_a_two_se_test_on_the_seed_means():
 def test_mu_tilde_verdict_follows_usability_against_eps_L():
     epsL = [_run("eps_L_fixed", s, [3, 3, 3], fids=[60.0]) for s in range(2)]
 
-    def mu(fixed, learned, mse, mse_status="max_steps"):
+    def mu(fixed, learned, mse, mse_status="max_steps", fixed_bounds=(4, 4, 4)):
         return [
-            _run("xprev_L_fixed", 0, [4, 4, 4], fids=fixed, status="max_steps"),
+            _run("xprev_L_fixed", 0, list(fixed_bounds), fids=fixed, status="max_steps"),
             _run("xprev_L_learned", 0, [4, 4, 4], fids=learned, status="max_steps"),
             _run("xprev_mse", 0, [9, 9, 9], fids=mse, status=mse_status),
         ]
@@ -179,6 +179,13 @@ def test_mu_tilde_verdict_follows_usability_against_eps_L():
     assert v(*mu([300, 100], [300, 110], [100, 90])) == "not reproduced"  # MSE usable too
     assert v(*mu([300, 200], [300, 110], [350, 340])) == "not resolved at this budget"  # falling
     assert v(*mu([200, 195], [300, 110], [350, 340])) == "not reproduced"  # flat and unusable
+    # FID flat (or worse) but the bound still falls by 2 per 1k steps, more than its s.e. 0.05:
+    # still training, so not resolved; falling by 0.04 per 1k (< s.e.) is flat.
+    still = mu([200, 210], [300, 110], [350, 340], fixed_bounds=(30, 28, 26))
+    assert v(*still) == "not resolved at this budget"
+    assert "bound -2.00 per 1k steps" in _verdicts(_record(*epsL, *still))["μ̃"]["evidence"]
+    flat = mu([200, 210], [300, 110], [350, 340], fixed_bounds=(26.08, 26.04, 26.0))
+    assert v(*flat) == "not reproduced"
     # A diverged MSE row counts as unusable whatever its last FID.
     assert v(*mu([300, 100], [300, 110], [100, 90], "diverged")) == "reproduced"
     assert _verdicts(_record(*epsL))["μ̃"]["verdict"] == "not resolved at this budget"
