@@ -734,11 +734,7 @@ def markdown_table(record: Dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for row, runs in _by_row(record).items():
-        ends = []
-        for r in runs:
-            b = [p for p in r["points"] if p.get("bpd") is not None]
-            f = [p for p in r["points"] if p.get("fid") is not None]
-            ends.append((b[-1] if b else {}, f[-1] if f else {}, r))
+        ends = [(_end(r, "bpd") or {}, _end(r, "fid") or {}) for r in runs]
         bpd = np.array([e[0].get("bpd", np.nan) for e in ends], float)
         se = np.array([e[0].get("bpd_se", np.nan) for e in ends], float)
         fid = np.array([e[1].get("fid", np.nan) for e in ends], float)
