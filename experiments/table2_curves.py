@@ -39,7 +39,9 @@ At the end (and with ``--plot_only``) it writes ``--figure`` (``docs/figures/tab
 train loss, bound and FID@128 against steps, one colour per row, a band for the spread over
 seeds) and ``<out>/table.md``: the end point of each row (mean ± s.d. over seeds) and a verdict
 for each claim the 1,500-step budget left open (`claims`; the training-health figures it uses,
-`training_health`, are read from ``<out>/runs`` when it is there and kept in the record).
+`training_health`, are read from ``<out>/runs`` when it is there and kept in the record, as are
+the FIDs of three trivial generators at the same N, `experiments.trivial_baselines`: the μ̃
+verdict's anchor for samples that have collapsed onto one image).
 """
 
 from __future__ import annotations
@@ -458,6 +460,11 @@ def plot_curves(record: Dict[str, Any], path: str) -> None:
         ax.yaxis.set_minor_formatter(ScalarFormatter())
     if floor:
         axes[2].axhline(floor[0], color="k", ls="--", lw=1, label=f"real-data floor (N={floor[1]})")
+    base = (record.get("baselines") or {}).get("fid", {})
+    for name, label, ls in (("mean_digit", "mean digit repeated", ":"),
+                            ("full_gaussian", "full-covariance Gaussian", "-.")):  # fmt: skip
+        if base.get(name) is not None:
+            axes[2].axhline(base[name], color="grey", ls=ls, lw=1, label=label)
     axes[2].legend(fontsize=7)
     axes[1].legend(fontsize=7)
     fig.suptitle("Table 2 rows as learning curves (offline scale: 16×16 MNIST, 1.1M-param U-Net)")
@@ -465,6 +472,47 @@ def plot_curves(record: Dict[str, Any], path: str) -> None:
     io.makedirs(os.path.dirname(path) or ".")
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_end_samples(record: Dict[str, Any], out_dir: str, path: str, per_row: int = 16) -> bool:
+    """One line of ``per_row`` samples (the first ones of the FID set, full 1,000-step chain)
+    per row at its last FID point, from seed 0's ``eval/samples_step_<step>_n<N>_full1000.npz``
+    under ``out_dir``/runs; extensions after their row. ``False`` (nothing drawn) when no run
+    folder has them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = []
+    for name, r in record.get("runs", {}).items():
+        if r.get("seed") != 0:
+            continue
+        f = _end(r, "fid")
+        if not f:
+            continue
+        fname = f"samples_step_{f['step']:08d}_n{f.get('num_gen')}_full1000.npz"
+        npz = io.join(out_dir, "runs", name, "eval", fname)
+        if not os.path.isfile(npz):
+            continue
+        images = np.load(npz)["images"][:per_row]
+        label = f"{r['row']}{' (continued)' if r.get('extension_of') else ''}\n"
+        lines.append((label + f"step {f['step']}, FID {f['fid']:.0f}", images))
+    if not lines:
+        return False
+    fig, axes = plt.subplots(len(lines), 1, figsize=(per_row * 0.55 + 2.2, len(lines) * 0.75))
+    for ax, (label, images) in zip(np.atleast_1d(axes), lines):
+        strip = np.concatenate([np.pad(im[..., 0], 1, constant_values=128) for im in images], 1)
+        ax.imshow(strip, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
+    fig.suptitle("First 16 FID samples of each row at its last FID point (seed 0)", fontsize=9)
+    fig.tight_layout()
+    io.makedirs(os.path.dirname(path) or ".")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def training_health(workdir: str, *, after: int = 1000, window: int = 10) -> Dict[str, Any]:
@@ -517,6 +565,23 @@ def add_training_health(record: Dict[str, Any], out_dir: str) -> None:
             entry["health"] = training_health(workdir)
 
 
+def add_baselines(record: Dict[str, Any], data_dir: Optional[str], *, fid_samples: int) -> bool:
+    """Stores the FIDs of `experiments.trivial_baselines` at the plan's N in the record
+    (``'baselines'``) unless it has them; ``True`` when it added them. Without the data or the
+    Inception weights it logs why and leaves the record as it is (the μ̃ verdict then has no
+    collapse anchor)."""
+    if (record.get("baselines") or {}).get("num") == fid_samples:
+        return False
+    from experiments import trivial_baselines
+
+    try:
+        record["baselines"] = trivial_baselines.trivial_baselines(fid_samples, data_dir=data_dir)
+    except (OSError, ImportError, ValueError, KeyError) as e:  # no data or weights here
+        logging.warning("trivial baselines not computed (%s: %s)", type(e).__name__, e)
+        return False
+    return True
+
+
 def _end(run: Dict[str, Any], key: str) -> Optional[Dict[str, Any]]:
     pts = [p for p in run["points"] if p.get(key) is not None and math.isfinite(p[key])]
     return pts[-1] if pts else None
@@ -560,7 +625,11 @@ def claims(record: Dict[str, Any]) -> List[Dict[str, str]]:
       evaluated, and ε/L with t importance-sampled against both, are reported beside it.
     * **μ̃ rows** (paper: μ̃ works with L, FID 13.22 fixed Σ / 23.69 learned Σ, as good as ε/L's
       13.51 give or take 1.75×, and fails with the unweighted MSE): a μ̃/L row is usable when
-      its end FID is within 2× of ε/L fixed Σ's (the mean over seeds). Reproduced when both μ̃/L
+      its end FID is within 2× of ε/L fixed Σ's (the mean over seeds) and, when the record has
+      ``'baselines'`` (`experiments.trivial_baselines`), below the FID of the mean training digit
+      repeated N times: samples that have collapsed onto one image are not usable, however
+      poor ε/L's own FID is (amended 2026-12-05: ε/L's 179 made 2× admit xprev_mse's 324, 128
+      copies of one blotch, as usable). Reproduced when both μ̃/L
       rows are usable and the MSE row is not (or diverged); not reproduced when the MSE row is
       usable, or when a μ̃/L row is unusable and no longer improves (its FID fell by < 10 % over
       its last FID interval and its bound falls by less than its s.e. per 1,000 steps over its
@@ -646,9 +715,18 @@ def claims(record: Dict[str, Any]) -> List[Dict[str, str]]:
     if nref and all(mu.values()):
         fid_end = {k: _end(v[0], "fid") for k, v in mu.items()}
 
+        # The collapse anchor: FID of the mean training digit repeated N times
+        # (`experiments.trivial_baselines`), when the record has it.
+        collapse = (record.get("baselines") or {}).get("fid", {}).get("mean_digit", math.inf)
+
         def usable(k):
             e = fid_end[k]
-            return e is not None and mu[k][0].get("status") != "diverged" and e["fid"] <= 2 * ref
+            return (
+                e is not None
+                and mu[k][0].get("status") != "diverged"
+                and e["fid"] <= 2 * ref
+                and e["fid"] < collapse
+            )
 
         def still_falling(k):
             # Still training: the FID fell by ≥ 10 % over its last interval, or the bound falls
@@ -676,6 +754,8 @@ def claims(record: Dict[str, Any]) -> List[Dict[str, str]]:
                 f"{_fmt(slope, '+.2f')} per 1k steps)"
             )
         ev = "; ".join(parts) + f"; usable means FID ≤ 2 × ε/L fixed Σ's {ref:.1f}"
+        if math.isfinite(collapse):
+            ev += f" and below the mean training digit repeated ({collapse:.1f})"
     else:
         verdict, ev = "not resolved at this budget", "not every μ̃ row (or ε/L) has an FID"
     out.append({"claim": "μ̃ rows: μ̃ works with L and fails with the unweighted MSE",
@@ -776,6 +856,15 @@ def markdown_table(record: Dict[str, Any]) -> str:
                 f"{_fmt(b and b['bpd'])} ± {_fmt(b and b['bpd_se'])} at {b and b['step']}, "
                 f"FID@N {_fmt(f and f['fid'], '.1f')} at {f and f['step']}"
             )
+    base = record.get("baselines")
+    if base:
+        lines.append("")
+        lines.append(
+            f"Trivial generators at the same N (`experiments.trivial_baselines`): the mean "
+            f"training digit repeated {_fmt(base['fid'].get('mean_digit'), '.1f')}, independent "
+            f"per-pixel Gaussians {_fmt(base['fid'].get('pixel_gaussian'), '.1f')}, one "
+            f"full-covariance Gaussian {_fmt(base['fid'].get('full_gaussian'), '.1f')}."
+        )
     w = wall_seconds(record)
     lines.append("")
     lines.append(
@@ -802,6 +891,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         help="stage-1 rows whose runs the rule stopped early are continued to --max_steps",
     )
     p.add_argument("--extend_seeds", default=",".join(map(str, EXTEND_SEEDS)))
+    p.add_argument(
+        "--baselines",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="add the trivial generators' FIDs (experiments.trivial_baselines) to the record "
+        "when it lacks them (~2 min of Inception features on 2 cores)",
+    )
     p.add_argument("--set", action="append", default=[], metavar="GROUP.FIELD=VALUE")
     p.add_argument("--data_dir", default=None)
     a = p.parse_args(argv)
@@ -841,10 +937,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             )
         except PlanInterrupted as e:
             raise SystemExit(f"stopped: {e}") from None
+    changed = a.baselines and add_baselines(record, a.data_dir, fid_samples=a.fid_samples)
     if os.path.isdir(io.join(a.out, "runs")):
         add_training_health(record, a.out)
+        changed = True
+    if changed:
         io.write_json(a.record, record, indent=1)
     plot_curves(record, a.figure)
+    samples_fig = os.path.splitext(a.figure)[0] + "_samples.png"
+    if os.path.isdir(io.join(a.out, "runs")) and plot_end_samples(record, a.out, samples_fig):
+        print(f"samples: {samples_fig}")
     table = markdown_table(record) + "\n" + claims_markdown(record)
     if not a.plot_only:
         io.write_text(io.join(a.out, "table.md"), table)

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 from test_reproduce import TINY, fake_features
 
@@ -191,6 +192,100 @@ def test_mu_tilde_verdict_follows_usability_against_eps_L():
     assert _verdicts(_record(*epsL))["μ̃"]["verdict"] == "not resolved at this budget"
 
 
+def test_mu_tilde_rows_no_better_than_the_mean_digit_repeated_are_not_usable():
+    """The collapse anchor (as measured: ε/L's FID 179 made 2× admit an MSE row whose 128
+    samples were one image): with the mean digit repeated at FID 283 in the record, an MSE row at
+    324 is unusable, so rows still training are not resolved rather than "MSE works"."""
+    epsL = [_run("eps_L_fixed", s, [3, 3, 3], fids=[f]) for s, f in enumerate([180.0, 178.0])]
+    falling = [30, 28, 26]  # −2 bits/dim per 1k steps, s.e. 0.05: still training
+    rows = [
+        _run("xprev_L_fixed", 0, falling, fids=[300, 307], status="max_steps"),
+        _run("xprev_L_learned", 0, falling, fids=[285, 298], status="max_steps"),
+        _run("xprev_mse", 0, falling, fids=[334, 324], status="max_steps"),
+    ]
+    rec = _record(*epsL, *rows)
+    assert _verdicts(rec)["μ̃"]["verdict"] == "not reproduced"  # 324 ≤ 2 × 179: "usable"
+    rec["baselines"] = {"num": 128, "fid": {"mean_digit": 283.0}}
+    v = _verdicts(rec)["μ̃"]
+    assert v["verdict"] == "not resolved at this budget"
+    assert "below the mean training digit repeated (283.0)" in v["evidence"]
+    # Below the anchor and within 2× of ε/L they count as usable again.
+    rows[0]["points"][-1]["fid"] = rows[1]["points"][-1]["fid"] = 200.0
+    assert _verdicts(rec)["μ̃"]["verdict"] == "reproduced"
+    rows[2]["points"][-1]["fid"] = 250.0
+    assert _verdicts(rec)["μ̃"]["verdict"] == "not reproduced"
+
+
+def test_trivial_baselines_fit_the_training_pixels_and_score_the_mean_digit_in_closed_form(
+    data_dir,
+):
+    """`experiments.trivial_baselines` on real digits with pixel features: the mean digit's FID
+    is |μ_ref − m|² + tr(Σ_ref) exactly (its samples have no spread); the Gaussians have the
+    training pixels' moments, and each step of knowledge lowers the FID."""
+    import numpy as np
+
+    from diffusion.data import load_split
+    from experiments import trivial_baselines as tb
+
+    train = load_split("mnist5k", "train", data_dir=data_dir, image_size=16)
+    imgs = tb.baseline_images(train, 4000, seed=1)
+    flat = train.reshape(len(train), -1).astype(np.float64)
+    assert (imgs["mean_digit"] == np.clip(np.round(flat.mean(0)), 0, 255).reshape(16, 16, 1)).all()
+    from scipy.stats import norm
+
+    # Both Gaussians have pixel p's marginal N(μ_p, σ_p²), clipped to 0..255: its mean is
+    # 255·(1 − Φ(β)) + μ(Φ(β) − Φ(α)) + σ(φ(α) − φ(β)), α = −μ/σ, β = (255 − μ)/σ.
+    mu, sd = flat.mean(0), flat.std(0)
+    live = sd > 0
+    a, b = -mu[live] / sd[live], (255 - mu[live]) / sd[live]
+    clipped_mean = (255 * norm.sf(b) + mu[live] * (norm.cdf(b) - norm.cdf(a))
+                    + sd[live] * (norm.pdf(a) - norm.pdf(b)))  # fmt: skip
+    for name in ("pixel_gaussian", "full_gaussian"):
+        g = imgs[name].reshape(4000, -1).astype(np.float64)
+        assert np.abs(g.mean(0)[live] - clipped_mean).max() < 5 * sd.max() / np.sqrt(4000) + 0.5
+        assert (g[:, ~live] == np.round(mu[~live])).all()  # pixels that never vary
+    mid = (mu > 60) & (mu < 195)
+    assert mid.sum() > 10
+    g = imgs["full_gaussian"].reshape(4000, -1).astype(np.float64)
+    c_data = np.corrcoef(flat[:, mid], rowvar=False)
+    c_gen = np.corrcoef(g[:, mid], rowvar=False)
+    assert np.abs(c_gen - c_data).mean() < 0.1  # the full Gaussian keeps pixel correlations
+    p = imgs["pixel_gaussian"].reshape(4000, -1).astype(np.float64)
+    off = ~np.eye(mid.sum(), dtype=bool)
+    assert np.abs(np.corrcoef(p[:, mid], rowvar=False)[off]).mean() < 0.05  # ...this one none
+
+    pixels = lambda b: np.asarray(b, np.float32).reshape(len(b), -1)  # noqa: E731
+    out = tb.trivial_baselines(64, ref_split="train[:200]", data_dir=data_dir,
+                               feature_fn=pixels, network="pixels")  # fmt: skip
+    ref = pixels(np.repeat(load_split("mnist5k", "train[:200]", data_dir=data_dir,
+                                      image_size=16), 3, -1)).astype(np.float64)  # fmt: skip
+    m = pixels(np.repeat(imgs["mean_digit"][:1], 3, -1))[0].astype(np.float64)
+    closed = ((ref.mean(0) - m) ** 2).sum() + np.trace(np.cov(ref, rowvar=False))
+    assert out["fid"]["mean_digit"] == pytest.approx(closed, rel=1e-6)
+    assert out["fid"]["mean_digit"] > out["fid"]["pixel_gaussian"] > out["fid"]["full_gaussian"]
+    assert out["num"] == 64 and out["ref_split"] == "train[:200]"
+
+
+def test_baselines_are_added_once_per_n_and_a_missing_dataset_leaves_the_record(monkeypatch):
+    from experiments import trivial_baselines as tb
+
+    calls = []
+
+    def fake(num, data_dir=None):
+        calls.append(num)
+        if data_dir == "/nowhere":
+            raise FileNotFoundError("no mnist5k under /nowhere")
+        return {"num": num, "fid": {"mean_digit": 283.0}}
+
+    monkeypatch.setattr(tb, "trivial_baselines", fake)
+    rec = {"runs": {}}
+    assert tc.add_baselines(rec, None, fid_samples=128) and rec["baselines"]["num"] == 128
+    assert not tc.add_baselines(rec, None, fid_samples=128) and calls == [128]
+    assert tc.add_baselines(rec, None, fid_samples=256) and calls == [128, 256]  # new N
+    bare = {"runs": {}}
+    assert not tc.add_baselines(bare, "/nowhere", fid_samples=128) and "baselines" not in bare
+
+
 def test_learned_sigma_verdict_needs_divergence_or_a_rising_bound():
     control = _run("eps_L_fixed", 0, [3, 3, 3], health={
         "max_grad_norm": 0.5, "median_grad_norm": 0.1, "loss_spikes": []})  # fmt: skip
@@ -233,9 +328,15 @@ def test_plot_only_draws_tabulates_and_keeps_training_health_in_the_record(tmp_p
     run_dir.mkdir(parents=True)
     metrics = [{"step": 100 * i, "loss": 1.0, "grad_norm": 0.2} for i in range(1, 31)]
     (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in metrics))
+    # The end samples of seed 0's last FID point (step 2500), as the evaluator writes them.
+    next(p for p in simple[0]["points"] if p["step"] == 2500)["num_gen"] = 4
+    (run_dir / "eval").mkdir()
+    digits = np.zeros((4, 16, 16, 1), np.uint8)
+    np.savez(run_dir / "eval" / "samples_step_00002500_n4_full1000.npz", images=digits)
     path, fig = tmp_path / "record.json", tmp_path / "curves.png"
     path.write_text(json.dumps(rec))
-    tc.main(["--plot_only", "--record", str(path), "--figure", str(fig), "--out", str(out)])
+    tc.main(["--plot_only", "--record", str(path), "--figure", str(fig), "--out", str(out),
+             "--no-baselines"])  # fmt: skip
     printed = capsys.readouterr().out
     assert "| eps_simple | 2 | 3000 | converged@3000 | 2.710 ± 0.014" in printed
     assert "| NLL: ε/L (fixed Σ) has a better bound than ε/L_simple | **not resolved" in printed
@@ -243,6 +344,8 @@ def test_plot_only_draws_tabulates_and_keeps_training_health_in_the_record(tmp_p
     assert saved["eps_simple_seed0"]["health"]["median_grad_norm"] == 0.2
     assert "health" not in saved["eps_simple_seed1"]  # no folder for it
     assert os.path.getsize(fig) > 10_000
+    assert f"samples: {tmp_path / 'curves_samples.png'}" in printed
+    assert os.path.getsize(tmp_path / "curves_samples.png") > 1_000
 
 
 def test_a_run_the_rule_stopped_is_continued_as_a_copy_and_reported_apart(tmp_path, monkeypatch):
