@@ -635,7 +635,9 @@ def claims(record: Dict[str, Any]) -> List[Dict[str, str]]:
       its last FID interval and its bound falls by less than its s.e. per 1,000 steps over its
       last three evaluations); otherwise (an unusable μ̃/L row still improving) not resolved.
     * **learned Σ with ε** (paper: unstable): reproduced when the run diverged (non-finite loss
-      or gradient) or its bound rose between evaluations by more than its s.e.; otherwise not
+      or gradient) or its bound rose between evaluations by more than its s.e. (printed with the
+      end bound and how many other runs' bounds ever rose that much: a rise is a sign of
+      instability only where the fixed-Σ runs' bounds did not do the same); otherwise not
       reproduced at this budget, with its gradient-norm and loss-spike figures beside ε/L fixed Σ
       seed 0's (the same objective without learned Σ).
     """
@@ -773,10 +775,25 @@ def claims(record: Dict[str, Any]) -> List[Dict[str, str]]:
                 f"diverged at step {r.get('final_step')}: {r.get('divergence')}",
             )
         elif rises:
-            verdict, ev = "reproduced", f"the bound rose by more than its s.e. at steps {rises}"
+            b = {p["step"]: p for p in r["points"] if p.get("bpd") is not None}
+            steps = sorted(b)
+            jumps = [
+                f"{b[prev]['bpd']:.3f} → {b[s]['bpd']:.3f} at step {s} (s.e. {b[s]['bpd_se']:.3f})"
+                for s in rises
+                for prev in [steps[steps.index(s) - 1]]
+            ]
+            verdict = "reproduced"
+            ev = f"the bound rose by more than its s.e.: {'; '.join(jumps)}"
         else:
             verdict = "not reproduced"
             ev = f"{r.get('final_step')} steps, no non-finite step, the bound never rose by more than its s.e."
+        end = _end(r, "bpd")
+        ev += f"; end bound {_fmt(end and end['bpd'])} at {end and end['step']}"
+        others = [o for rs in rows.values() for o in rs if o is not r]
+        ev += (
+            f"; other runs whose bound ever rose by more than its s.e.: "
+            f"{sum(bool(bound_rises(o['points'])) for o in others)} of {len(others)}"
+        )
         if h:
             ev += (
                 f"; max grad norm after 1k steps {_fmt(h.get('max_grad_norm'), '.3g')} (median "

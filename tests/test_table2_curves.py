@@ -297,7 +297,15 @@ def test_learned_sigma_verdict_needs_divergence_or_a_rising_bound():
     assert "max grad norm after 1k steps 2 (median 0.2), 1 loss spikes" in got["evidence"]
     assert "(ε/L fixed Σ seed 0: 0.5, median 0.1, 0 spikes)" in got["evidence"]
     rising = _run("eps_L_learned", 0, [3.3, 3.1, 3.2], status="max_steps")  # +0.1 > s.e. 0.05
-    assert v(rising)["verdict"] == "reproduced" and "[3000]" in v(rising)["evidence"]
+    ev = v(rising)["evidence"]
+    assert v(rising)["verdict"] == "reproduced"
+    assert "3.100 → 3.200 at step 3000 (s.e. 0.050)" in ev and "end bound 3.200 at 3000" in ev
+    # Whether the control runs' bounds also went backwards: here the control is flat (0 of 1);
+    # a control that rose too is counted.
+    assert "other runs whose bound ever rose by more than its s.e.: 0 of 1" in ev
+    wobbly = _run("eps_L_fixed", 1, [3, 2.9, 3.0])
+    ev = _verdicts(_record(control, wobbly, rising))["learned"]["evidence"]
+    assert "other runs whose bound ever rose by more than its s.e.: 1 of 2" in ev
     diverged = dict(steady, status="diverged", final_step=2400, divergence="loss is nan")
     assert v(diverged)["verdict"] == "reproduced" and "step 2400" in v(diverged)["evidence"]
 
