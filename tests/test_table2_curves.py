@@ -161,8 +161,14 @@ def test_nll_verdict_is_a_two_se_test_on_the_seed_means():
     isr = _run("eps_L_fixed_is", 0, [3.0, 2.9, 2.75])
     v = _verdicts(_record(*simple, *high, isr))["NLL"]
     assert "2.750 ± 0.050 at step 3000 (1 seed), which closes the gap" in v["evidence"]
+    assert "; at step 3000: 2.750 vs ε/L_simple 2.720 ± 0.020" in v["evidence"]
     isr = _run("eps_L_fixed_is", 0, [3.0, 2.9, 2.85])  # below L's 2.92 − 2·0.02
     assert "narrows it" in _verdicts(_record(*simple, *high, isr))["NLL"]["evidence"]
+    isr = _run("eps_L_fixed_is", 0, [3.0, 2.9, 2.85, 2.6])  # below L_simple's 2.72 − 2·0.02
+    v = _verdicts(_record(*simple, *high, isr))["NLL"]
+    assert "2.600 ± 0.050 at step 4000 (1 seed), which reverses it" in v["evidence"]
+    assert "; at step 3000: 2.850 vs ε/L_simple 2.720 ± 0.020" in v["evidence"]  # last shared
+    assert v["verdict"] == "not reproduced"  # the claim is about uniform t, as the paper trained
 
 
 def test_mu_tilde_verdict_follows_usability_against_eps_L():
