@@ -437,3 +437,17 @@ def test_an_nll_ordering_that_reverses_in_the_extensions_is_not_resolved():
     assert v["verdict"] == "not reproduced" and "L − L_simple = +0.120 ± 0.071" in v["evidence"]
     # Extensions stay out of the seed statistics: the end point is still the rule's.
     assert "ε/L fixed Σ 2.920 ± 0.020 (n=3" in v["evidence"]
+
+
+def test_wall_time_counts_the_points_an_extension_copied_once():
+    """An extension starts as a copy of its run's points (steps 1k–3k here): the wall time sums
+    them once, plus the extension's own later points."""
+    base = _run("eps_simple", 0, [3.0, 2.9, 2.8])
+    for p in base["points"]:
+        p.update(train_s=100.0, eval_s=10.0)
+    ext = _run("eps_simple", 0, [3.0, 2.9, 2.8, 2.75, 2.7], status="max_steps")
+    for p in ext["points"]:
+        p.update(train_s=100.0, eval_s=10.0)
+    ext["extension_of"] = "eps_simple_seed0"
+    rec = {"runs": {"eps_simple_seed0": base, "eps_simple_seed0_ext": ext}}
+    assert tc.wall_seconds(rec) == {"train_s": 500.0, "eval_s": 50.0}
