@@ -403,8 +403,9 @@ def plot_curves(record: Dict[str, Any], path: str) -> None:
     """Four panels against training steps: train loss (log scale; L rows are in bits/dim per
     term, L_simple rows in squared error), the bound in bits/dim of every row (log scale) and of
     the ε rows alone (linear: the NLL claim's scale) and FID@N with the real-data floor and the
-    trivial generators. One colour per row: each seed as a thin line, and where every seed has a value the
-    mean over seeds with a band from the lowest to the highest; an ✕ where a run diverged."""
+    trivial generators. One colour per row: each seed as a thin line, and where every seed has a
+    value the mean over seeds with a band from the lowest to the highest; an ✕ where a run
+    diverged."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -507,8 +508,8 @@ def plot_curves(record: Dict[str, Any], path: str) -> None:
 def plot_end_samples(record: Dict[str, Any], out_dir: str, path: str, per_row: int = 16) -> bool:
     """One line of ``per_row`` samples (the first ones of the FID set, full 1,000-step chain)
     per row at its last FID point, from seed 0's ``eval/samples_step_<step>_n<N>_full1000.npz``
-    under ``out_dir``/runs; extensions after their row. ``False`` (nothing drawn) when no run
-    folder has them."""
+    under ``out_dir``/runs, in the record's order (extensions last). ``False`` (nothing drawn)
+    when no run folder has them."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -31,8 +31,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from diffusion import io  # noqa: E402
-
 NAMES = ("mean_digit", "pixel_gaussian", "full_gaussian")
 
 
@@ -87,8 +85,8 @@ def trivial_baselines(
     Returns ``{'num', 'ref_split', 'train_split', 'seed', 'fid': {name: float},
     'kid': {name: float}}``.
     """
-    from diffusion.data import default_data_dir, load_split
-    from diffusion.evaluation.references import compute_fid_kid, to_rgb
+    from diffusion.data import load_split
+    from diffusion.evaluation.references import compute_fid_kid, reference_cache_dir, to_rgb
     from diffusion.metrics import fid as fid_lib
 
     if feature_fn is None:
@@ -97,9 +95,8 @@ def trivial_baselines(
         feature_fn = make_feature_fn()
     train = load_split(dataset, train_split, data_dir=data_dir, image_size=image_size)
     ref_images = load_split(dataset, ref_split, data_dir=data_dir, image_size=image_size)
-    cache = io.join(io.absolute(data_dir) if data_dir else default_data_dir(), "fid_stats", network)
     try:
-        cache = io.probe_writable(cache, what="FID reference cache")
+        cache = reference_cache_dir(data_dir, network)
     except OSError:
         cache = None
     ref = fid_lib.reference_statistics(

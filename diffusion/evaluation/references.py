@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import numpy as np
@@ -16,7 +16,7 @@ from diffusion.evaluation import settings as S
 from diffusion.metrics import fid as fid_lib
 from diffusion.progress import Progress
 
-__all__ = ["FidReferences", "compute_fid_kid", "to_rgb", "with_progress"]
+__all__ = ["FidReferences", "compute_fid_kid", "reference_cache_dir", "to_rgb", "with_progress"]
 
 
 def to_rgb(images: np.ndarray) -> np.ndarray:
@@ -62,6 +62,25 @@ def compute_fid_kid(gen_features: np.ndarray, ref: fid_lib.ReferenceStatistics) 
     }
 
 
+def reference_cache_dir(
+    data_dir: Optional[str], network: str, fallback: Optional[str] = None
+) -> str:
+    """The writable FID reference cache, ``<root>/fid_stats/<network>[/p<process>]`` with root the
+    data dir (``data_dir``, else `diffusion.data.default_data_dir`), else ``fallback``; raises
+    OSError when neither is writable."""
+    from diffusion.data import default_data_dir
+
+    sub = ["fid_stats", network] + ([f"p{jax.process_index()}"] if jax.process_index() else [])
+    base = io.absolute(data_dir) if data_dir else default_data_dir()
+    roots = [base] + ([fallback] if fallback else [])
+    for root in roots:
+        try:
+            return io.probe_writable(io.join(root, *sub), what="FID reference cache")
+        except OSError:
+            continue
+    raise OSError(f"None of {roots} is writable for the FID reference cache")
+
+
 class FidReferences:
     """The FID reference statistics of one run, per split.
 
@@ -98,20 +117,7 @@ class FidReferences:
 
     def cache_dir(self) -> str:
         """The writable cache directory: under the data dir, else under ``eval_dir``."""
-        from diffusion.data import default_data_dir
-
-        c = self.config
-        sub = ["fid_stats", self.network] + (
-            [f"p{jax.process_index()}"] if jax.process_index() else []
-        )
-        base = io.absolute(c.data.data_dir) if c.data.data_dir else default_data_dir()
-        for root in (base, self.eval_dir):
-            path = io.join(root, *sub)
-            try:
-                return io.probe_writable(path, what="FID reference cache")
-            except OSError:
-                continue
-        raise OSError(f"Neither {base} nor {self.eval_dir} is writable for the FID reference cache")
+        return reference_cache_dir(self.config.data.data_dir, self.network, self.eval_dir)
 
     def load(self, split: str) -> fid_lib.ReferenceStatistics:
         """The statistics of ``split`` (computed from the images, or read from the cache)."""
